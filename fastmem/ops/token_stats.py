@@ -1,0 +1,53 @@
+"""Per-token statistics that come out of the fused cross-entropy pass for free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastmem.constants import L_CRIT
+
+
+@dataclass
+class TokenStats:
+    """Statistics of one fused cross-entropy call.
+
+    Every per-token tensor is shaped like `labels`; ignored positions hold loss 0, prob 0,
+    lse 0, weight 0, correct False and valid False.
+
+    Attributes:
+        loss: per-token cross-entropy L_t (fp32).
+        prob: p_t = exp(-L_t), the probability of the target (fp32).
+        correct: greedy argmax == target; a tie with another logit counts as wrong (bool).
+        lse: log-sum-exp of the token's logits (fp32).
+        weight: the (detached) MemFT weight w_t the loss used (fp32).
+        valid: label != ignore_index (bool).
+        first_error: per sample (leading dims of `labels`, `[]` for 1-D labels) the position
+            of the first wrong greedy prediction among valid tokens, -1 if none (int64).
+    """
+
+    loss: torch.Tensor
+    prob: torch.Tensor
+    correct: torch.Tensor
+    lse: torch.Tensor
+    weight: torch.Tensor
+    valid: torch.Tensor
+    first_error: torch.Tensor
+
+    def stubborn_mask(self, threshold: float = L_CRIT) -> torch.Tensor:
+        """Valid tokens not yet recalled: L_t >= threshold (p <= 0.5 at ln 2)."""
+        return self.valid & (self.loss >= threshold)
+
+    def all_recalled(self, threshold: float = L_CRIT) -> bool:
+        """Every valid token has L_t < threshold (p > 0.5): greedy decoding recalls them all."""
+        return not bool(self.stubborn_mask(threshold).any())
+
+    def token_accuracy(self) -> float:
+        """Fraction of valid positions whose teacher-forced greedy argmax is the target."""
+        n_valid = int(self.valid.sum())
+        return float((self.correct & self.valid).sum()) / n_valid if n_valid else 1.0
+
+    def min_prob(self) -> float:
+        """Smallest target probability over valid tokens (1.0 when there is none)."""
+        return float(self.prob[self.valid].min()) if bool(self.valid.any()) else 1.0
