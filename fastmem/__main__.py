@@ -1,0 +1,5 @@
+import sys
+
+from fastmem.cli import main
+
+sys.exit(main())
