@@ -30,13 +30,20 @@ class UsageError(Exception):
     """Bad input from the user: reported in one line with exit code 2."""
 
 
+def _module_exists(name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    if parent != "fastmem" and importlib.util.find_spec(parent) is None:
+        return False
+    return importlib.util.find_spec(name) is not None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmem", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
+        if _module_exists(name):
             importlib.import_module(name).register(subparsers)
     return parser
 
