@@ -97,31 +97,41 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                  weight_tok, valid, weigher.first_error())
         ctx.mark_non_differentiable(*stats)
         ctx.plan = plan
-        ctx.consumed = False
         ctx.param_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.applied_scale = None
         if precompute:
-            ctx.grads = (result.grad_hidden, result.grad_weight, result.grad_bias)
-            ctx.save_for_backward(norm)
+            # Saved (not kept as attributes) so autograd frees them right after backward
+            # unless retain_graph=True, and a leaf's .grad can take the buffer without a copy.
+            ctx.save_for_backward(norm, result.grad_hidden, result.grad_weight, result.grad_bias)
         else:
             ctx.save_for_backward(hidden, weight, bias, labels, weight_tok)
         return (loss,) + stats
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
-        if ctx.consumed:
-            raise RuntimeError("fastmem.linear_cross_entropy: backward ran twice; the gradient formed in "
-                               "the forward is handed out, not kept (retain_graph=True is unsupported)")
-        ctx.consumed = True
         if ctx.plan.reduction == "none":
             grads = _recompute_grads(ctx, grad_loss)
         else:
-            (norm,) = ctx.saved_tensors
-            scale = grad_loss.to(norm.dtype) / norm
-            grads, ctx.grads = ctx.grads, None
-            grads = (None if g is None else g.mul_(scale) for g in grads)
+            norm, *grads = ctx.saved_tensors
+            grads = _scale_in_place(ctx, grads, grad_loss.to(norm.dtype) / norm)
         grad_hidden, grad_weight, grad_bias = (None if g is None else g.to(dtype)
                                                for g, dtype in zip(grads, ctx.param_dtypes))
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _scale_in_place(ctx, grads, scale):
+    """Scale the gradients formed in the forward by grad_output / Z, in place (no second
+    [N, H] buffer). A second backward (retain_graph=True, gradcheck) rescales by the ratio."""
+    factor = scale
+    if ctx.applied_scale is not None:
+        if float(ctx.applied_scale) == 0.0:
+            raise RuntimeError("fastmem.linear_cross_entropy: a second backward after one with "
+                               "grad_output 0 cannot be formed (the in-place gradient was zeroed)")
+        factor = scale / ctx.applied_scale
+    ctx.applied_scale = scale
+    # `.data`: this mutation is bookkept by applied_scale, not by autograd's version counter,
+    # which would otherwise reject the saved buffer on a retained second backward.
+    return [None if g is None else g.data.mul_(factor) for g in grads]
 
 
 def _recompute_grads(ctx, grad_loss):

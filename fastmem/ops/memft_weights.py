@@ -63,15 +63,15 @@ class ChunkWeigher:
         elif cfg.objective == "ot":
             weight = (loss > cfg.threshold).to(loss.dtype)
         else:
-            weight = torch.sigmoid(cfg.kappa * (loss - cfg.threshold)) * self._spatial(sample, position)
+            weight = torch.sigmoid(cfg.kappa * (loss - cfg.threshold)) * self._spatial(sample, position, loss.dtype)
         if token_weights is not None:
             weight = weight * token_weights.to(loss.dtype)
         return weight
 
-    def _spatial(self, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def _spatial(self, sample: torch.Tensor, position: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         cfg = self.config
         anchor = self._first_error[sample]
-        offset = (position - anchor).to(self.window.dtype)
+        offset = (position - anchor).to(dtype)
         decay = torch.exp(-offset.clamp(min=0.0) / cfg.tau)
         inside = offset < self.window[sample]
         # A sample whose anchor is still seq_len has no error: offsets are negative, factor 1.

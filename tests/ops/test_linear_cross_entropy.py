@@ -1,0 +1,400 @@
+"""fastmem.linear_cross_entropy against the float64 oracle, per backend, dtype and objective."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmem
+from fastmem.nn import FusedLinearMemFTLoss
+from tests.ops.cross_entropy_oracle import oracle_loss
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# relative error (norm of the difference / norm of the oracle), written once per dtype
+TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    scale = expected.norm().item()
+    return (actual - expected).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def make_case(dtype, *, batch=2, seq=23, hidden_size=24, vocab=131, ignore="some", seed=0,
+              correct_fraction=0.6):
+    """Hidden states, head and labels where ~60% of labels are the greedy argmax, so samples
+    have first errors at varied positions; vocab 131 is not a multiple of any tile."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, hidden_size, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) * (3.0 / math.sqrt(hidden_size))
+    bias = torch.randn(vocab, generator=gen, dtype=torch.float64) * 0.1
+    hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+    logits = hidden.double() @ weight.double().t()
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    take_argmax = torch.rand(batch, seq, generator=gen) < correct_fraction
+    labels = torch.where(take_argmax, logits.argmax(-1), labels)
+    if ignore == "some":
+        labels[0, :3] = -100
+        labels[1, seq // 3] = -100
+        labels[1, -1] = -100
+    elif ignore == "all":
+        labels[:] = -100
+    return hidden, weight, bias, labels
+
+
+def pick_threshold(hidden, weight, labels) -> float:
+    """A weighting threshold in the middle of the widest gap of the token losses, so that
+    rounding in fp16/bf16 cannot move a token across it."""
+    _, per_token, _ = oracle_loss(hidden.double(), weight.double(), labels)
+    losses = per_token["loss"][per_token["valid"]].sort().values
+    if losses.numel() < 4:
+        return math.log(2)
+    lo, hi = int(losses.numel() * 0.2), int(losses.numel() * 0.8)
+    gaps = losses[lo + 1:hi + 1] - losses[lo:hi]
+    k = int(gaps.argmax())
+    return float(losses[lo + k] + gaps[k] / 2)
+
+
+def run_both(hidden, weight, labels, bias=None, *, backend, train_head=False, grad_seed=1, **options):
+    """Our loss/stats/grads and the oracle's, from the same input values."""
+    ours_in = [hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(train_head)]
+    ours_bias = None if bias is None else bias.detach().clone().requires_grad_(train_head)
+    loss, stats = fastmem.linear_cross_entropy(ours_in[0], ours_in[1], labels, ours_bias, return_stats=True,
+                                               backend=backend, chunk_size=16, **options)
+    grad_out = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    loss.backward(grad_out.to(loss.dtype))
+
+    ref_in = [hidden.detach().double().clone().requires_grad_(True),
+              weight.detach().double().clone().requires_grad_(train_head)]
+    ref_bias = None if bias is None else bias.detach().double().clone().requires_grad_(train_head)
+    first_error = None
+    if hidden.dtype in (torch.float16, torch.bfloat16):
+        first_error = stats.first_error.reshape(-1)  # near ties may round either way; checked separately
+    ref_loss, ref_tok, ref_first_error = oracle_loss(ref_in[0], ref_in[1], labels, ref_bias,
+                                                     first_error=first_error, **options)
+    ref_loss.backward(grad_out)
+    ours = dict(loss=loss, stats=stats, grad_hidden=ours_in[0].grad, grad_weight=ours_in[1].grad,
+                grad_bias=None if ours_bias is None else ours_bias.grad)
+    ref = dict(loss=ref_loss, tok=ref_tok, first_error=ref_first_error, grad_hidden=ref_in[0].grad,
+               grad_weight=ref_in[1].grad, grad_bias=None if ref_bias is None else ref_bias.grad)
+    return ours, ref
+
+
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_oracle(backend, dtype, objective, reduction, ignore):
+    hidden, weight, _, labels = make_case(dtype, ignore=ignore)
+    threshold = pick_threshold(hidden, weight, labels)
+    ours, ref = run_both(hidden, weight, labels, backend=backend, objective=objective, reduction=reduction,
+                         threshold=threshold)
+    assert ours["loss"].dtype == torch.float32
+    assert torch.isfinite(ours["loss"]).all()
+    assert rel_err(ours["loss"], ref["loss"]) <= TOL[dtype]
+    assert rel_err(ours["grad_hidden"], ref["grad_hidden"]) <= GRAD_TOL[dtype]
+    assert ours["grad_weight"] is None  # frozen head: no grad_W at all
+    stats, tok = ours["stats"], ref["tok"]
+    assert stats.loss.shape == labels.shape and stats.first_error.shape == labels.shape[:1]
+    assert torch.equal(stats.valid.reshape(-1), tok["valid"])
+    assert rel_err(stats.loss.reshape(-1), tok["loss"]) <= TOL[dtype]
+    assert rel_err(stats.prob.reshape(-1), tok["prob"]) <= TOL[dtype]
+    assert rel_err(stats.lse.reshape(-1), tok["lse"]) <= TOL[dtype]
+    assert rel_err(stats.weight.reshape(-1), tok["weight"]) <= GRAD_TOL[dtype]
+    if dtype == torch.float32:
+        assert torch.equal(stats.correct.reshape(-1), tok["correct"])
+        assert torch.equal(stats.first_error, ref["first_error"])
+    else:
+        # rounding may flip only near ties: compare where the oracle's margin is clear
+        logits = hidden.double().reshape(-1, hidden.shape[-1]) @ weight.double().t()
+        top2 = logits.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.25
+        assert torch.equal(stats.correct.reshape(-1)[clear], tok["correct"][clear])
+    if ignore == "all":
+        assert float(ours["loss"].detach().abs().sum()) == 0.0
+        assert float(ours["grad_hidden"].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective,reduction", [("sft", "mean"), ("ot", "mean"), ("sw", "sum"), ("sft", "none")])
+def test_trainable_head_and_bias(backend, dtype, objective, reduction):
+    hidden, weight, bias, labels = make_case(dtype, seed=3)
+    threshold = pick_threshold(hidden, weight, labels)
+    ours, ref = run_both(hidden, weight, labels, bias, backend=backend, train_head=True, objective=objective,
+                         reduction=reduction, threshold=threshold)
+    assert rel_err(ours["loss"], ref["loss"]) <= TOL[dtype]
+    for name in ("grad_hidden", "grad_weight", "grad_bias"):
+        assert ours[name].dtype == dtype
+        assert rel_err(ours[name], ref[name]) <= GRAD_TOL[dtype], name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_weights_and_per_sample_window(backend):
+    hidden, weight, _, labels = make_case(torch.float32, seed=5, batch=3, seq=30)
+    token_weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(9)) * 2
+    window = torch.tensor([3.0, 50.0, 7.5])
+    for objective in ("sft", "ot", "sw"):
+        ours, ref = run_both(hidden, weight, labels, backend=backend, objective=objective,
+                             token_weights=token_weights, window=window, tau=5.0, floor=0.05)
+        assert rel_err(ours["loss"], ref["loss"]) <= 1e-5
+        assert rel_err(ours["grad_hidden"], ref["grad_hidden"]) <= 1e-4
+        assert rel_err(ours["stats"].weight.reshape(-1), ref["tok"]["weight"]) <= 1e-5
+
+
+def test_float64_reference_matches_oracle_exactly():
+    hidden, weight, bias, labels = make_case(torch.float64, seed=11)
+    for objective in ("sft", "ot", "sw"):
+        ours, ref = run_both(hidden, weight, labels, bias, backend="torch", train_head=True, objective=objective)
+        for name in ("loss", "grad_hidden", "grad_weight", "grad_bias"):
+            assert rel_err(ours[name], ref[name]) <= 1e-12, name
+
+
+@pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_reference(objective, reduction):
+    hidden, weight, bias, labels = make_case(torch.float64, batch=2, seq=5, hidden_size=6, vocab=11, seed=2)
+    threshold = pick_threshold(hidden, weight, labels)
+    inputs = (hidden.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True))
+
+    def fn(h, w, b):
+        return fastmem.linear_cross_entropy(h, w, labels, b, objective=objective, reduction=reduction,
+                                            threshold=threshold, backend="torch", chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_sft_mean_is_exactly_f_cross_entropy():
+    hidden, weight, bias, labels = make_case(torch.float32, seed=4)
+    ours = fastmem.linear_cross_entropy(hidden, weight, labels, bias, backend="torch")
+    ref = F.cross_entropy((hidden @ weight.t() + bias).reshape(-1, weight.shape[0]), labels.reshape(-1))
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_spanning_several_tiles(backend, monkeypatch):
+    """Online lse / argmax across tiles with a padded last tile (131 = 2 * 64 + 3)."""
+    import fastmem.ops.cross_entropy_triton as triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "_block_v", lambda n_cols: 64)
+    hidden, weight, _, labels = make_case(torch.float32, seed=6)
+    ours, ref = run_both(hidden, weight, labels, backend=backend, objective="sw")
+    assert rel_err(ours["loss"], ref["loss"]) <= 1e-5
+    assert rel_err(ours["grad_hidden"], ref["grad_hidden"]) <= 1e-4
+    assert torch.equal(ours["stats"].first_error, ref["first_error"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_count_as_wrong(backend):
+    weight = torch.eye(4, 4)
+    weight = torch.cat([weight, weight[:1]])  # row 4 duplicates row 0: logits 0 and 4 tie
+    hidden = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0]])
+    labels = torch.tensor([0, 1])
+    _, stats = fastmem.linear_cross_entropy(hidden, weight, labels, backend=backend, return_stats=True)
+    assert stats.correct.tolist() == [False, True]
+    assert int(stats.first_error) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_confident_targets_keep_their_gradient_in_bf16(backend):
+    """p_y - 1 of a confident target must be formed in fp32: rounding p_y to bf16 first
+    turns 0.9999 into 1.0 and erases the target column's gradient."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64)
+    weight = weight / weight.norm(dim=1, keepdim=True)
+    labels = torch.arange(8)
+    hidden = weight[labels] * 14.0  # target logit far above the rest: p_y ~ 0.9996
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    ours, ref = run_both(hidden, weight, labels, backend=backend, reduction="sum")
+    assert float(ref["tok"]["prob"].min()) > 0.999
+    # rounding p_y to bf16 before subtracting 1 gives a relative error above 1 here
+    assert rel_err(ours["grad_hidden"], ref["grad_hidden"]) <= 2e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logit_offset(backend):
+    hidden, weight, _, labels = make_case(torch.float32, seed=8)
+    bias = torch.full((weight.shape[0],), 3000.0)
+    ours, ref = run_both(hidden, weight, labels, bias, backend=backend)
+    assert rel_err(ours["loss"], ref["loss"]) <= 1e-4
+    assert rel_err(ours["grad_hidden"], ref["grad_hidden"]) <= 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    hidden, weight, _, labels = make_case(torch.float32, seed=12, hidden_size=24)
+    hidden_nc = hidden.transpose(0, 1).contiguous().transpose(0, 1)  # strided [B, S, H] view
+    weight_nc = torch.cat([weight, weight], dim=1)[:, ::2]  # column stride 2
+    labels_nc = labels.t().contiguous().t()
+    assert not hidden_nc.is_contiguous() and not weight_nc.is_contiguous() and not labels_nc.is_contiguous()
+    ours, ref = run_both(hidden_nc, weight_nc, labels_nc, backend=backend, objective="sw")
+    assert rel_err(ours["loss"], ref["loss"]) <= 1e-5
+    assert rel_err(ours["grad_hidden"], ref["grad_hidden"]) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_one_dimensional_inputs(backend):
+    weight = torch.randn(7, 4)
+    empty = torch.zeros(0, 4, requires_grad=True)
+    loss = fastmem.linear_cross_entropy(empty, weight, torch.zeros(0, dtype=torch.long), backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and empty.grad.shape == (0, 4)
+    hidden = torch.randn(5, 4)
+    loss, stats = fastmem.linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 3, 4, 5]), backend=backend,
+                                               return_stats=True, objective="sw")
+    assert stats.first_error.shape == () and stats.loss.shape == (5,)
+
+
+class CountGemms:
+    """Records the row count of every torch.mm / torch.addmm inside the block."""
+
+    def __enter__(self):
+        from torch.overrides import TorchFunctionMode
+
+        calls = self.calls = []
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func in (torch.mm, torch.addmm):
+                    calls.append((func.__name__, args[-2].shape[0]))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def test_frozen_head_runs_two_gemm_passes_and_ot_skips_inactive_rows():
+    hidden, weight, _, labels = make_case(torch.float32, ignore="none", correct_fraction=0.0, seed=1)
+    threshold = pick_threshold(hidden, weight, labels)
+    n_rows, chunk = labels.numel(), 16
+    n_chunks = math.ceil(n_rows / chunk)
+    for objective in ("sft", "ot"):
+        h = hidden.clone().requires_grad_(True)
+        with CountGemms() as gemms:
+            _, stats = fastmem.linear_cross_entropy(h, weight, labels, objective=objective, threshold=threshold,
+                                                    backend="torch", chunk_size=chunk, return_stats=True)
+        active = int((stats.weight > 0).sum())
+        assert len(gemms.calls) == 2 * n_chunks  # logits + grad_hidden per chunk, no grad_W
+        assert sum(rows for _, rows in gemms.calls[0::2]) == n_rows
+        assert sum(rows for _, rows in gemms.calls[1::2]) == active
+        if objective == "ot":
+            assert 0 < active < n_rows  # the case really has inactive rows to skip
+    with CountGemms() as gemms:
+        fastmem.linear_cross_entropy(hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True),
+                                     labels, backend="torch", chunk_size=chunk)
+    assert len(gemms.calls) == 3 * n_chunks  # a trainable head adds the grad_W GEMM
+    with CountGemms() as gemms:
+        with torch.no_grad():
+            fastmem.linear_cross_entropy(hidden, weight, labels, backend="torch", chunk_size=chunk)
+    assert len(gemms.calls) == n_chunks  # no gradient wanted: the logits GEMM only
+
+
+def test_backward_twice_with_retain_graph_and_without():
+    hidden, weight, _, labels = make_case(torch.float32)
+    hidden.requires_grad_(True)
+    loss = fastmem.linear_cross_entropy(hidden, weight, labels, objective="sw")
+    loss.backward(torch.tensor(0.5), retain_graph=True)
+    first = hidden.grad.clone()
+    hidden.grad = None
+    loss.backward(torch.tensor(2.0))
+    torch.testing.assert_close(hidden.grad, first * 4)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+def test_module_wrapper_and_stats_helpers():
+    hidden, weight, _, labels = make_case(torch.float32, seed=2)
+    module = FusedLinearMemFTLoss("ot", threshold=0.3, return_stats=True)
+    loss, stats = module(hidden, weight, labels)
+    direct = fastmem.linear_cross_entropy(hidden, weight, labels, objective="ot", threshold=0.3)
+    assert torch.equal(loss, direct)
+    valid = stats.valid
+    assert stats.token_accuracy() == pytest.approx(float(stats.correct[valid].float().mean()))
+    assert stats.min_prob() == pytest.approx(float(stats.prob[valid].min()))
+    assert torch.equal(stats.stubborn_mask(), valid & (stats.loss >= math.log(2)))
+    assert stats.all_recalled() == (not bool(stats.stubborn_mask().any()))
+    assert "objective='ot'" in repr(module)
+
+
+def _bad_calls():
+    hidden, weight, labels = torch.randn(2, 5, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 5))
+    yield "hidden must be float", dict(hidden=hidden.long())
+    yield "weight must have shape", dict(weight=torch.randn(11))
+    yield "weight has H=7", dict(weight=torch.randn(11, 7))
+    yield "weight dtype", dict(weight=weight.double())
+    yield "labels must be an integer", dict(labels=labels.float())
+    yield "labels shape", dict(labels=labels[:, :4])
+    yield r"labels must lie in \[0, V=11\)", dict(labels=torch.full((2, 5), 11))
+    yield "found -3", dict(labels=torch.full((2, 5), -3))
+    yield "bias must have shape", dict(bias=torch.randn(10))
+    yield "bias dtype", dict(bias=torch.randn(11, dtype=torch.float64))
+    yield "objective must be one of", dict(objective="dpo")
+    yield "reduction must be one of", dict(reduction="avg")
+    yield "token_weights shape", dict(token_weights=torch.ones(2, 4))
+    yield "token_weights must be a float", dict(token_weights=torch.ones(2, 5, dtype=torch.long))
+    yield "window must be a number or a", dict(window=torch.ones(3))
+    yield "window must be a positive", dict(window=0)
+    yield "tau must be", dict(tau=0.0)
+    yield "floor must be in", dict(floor=2.0)
+    yield "backend must be one of", dict(backend="cuDNN")
+    yield "hidden must be a torch.Tensor", dict(hidden=[[1.0]])
+    yield "chunk_size must be", dict(chunk_size=0)
+
+
+@pytest.mark.parametrize("message,override", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_is_a_clear_error_before_any_kernel(message, override, monkeypatch):
+    op = importlib.import_module("fastmem.ops.linear_cross_entropy")  # the module, not the function
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel ran before the input was checked")
+
+    monkeypatch.setattr(op, "run_chunks", no_kernel)
+    args = dict(hidden=torch.randn(2, 5, 8), weight=torch.randn(11, 8), labels=torch.randint(0, 11, (2, 5)))
+    args.update(override)
+    kwargs = {k: args.pop(k) for k in list(args) if k not in ("hidden", "weight", "labels")}
+    with pytest.raises((ValueError, TypeError), match=message):
+        fastmem.linear_cross_entropy(args["hidden"], args["weight"], args["labels"], **kwargs)
+
+
+def test_triton_backend_rejects_float64_and_unavailable_backends_explain_why():
+    hidden, weight, labels = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64), \
+        torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="float64 runs on backend='torch'"):
+        fastmem.linear_cross_entropy(hidden, weight, labels, backend="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, ValueError), match="backend='cuda'"):
+            fastmem.linear_cross_entropy(hidden, weight, labels, backend="cuda")
+
+
+def test_ignore_index_other_than_default():
+    hidden, weight, _, labels = make_case(torch.float32, ignore="none", seed=13)
+    labels = labels.clone()
+    labels[0, :5] = 7  # a real class id used as the ignore marker
+    ours = fastmem.linear_cross_entropy(hidden, weight, labels, ignore_index=7)
+    ref = F.cross_entropy((hidden @ weight.t()).reshape(-1, weight.shape[0]), labels.reshape(-1), ignore_index=7)
+    torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: N*V past 2^31 elements")
+def test_more_than_2_pow_31_logits_elements_on_gpu():
+    n_rows, hidden_size, vocab = 16384 + 8, 64, 131101  # N * V > 2^31
+    torch.manual_seed(0)
+    hidden = torch.randn(n_rows, hidden_size, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(vocab, hidden_size, device="cuda", dtype=torch.bfloat16) * 0.2
+    labels = torch.randint(0, vocab, (n_rows,), device="cuda")
+    ours = fastmem.linear_cross_entropy(hidden, weight, labels, backend="triton", chunk_size=n_rows)
+    ref = sum(F.cross_entropy((hidden[i:i + 1024].float() @ weight.float().t()), labels[i:i + 1024], reduction="sum")
+              for i in range(0, n_rows, 1024)) / n_rows
+    torch.testing.assert_close(ours, ref, rtol=1e-2, atol=1e-2)
