@@ -24,7 +24,7 @@ import torch
 # Chunk-size budget for the [C, V] logits buffer: bounded extra memory, and on a CPU a
 # working set that stays close to the caches.
 GPU_LOGITS_BUDGET_BYTES = 64 * 2**20
-CPU_LOGITS_BUDGET_BYTES = 16 * 2**20
+CPU_LOGITS_BUDGET_BYTES = 48 * 2**20
 
 ChunkWeigh = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -78,6 +78,8 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if want_grad_weight else None
     grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=device) if want_grad_bias else None
 
+    # One logits buffer for every chunk: a new one per chunk would briefly hold two.
+    logits_buffer = torch.empty(min(chunk_rows, n_valid), weight.shape[0], dtype=hidden.dtype, device=device)
     for c0 in range(0, n_valid, chunk_rows):
         c1 = min(c0 + chunk_rows, n_valid)
         if rows is None:
@@ -86,28 +88,38 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         else:
             rows_c = rows[c0:c1]
             hidden_c, labels_c = hidden.index_select(0, rows_c), labels.index_select(0, rows_c)
-        logits = (torch.addmm(bias, hidden_c, weight.t()) if bias is not None
-                  else torch.mm(hidden_c, weight.t()))
+        logits = logits_buffer[: c1 - c0]
+        if bias is not None:
+            torch.addmm(bias, hidden_c, weight.t(), out=logits)
+        else:
+            torch.mm(hidden_c, weight.t(), out=logits)
         lse_c, target_c, correct_c, weight_c, dlogits = process_chunk(
             logits, labels_c, lambda loss, ok: weigh(c0, c1, rows_c, loss, ok), want_grad)
         lse[c0:c1], target[c0:c1], correct[c0:c1], weight_rows[c0:c1] = lse_c, target_c, correct_c, weight_c
-        if not want_grad:
-            continue
-        active = weight_c != 0
-        n_active = int(active.sum())
-        if n_active == 0:
-            continue
-        if n_active < c1 - c0:
-            keep = active.nonzero().squeeze(1)
-            dlogits, hidden_c, rows_c = dlogits.index_select(0, keep), hidden_c.index_select(0, keep), rows_c[keep]
-        dlogits = dlogits.to(hidden.dtype)
-        if want_grad_hidden:
-            if rows is None and n_active == c1 - c0:
-                torch.mm(dlogits, weight, out=grad_hidden[c0:c1])
-            else:
-                grad_hidden.index_copy_(0, rows_c, torch.mm(dlogits, weight))
-        if want_grad_weight:
-            grad_weight.add_(torch.mm(dlogits.t(), hidden_c))
-        if want_grad_bias:
-            grad_bias.add_(dlogits.sum(0, dtype=acc_dtype))
+        if want_grad:
+            _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias,
+                              out_rows=slice(c0, c1) if rows is None else None)
+        del dlogits
     return ChunkLoopResult(lse, target, correct, weight_rows, grad_hidden, grad_weight, grad_bias)
+
+
+def _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias, out_rows):
+    """The second GEMM pass of a chunk, over its rows with w != 0 only."""
+    active = weight_c != 0
+    n_active = int(active.sum())
+    if n_active == 0:
+        return
+    if n_active < dlogits.shape[0]:
+        keep = active.nonzero().squeeze(1)
+        dlogits, hidden_c, rows_c = dlogits.index_select(0, keep), hidden_c.index_select(0, keep), rows_c[keep]
+        out_rows = None
+    dlogits = dlogits.to(hidden_c.dtype)
+    if grad_hidden is not None:
+        if out_rows is not None:
+            torch.mm(dlogits, weight, out=grad_hidden[out_rows])
+        else:
+            grad_hidden.index_copy_(0, rows_c, torch.mm(dlogits, weight))
+    if grad_weight is not None:
+        grad_weight.add_(torch.mm(dlogits.t(), hidden_c))
+    if grad_bias is not None:
+        grad_bias.add_(dlogits.sum(0, dtype=grad_bias.dtype))

@@ -1,0 +1,240 @@
+"""Fused linear cross-entropy: forward+backward time and peak memory against the anchors.
+
+Contenders: fastmem on every backend available here, torch eager (F.linear + F.cross_entropy),
+torch.compile of the same (GPU, or --compile on CPU), and Liger-Kernel / Cut Cross-Entropy
+when installed. On a GPU it also times the GEMM floor (logits GEMM + grad_hidden GEMM at
+this shape) and MemFT-OT with 5% of tokens active (threshold at the 95th loss percentile).
+
+    python benchmarks/bench_cross_entropy.py                 # GPU: Llama3.1-8B / Qwen3-8B shapes
+    python benchmarks/bench_cross_entropy.py --cpu-target    # CPU: SmolLM2 head, N=2048, fp32
+    python benchmarks/bench_cross_entropy.py --smoke         # seconds, for CI
+
+Writes a markdown table to benchmarks/results/ with device, versions, shapes and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fastmem
+from fastmem.backends import available_backends
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GPU_SHAPES = {"llama3.1-8b": (4096, 128256), "qwen3-8b": (4096, 151936)}
+
+
+def make_inputs(n_rows, hidden_size, vocab, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = (torch.randn(n_rows, hidden_size, generator=gen) * 0.5).to(device=device, dtype=dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size ** 0.5).to(device=device, dtype=dtype)
+    labels = torch.randint(0, vocab, (n_rows,), generator=gen).to(device)
+    return hidden, weight, labels
+
+
+def eager_loss(hidden, weight, labels, **_):
+    return F.cross_entropy(F.linear(hidden, weight).float(), labels)
+
+
+def contenders(device, compile_too):
+    found = {f"fastmem[{b}]": (lambda b: lambda h, w, y, **kw: fastmem.linear_cross_entropy(h, w, y, backend=b, **kw))(b)
+             for b in available_backends(device)}
+    found["torch eager"] = eager_loss
+    if compile_too:
+        found["torch.compile"] = torch.compile(eager_loss)
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        found["liger"] = lambda h, w, y, **_: liger_fused_linear_cross_entropy(h, w, y)
+    except ImportError:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+        found["cut-ce"] = lambda h, w, y, **_: cce(h, w, y)
+    except ImportError:
+        pass
+    return found
+
+
+def time_fwd_bwd(fn, hidden, weight, labels, reps, **options):
+    def step():
+        h = hidden.detach().requires_grad_(True)
+        fn(h, weight, labels, **options).backward()
+
+    if hidden.is_cuda:
+        from triton.testing import do_bench
+        return do_bench(step, warmup=3, rep=max(reps * 20, 100))
+    step()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def gpu_peak_extra_mib(fn, hidden, weight, labels, **options):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    h = hidden.detach().requires_grad_(True)
+    fn(h, weight, labels, **options).backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cpu_peak_extra_mib(name, n_rows, hidden_size, vocab, dtype, compile_too):
+    """Peak RSS growth of one fwd+bwd in a fresh process (the CPU allocator keeps no stats).
+
+    The RSS high-water mark is reset (/proc/self/clear_refs) after the inputs exist, and large
+    blocks go through mmap and back to the OS on free, so freed memory is not reused unseen.
+    """
+    code = (
+        "import torch, sys; sys.path.insert(0, %r);"
+        "import bench_cross_entropy as b;"
+        "h, w, y = b.make_inputs(%d, %d, %d, %s, torch.device('cpu'));"
+        "fn = b.contenders(torch.device('cpu'), %r)[%r];"
+        "h = h.requires_grad_(True); rss0 = b.reset_peak_rss_kib();"
+        "fn(h, w, y).backward();"
+        "print((b.proc_status_kib('VmHWM:') - rss0) / 1024)"
+    ) % (str(Path(__file__).parent), n_rows, hidden_size, vocab, repr(dtype), compile_too, name)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def proc_status_kib(key):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key))
+
+
+def reset_peak_rss_kib():
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current RSS
+    return proc_status_kib("VmRSS:")
+
+
+def gemm_floor_ms(hidden, weight, active_fraction=1.0):
+    """Logits GEMM over all rows + grad_hidden GEMM over the active rows: the (1 + a) floor."""
+    from triton.testing import do_bench
+    logits = hidden @ weight.t()
+    n_active = max(1, int(hidden.shape[0] * active_fraction))
+    return do_bench(lambda: (torch.mm(hidden, weight.t(), out=logits),
+                             torch.mm(logits[:n_active], weight)), warmup=3, rep=100)
+
+
+def ot_threshold_for_active_fraction(hidden, weight, labels, fraction):
+    with torch.no_grad():
+        _, stats = fastmem.linear_cross_entropy(hidden, weight, labels, return_stats=True)
+    return float(torch.quantile(stats.loss.float(), 1.0 - fraction))
+
+
+def versions():
+    found = {"python": platform.python_version(), "torch": torch.__version__, "fastmem": fastmem.__version__}
+    for name in ("triton", "liger_kernel", "cut_cross_entropy"):
+        try:
+            found[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run(args):
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_target and not args.smoke else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.smoke:
+        cases, dtype = [("smoke", 256, 64, 1000)], torch.float32
+    elif device.type == "cpu":
+        cases, dtype = [("smollm2-head", 2048, 576, 49152)], torch.float32
+    else:
+        cases = [(name, n, h, v) for name, (h, v) in GPU_SHAPES.items() for n in args.n]
+    compile_too = device.type == "cuda" or args.compile
+    rows = []
+    for case, n_rows, hidden_size, vocab in cases:
+        hidden, weight, labels = make_inputs(n_rows, hidden_size, vocab, dtype, device)
+        eager_ms = None
+        for name, fn in contenders(device, compile_too).items():
+            try:
+                ms = time_fwd_bwd(fn, hidden, weight, labels, args.reps)
+                mem = (gpu_peak_extra_mib(fn, hidden, weight, labels) if device.type == "cuda"
+                       else cpu_peak_extra_mib(name, n_rows, hidden_size, vocab, dtype, compile_too))
+            except (RuntimeError, torch.OutOfMemoryError) as err:  # an anchor OOM is a result too
+                rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender=name, error=str(err)[:80]))
+                continue
+            eager_ms = ms if name == "torch eager" else eager_ms
+            rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender=name, ms=ms, extra_mib=mem))
+        if device.type == "cuda":
+            floor = gemm_floor_ms(hidden, weight)
+            rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender="GEMM floor (1 pass + 1 pass)",
+                             ms=floor, extra_mib=None))
+            threshold = ot_threshold_for_active_fraction(hidden, weight, labels, 0.05)
+            for backend in [b for b in available_backends(device) if b != "torch"]:
+                fn = lambda h, w, y, b=backend: fastmem.linear_cross_entropy(h, w, y, objective="ot", threshold=threshold, backend=b)
+                rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender=f"fastmem[{backend}] OT 5% active",
+                                 ms=time_fwd_bwd(fn, hidden, weight, labels, args.reps),
+                                 extra_mib=gpu_peak_extra_mib(fn, hidden, weight, labels)))
+            rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender="GEMM floor OT 5% (1 + 0.05 passes)",
+                             ms=gemm_floor_ms(hidden, weight, 0.05), extra_mib=None))
+        for row in rows:
+            if row.get("case") == case and "ms" in row and eager_ms:
+                row["vs_eager"] = row["ms"] / eager_ms
+        del hidden, weight, labels
+    return device, dtype, rows
+
+
+def write_table(device, dtype, rows, args):
+    stamp = dt.datetime.now(dt.timezone.utc)
+    lines = [f"# fused linear cross-entropy, fwd+bwd, frozen head, {str(dtype).replace('torch.', '')}",
+             "", f"- date: {stamp:%Y-%m-%d %H:%M} UTC", f"- device: {device_name(device)}",
+             f"- versions: {json.dumps(versions())}", f"- command: `python {' '.join(sys.argv)}`", "",
+             "| case | N | H | V | contender | ms | × eager | extra MiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['N']} | {r['H']} | {r['V']} | {r['contender']} | failed: {r['error']} | | |")
+            continue
+        mem = "" if r.get("extra_mib") is None else f"{r['extra_mib']:.0f}"
+        ratio = f"{r['vs_eager']:.2f}" if r.get("vs_eager") else ""
+        lines.append(f"| {r['case']} | {r['N']} | {r['H']} | {r['V']} | {r['contender']} | {r['ms']:.1f} | {ratio} | {mem} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        kind = "smoke" if args.smoke else device.type
+        path = RESULTS / f"cross_entropy_{kind}_{stamp:%Y%m%d}.md"
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--cpu-target", action="store_true", help="the CPU target of DESIGN.md (SmolLM2 head, fp32)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile on the CPU")
+    parser.add_argument("--smoke", action="store_true", help="a tiny CPU run for CI")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    device, dtype, rows = run(args)
+    write_table(device, dtype, rows, args)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
