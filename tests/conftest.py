@@ -38,3 +38,15 @@ def tiny_llama():
 
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded SmolLM2 tokenizer alone (~4 s from the GGUF; no model weights)."""
+    from transformers import AutoTokenizer
+
+    from fastmem.models import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                         local_files_only=True)

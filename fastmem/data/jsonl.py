@@ -1,0 +1,133 @@
+"""User data as JSONL: one {"prompt": ..., "answer": ...} object per line.
+
+Optional fields: "name" (the sample's name), "meta" (an object), and "answer_ids" (a list of
+token ids). "answer_ids" is written only for token-level samples such as the stress test, whose
+random tokens need not survive decode → encode; on load it is used as-is after checking that it
+decodes to "answer" with this tokenizer (a file written with another tokenizer fails loudly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .chat import check_length, encode_pair, template_prompt_ids
+from .sample import MemorySample
+
+_KNOWN_FIELDS = {"prompt", "answer", "name", "meta", "answer_ids"}
+
+
+def _record_sample(record, tokenizer, max_length, where: str, default_name: str) -> MemorySample:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("prompt", "answer"):
+        if key not in record:
+            raise ValueError(f"{where}: missing field {key!r} (records need 'prompt' and 'answer')")
+        if not isinstance(record[key], str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got "
+                             f"{type(record[key]).__name__}")
+    unknown = set(record) - _KNOWN_FIELDS
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
+                         f"{sorted(_KNOWN_FIELDS)}")
+    name = record.get("name", default_name)
+    meta = record.get("meta", {})
+    if not isinstance(name, str) or not isinstance(meta, dict):
+        raise ValueError(f"{where}: 'name' must be a string and 'meta' an object")
+    if not record["answer"]:
+        raise ValueError(f"{where}: answer is empty: there is nothing to memorize")
+    if "answer_ids" not in record:
+        try:
+            return encode_pair(tokenizer, record["prompt"], record["answer"], name=name,
+                               meta=meta, max_length=max_length)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+
+    answer_ids = record["answer_ids"]
+    if (not isinstance(answer_ids, list) or not answer_ids
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in answer_ids)):
+        raise ValueError(f"{where}: 'answer_ids' must be a non-empty list of ints")
+    if min(answer_ids) < 0 or max(answer_ids) >= len(tokenizer):
+        raise ValueError(f"{where}: 'answer_ids' out of this tokenizer's range "
+                         f"[0, {len(tokenizer)})")
+    if tokenizer.decode(answer_ids, skip_special_tokens=True) != record["answer"]:
+        raise ValueError(f"{where}: 'answer_ids' do not decode to 'answer' with this tokenizer "
+                         "(written with another tokenizer?)")
+    prompt_ids, _ = template_prompt_ids(tokenizer, record["prompt"])
+    check_length(len(prompt_ids), len(answer_ids), max_length, f"{where}: ")
+    return MemorySample(name=name, prompt=record["prompt"], answer=record["answer"],
+                        prompt_ids=tuple(prompt_ids), answer_ids=tuple(answer_ids),
+                        meta={**meta, "token_level": True})
+
+
+def load_jsonl(path: str | os.PathLike, tokenizer, max_length: int | None = None
+               ) -> list[MemorySample]:
+    """Read and tokenize a JSONL file of {"prompt", "answer"} records (blank lines skipped).
+
+    Errors name the file and line: invalid JSON, a missing/non-string field, an empty answer,
+    prompt + answer longer than `max_length` (the model's context), a file with no records.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    samples = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: invalid JSON ({error.msg})") from None
+            samples.append(_record_sample(record, tokenizer, max_length, where,
+                                          default_name=f"{path.stem}/{len(samples)}"))
+    if not samples:
+        raise ValueError(f"{path}: no records (expected one JSON object per line)")
+    return samples
+
+
+def _to_record(item) -> dict:
+    if isinstance(item, MemorySample):
+        record = {"prompt": item.prompt, "answer": item.answer}
+        if item.name:
+            record["name"] = item.name
+        if item.meta:
+            record["meta"] = item.meta
+        if item.meta.get("token_level"):
+            record["answer_ids"] = list(item.answer_ids)
+        return record
+    if isinstance(item, dict):
+        return dict(item)
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return {"prompt": item[0], "answer": item[1]}
+    raise TypeError("save_jsonl takes MemorySample objects, (prompt, answer) pairs or dicts, got "
+                    f"{type(item).__name__}")
+
+
+def save_jsonl(samples_or_pairs, path: str | os.PathLike) -> Path:
+    """Write samples, (prompt, answer) pairs or record dicts as JSONL, atomically.
+
+    Each record is checked for string 'prompt'/'answer' fields before anything is written.
+    Returns the path written.
+    """
+    records = [_to_record(item) for item in samples_or_pairs]
+    for index, record in enumerate(records):
+        if not isinstance(record.get("prompt"), str) or not isinstance(record.get("answer"), str):
+            raise ValueError(f"item {index}: needs string 'prompt' and 'answer', got "
+                             f"{record.get('prompt')!r}, {record.get('answer')!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary file beside the target, then rename: a reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
