@@ -43,6 +43,7 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/bench_cross_entropy.py
+	$(PY) benchmarks/bench_lora.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

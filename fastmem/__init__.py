@@ -2,6 +2,7 @@
 
 from fastmem.constants import L_CRIT
 from fastmem.ops import TokenStats, linear_cross_entropy
+from fastmem.ops.lora_linear import lora_dropout_mask, lora_linear
 
 __version__ = "0.1.0"
-__all__ = ["linear_cross_entropy", "TokenStats", "L_CRIT", "__version__"]
+__all__ = ["linear_cross_entropy", "lora_linear", "lora_dropout_mask", "TokenStats", "L_CRIT", "__version__"]

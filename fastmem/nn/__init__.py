@@ -1,5 +1,6 @@
 """nn.Module wrappers of the fused ops."""
 
+from fastmem.nn.lora_linear import LoRALinear
 from fastmem.nn.losses import FusedLinearMemFTLoss
 
-__all__ = ["FusedLinearMemFTLoss"]
+__all__ = ["FusedLinearMemFTLoss", "LoRALinear"]
