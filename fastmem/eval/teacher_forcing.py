@@ -1,0 +1,184 @@
+"""Teacher-forced per-token scores of the answer tokens, without `[N, V]` logits for the answer.
+
+One decoder forward per batch gives the final hidden states; the answer rows go through
+`fastmem.linear_cross_entropy(..., return_stats=True)` for loss, p, greedy-argmax correctness
+and the first error, and through a chunked head GEMM for the rank of the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastmem.constants import IGNORE_INDEX
+from fastmem.data.sample import MemorySample
+from fastmem.ops import linear_cross_entropy
+
+# Logits held at once by the rank computation (elements): 64 MiB of fp32 on a CPU; 256 MiB on
+# a GPU, where a 152k vocabulary would otherwise leave GEMMs of ~100 rows.
+RANK_LOGITS_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 26}
+
+
+@dataclass
+class TokenScores:
+    """Teacher-forced scores of one sample's answer tokens (CPU tensors, length = answer_len).
+
+    loss: fp32 L_t; prob: fp32 p_t = exp(-L_t); correct: bool, greedy argmax == target (a tie
+    counts as wrong); target_rank: int64, how many vocabulary logits are strictly above the
+    target's (0: the target is an argmax); first_error: first position with correct False, -1
+    if none.
+    """
+
+    loss: torch.Tensor
+    prob: torch.Tensor
+    correct: torch.Tensor
+    target_rank: torch.Tensor
+    first_error: int
+
+
+def unwrap_model(model):
+    """The transformers causal LM under a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Run in eval mode and restore every module's own mode: a trainer may evaluate
+    mid-training, and LoRA dropout left on would score a noisy model."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def decoder_and_head(model) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
+    """`(decoder, head_weight [V, H], head_bias [V] | None)` of a causal LM.
+
+    hidden @ weight.T (+ bias) must be the model's logits: heads that rescale or soft-cap their
+    logits, or carry their own adapter, are refused rather than silently mis-scored.
+    """
+    causal_lm = unwrap_model(model)
+    config = getattr(causal_lm, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"the model's config sets {attr}={getattr(config, attr)}: its logits are "
+                             "not hidden @ lm_head.weight.T, which the evaluator relies on")
+    head = causal_lm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(f"the output head is a {type(head).__name__}, not a plain nn.Linear "
+                         "(an adapter on lm_head is not supported by the evaluator)")
+    return causal_lm.get_decoder(), head.weight, head.bias
+
+
+def target_ranks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                 bias: torch.Tensor | None = None, *, budget: int | None = None) -> torch.Tensor:
+    """Rank of each target among its row's logits: `#{v : z_v > z_label}` (0 = an argmax).
+
+    hidden `[N, H]`, weight `[V, H]` (same dtype), labels `[N]` int64 in [0, V), bias `[V]`.
+    Returns int64 `[N]`. Logits are formed `budget // V` rows at a time (never `[N, V]`;
+    default budget from RANK_LOGITS_BUDGET) by the head GEMM in the model's dtype (fp32
+    accumulation, rounded to that dtype: in bf16 near-ties can tie); the target's logit comes
+    from the same GEMM, so a row never outranks itself.
+    """
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be [N, H] and labels [N]; got {tuple(hidden.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if budget is None:
+        budget = RANK_LOGITS_BUDGET["cuda" if hidden.device.type == "cuda" else "cpu"]
+    rows = max(1, budget // weight.shape[0])
+    ranks = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        logits = F.linear(hidden[start:start + rows], weight, bias)
+        target = logits.gather(1, labels[start:start + rows, None])
+        ranks[start:start + rows] = (logits > target).sum(1)
+    return ranks
+
+
+def _answer_rows(hidden: torch.Tensor, batch: Sequence[MemorySample]):
+    """Gather the rows that predict each answer token into `[B, A_max, H]` with labels
+    `[B, A_max]` (IGNORE_INDEX past each answer). The token at position p is predicted by
+    the hidden state at p - 1."""
+    width = max(s.answer_len for s in batch)
+    rows = torch.zeros(len(batch), width, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.int64, device=hidden.device)
+    for b, sample in enumerate(batch):
+        start = len(sample.prompt_ids) - 1
+        rows[b, :sample.answer_len] = hidden[b, start:start + sample.answer_len]
+        labels[b, :sample.answer_len] = torch.tensor(sample.answer_ids, device=hidden.device)
+    return rows, labels
+
+
+def check_samples(samples: Sequence[MemorySample], vocab_size: int | None = None) -> None:
+    """Refuse what the model cannot score, naming the sample, before any forward."""
+    if not samples:
+        raise ValueError("samples is empty: nothing to evaluate")
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, MemorySample):
+            raise TypeError(f"samples[{i}] must be a MemorySample, got {type(sample).__name__}")
+        if not sample.prompt_ids:
+            raise ValueError(f"samples[{i}] ({sample.name!r}) has an empty prompt: the first answer "
+                             "token needs at least one token before it")
+        if not sample.answer_ids:
+            raise ValueError(f"samples[{i}] ({sample.name!r}) has an empty answer")
+        if vocab_size is not None and not all(0 <= t < vocab_size for t in sample.input_ids):
+            bad = next(t for t in sample.input_ids if not 0 <= t < vocab_size)
+            raise ValueError(f"samples[{i}] ({sample.name!r}) holds token id {bad}, outside the "
+                             f"model's vocabulary [0, {vocab_size}) (tokenized for another model?)")
+
+
+def length_batches(samples: Sequence[MemorySample], batch_size: int) -> list[list[int]]:
+    """Indices of `samples` in batches of similar total length (less padding), longest first."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _score_batch(decoder, weight, bias, batch: Sequence[MemorySample], chunk_size) -> list[TokenScores]:
+    device = weight.device
+    width = max(len(s.input_ids) for s in batch)
+    input_ids = torch.zeros(len(batch), width, dtype=torch.int64, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, sample in enumerate(batch):
+        input_ids[b, :len(sample.input_ids)] = torch.tensor(sample.input_ids, device=device)
+        attention_mask[b, :len(sample.input_ids)] = 1
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    rows, labels = _answer_rows(hidden.to(weight.dtype), batch)
+    _, stats = linear_cross_entropy(rows, weight, labels, bias, reduction="none",
+                                    return_stats=True, chunk_size=chunk_size)
+    valid = labels != IGNORE_INDEX
+    ranks = torch.zeros_like(labels)
+    ranks[valid] = target_ranks(rows[valid], weight, labels[valid], bias)
+    scores = []
+    for b, sample in enumerate(batch):
+        n = sample.answer_len
+        scores.append(TokenScores(loss=stats.loss[b, :n].float().cpu(), prob=stats.prob[b, :n].float().cpu(),
+                                  correct=stats.correct[b, :n].cpu(), target_rank=ranks[b, :n].cpu(),
+                                  first_error=int(stats.first_error[b])))
+    return scores
+
+
+@torch.no_grad()
+def teacher_forced_scores(model, samples: Sequence[MemorySample], *, batch_size: int = 4,
+                          progress: bool = True, chunk_size: int | None = None) -> list[TokenScores]:
+    """Score every answer token of `samples` under teacher forcing; one TokenScores per sample,
+    in the order given. Batches are right-padded (causal attention keeps the pad out of every
+    real position). The model runs in eval mode; its own mode is restored afterwards."""
+    decoder, weight, bias = decoder_and_head(model)
+    check_samples(samples, min(weight.shape[0], decoder.get_input_embeddings().num_embeddings))
+    scores: list[TokenScores | None] = [None] * len(samples)
+    with eval_mode(model):
+        for indices in tqdm(length_batches(samples, batch_size), desc="teacher forcing",
+                            unit="batch", disable=not progress):
+            for i, score in zip(indices, _score_batch(decoder, weight, bias, [samples[i] for i in indices],
+                                                      chunk_size)):
+                scores[i] = score
+    return scores
