@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 
-.PHONY: venv test test-fast demo bench nvcc-check clean
+.PHONY: venv test test-fast demo bench nvcc-check gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ nvcc-check:
 	    for f in csrc/*.cu; do echo "nvcc -c $$f"; nvcc -c -std=c++17 -gencode=arch=compute_90a,code=sm_90a $$f -o /tmp/fastmem_nvcc_check.o || exit 1; done; \
 	  else echo "nvcc-check: nvcc not found" >&2; exit 1; fi; \
 	fi
+
+# On a GPU machine: build the CUDA extension, run the GPU tests and compute-sanitizer.
+gpu-check:
+	bash benchmarks/gpu_check_cuda.sh
 
 demo: venv
 	$(PY) -m fastmem demo

@@ -28,10 +28,14 @@ def _cuda_extension():
         if mode == "1":
             raise SystemExit("FASTMEM_CUDA=1 but no CUDA build of torch + nvcc (or no csrc/ sources) was found")
         return None
+    # The same flags as the JIT build (fastmem/_cuda_build.py NVCC_FLAGS / CXX_FLAGS): no
+    # --use_fast_math (the loss of a memorized token needs accurate exp/log), -lineinfo for
+    # compute-sanitizer, and the C++ standard left to torch (C++20 for torch >= 2.10).
     ext = CUDAExtension(
         name="fastmem._cuda_ext",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return ext, BuildExtension
 

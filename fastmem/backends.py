@@ -29,23 +29,41 @@ def triton_installed() -> bool:
 
 
 def cuda_extension_loaded() -> bool:
-    """True when the compiled csrc/ extension imports (it is built only with a CUDA torch)."""
-    try:
-        from fastmem import _cuda_ext  # noqa: F401  (optional, built by setup.py)
-    except ImportError:
-        return False
+    """True when the csrc/ extension loads: prebuilt by setup.py, or JIT-built on first use
+    with a CUDA torch + nvcc + ninja (fastmem/_cuda_build.py; the outcome is cached)."""
+    from fastmem._cuda_build import load_cuda_extension
+
+    return load_cuda_extension().module is not None
+
+
+def _backend_runs(backend: str, device: torch.device) -> bool:
+    if backend == "cuda":
+        return device.type == "cuda" and cuda_extension_loaded()
+    if backend == "triton":
+        return triton_installed() and (device.type == "cuda" or triton_interpreting())
     return True
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """Backends that can run on `device`, fastest first."""
-    found = []
-    if device.type == "cuda" and cuda_extension_loaded():
-        found.append("cuda")
-    if triton_installed() and (device.type == "cuda" or triton_interpreting()):
-        found.append("triton")
-    found.append("torch")
-    return found
+def _unavailable_reason(backend: str, device: torch.device) -> str:
+    if backend == "cuda":
+        if device.type != "cuda":
+            return "the CUDA backend runs on CUDA tensors only"
+        from fastmem._cuda_build import load_cuda_extension
+
+        return (f"the fastmem CUDA extension is unavailable: {load_cuda_extension().reason} "
+                "(see FASTMEM_CUDA in setup.py)")
+    if backend == "triton":
+        if not triton_installed():
+            return "triton is not installed"
+        return "triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
+    return "it is unavailable"
+
+
+def available_backends(device: torch.device, supported: tuple[str, ...] = ("cuda", "triton", "torch")) -> list[str]:
+    """Backends among `supported` that can run on `device`, in the op's order of preference
+    (`supported` lists the fastest first). Only a backend an op supports is probed, so an op
+    without a CUDA kernel never triggers the extension build."""
+    return [b for b in supported if _backend_runs(b, device)]
 
 
 _announced: set[tuple[str, str, str]] = set()
@@ -55,11 +73,9 @@ def resolve_backend(op: str, requested: str, device: torch.device, supported: tu
     """Return the backend `op` runs on, raising a clear error when `requested` cannot run."""
     if requested not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
-    usable = [b for b in available_backends(device) if b in supported]
     if requested == "auto":
         # On the CPU the Triton interpreter is correct but far slower than torch.
-        auto_order = usable if device.type == "cuda" else ["torch"]
-        chosen = auto_order[0]
+        chosen = available_backends(device, supported)[0] if device.type == "cuda" else "torch"
         key = (op, device.type, chosen)
         if key not in _announced:
             _announced.add(key)
@@ -67,13 +83,7 @@ def resolve_backend(op: str, requested: str, device: torch.device, supported: tu
         return chosen
     if requested not in supported:
         raise ValueError(f"backend={requested!r} is not implemented for {op}; use one of {supported}")
-    if requested not in usable:
-        why = {
-            "cuda": "the fastmem CUDA extension is not built (needs a CUDA build of torch and nvcc;"
-            " see FASTMEM_CUDA in setup.py)",
-            "triton": "triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
-            if triton_installed()
-            else "triton is not installed",
-        }.get(requested, "it is unavailable")
-        raise RuntimeError(f"backend={requested!r} cannot run {op} on {device.type} tensors: {why}")
+    if not _backend_runs(requested, device):
+        raise RuntimeError(f"backend={requested!r} cannot run {op} on {device.type} tensors: "
+                           f"{_unavailable_reason(requested, device)}")
     return requested

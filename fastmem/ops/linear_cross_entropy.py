@@ -14,7 +14,8 @@ from fastmem.ops.cross_entropy_chunked import default_chunk_rows, run_chunks
 from fastmem.ops.memft_weights import ChunkWeigher, MemFTConfig
 from fastmem.ops.token_stats import TokenStats
 
-SUPPORTED_BACKENDS = ("torch", "triton")
+# fastest first: `auto` takes the first one that runs on the tensors' device
+SUPPORTED_BACKENDS = ("cuda", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,9 @@ class _CallPlan:
 
 
 def _chunk_kernel(backend: str):
-    if backend == "triton":
+    if backend == "cuda":
+        from fastmem.ops.cross_entropy_cuda import process_chunk
+    elif backend == "triton":
         from fastmem.ops.cross_entropy_triton import process_chunk
     else:
         from fastmem.ops.cross_entropy_torch import process_chunk
@@ -177,7 +180,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             weighted: sum w L / (sum w + eps), w detached), "sum" (sum w L) or "none"
             (w_t L_t shaped like labels).
         return_stats: also return a TokenStats of the same pass.
-        backend: "auto" | "torch" | "triton".
+        backend: "auto" | "torch" | "triton" | "cuda".
         chunk_size: token rows per chunk (default: a logits budget of 64 MiB on a GPU,
             16 MiB on a CPU).
 
@@ -191,7 +194,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     check_inputs(hidden, weight, labels, bias, objective=objective, reduction=reduction,
                  token_weights=token_weights, window=window, eps=eps, kappa=kappa, tau=tau,
                  floor=floor, ignore_index=ignore_index)
-    chosen = resolve_backend("linear_cross_entropy", backend, hidden.device, SUPPORTED_BACKENDS)
+    supported = SUPPORTED_BACKENDS
+    if backend == "auto" and hidden.dtype == torch.float64:
+        supported = tuple(b for b in SUPPORTED_BACKENDS if b != "triton")  # Triton has no fp64 path here
+    chosen = resolve_backend("linear_cross_entropy", backend, hidden.device, supported)
     if chosen == "triton" and hidden.dtype == torch.float64:
         raise TypeError("backend='triton' supports float16, bfloat16 and float32; float64 runs on backend='torch'")
     if chunk_size is not None and chunk_size < 1:

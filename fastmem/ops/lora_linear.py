@@ -11,12 +11,16 @@ from fastmem.backends import resolve_backend
 from fastmem.ops.lora_linear_checks import (DropoutSpec, check_backend_limits, check_inputs,
                                             resolve_dropout)
 
-SUPPORTED_BACKENDS = ("torch", "triton")
+# preference order for `auto`: the CUDA LoRA kernels run on CUDA cores (no tensor cores, no
+# fused epilogue yet), so Triton goes first until a GPU measurement says otherwise
+SUPPORTED_BACKENDS = ("triton", "cuda", "torch")
 
 
 def _implementation(backend: str):
     """The backend module: `forward`, `backward`, `keep_mask` with one contract (see lora_linear_torch)."""
-    if backend == "triton":
+    if backend == "cuda":
+        from fastmem.ops import lora_linear_cuda as implementation
+    elif backend == "triton":
         from fastmem.ops import lora_linear_triton as implementation
     else:
         from fastmem.ops import lora_linear_torch as implementation
@@ -77,7 +81,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
             The mask is a function of (seed, row of the flattened x, column) only, regenerated in
             backward; `lora_dropout_mask` returns it. The masks of the torch and triton backends
             differ (torch.Generator vs Philox): each is reproducible on its own.
-        backend: "auto" | "torch" | "triton".
+        backend: "auto" | "torch" | "triton" | "cuda".
 
     Returns:
         `[..., O]` in x's dtype.
@@ -87,11 +91,22 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     """
     check_inputs(x, weight, lora_A, lora_B, scaling, bias)
     spec = resolve_dropout(dropout, seed, generator)
-    chosen = resolve_backend("lora_linear", backend, x.device, SUPPORTED_BACKENDS)
+    supported = SUPPORTED_BACKENDS
+    if backend == "auto":  # auto never picks a backend whose limits this call exceeds
+        supported = tuple(b for b in SUPPORTED_BACKENDS if _within_limits(b, x, lora_A.shape[0]))
+    chosen = resolve_backend("lora_linear", backend, x.device, supported)
     check_backend_limits(chosen, x, lora_A.shape[0])
     plan = _CallPlan(chosen, float(scaling), spec)
     y, _ = _LoRALinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias, plan)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _within_limits(backend: str, x: torch.Tensor, rank: int) -> bool:
+    try:
+        check_backend_limits(backend, x, rank)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def lora_dropout_mask(n_rows: int, in_features: int, p: float, seed: int, *,

@@ -1,0 +1,94 @@
+"""Find the CUDA extension (csrc/): the prebuilt `fastmem._cuda_ext`, else a JIT build.
+
+setup.py builds `fastmem._cuda_ext` when a CUDA build of torch and nvcc are present
+(FASTMEM_CUDA=0/1/auto). Without it, the first use of the CUDA backend compiles csrc/ with
+ninja through `torch.utils.cpp_extension.load`; torch caches the build under
+TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and rebuilds only when a source or
+flag changes. FASTMEM_CUDA=0 turns both off. When nothing loads, `reason` says why, and
+`backend="cuda"` raises it; `backend="auto"` falls back to triton, then torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("fastmem")
+
+CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+JIT_MODULE_NAME = "fastmem_cuda_ext"
+# Shared with setup.py. No --use_fast_math: the kernels are memory-bound and the loss of a
+# memorized token (lse - z_y) needs accurate exp/log. -lineinfo lets compute-sanitizer name
+# source lines. The C++ standard is left to torch (C++20 for torch >= 2.10; the .cu files are
+# also checked with C++17 in CI).
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+CXX_FLAGS = ["-O3"]
+
+
+@dataclass(frozen=True)
+class CudaExtension:
+    module: ModuleType | None
+    reason: str  # why `module` is None ("" when it loaded)
+
+
+def cuda_sources(csrc_dir: Path = CSRC_DIR) -> list[Path]:
+    """Every CUDA kernel file and the one binding file, in a stable order."""
+    return sorted(csrc_dir.glob("*.cu")) + sorted(csrc_dir.glob("*.cpp"))
+
+
+def jit_build_blocker() -> str | None:
+    """Why a JIT build cannot run here, or None when it can."""
+    mode = os.environ.get("FASTMEM_CUDA", "auto").strip().lower()
+    if mode == "0":
+        return "FASTMEM_CUDA=0 turns the CUDA extension off"
+    if mode not in ("1", "auto"):
+        return f"FASTMEM_CUDA must be 0, 1 or auto, got {mode!r}"
+    if not torch.version.cuda:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if not (CSRC_DIR / "bindings.cpp").is_file():
+        return f"the CUDA sources are not at {CSRC_DIR} (JIT builds need a source checkout)"
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+
+    if not (CUDA_HOME or shutil.which("nvcc")):
+        return "nvcc was not found (install the CUDA toolkit or set CUDA_HOME)"
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _jit_build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    log.warning("fastmem: compiling the CUDA extension from %s (first use; cached afterwards)", CSRC_DIR)
+    return load(name=JIT_MODULE_NAME, sources=[str(p) for p in cuda_sources()],
+                extra_include_paths=[str(CSRC_DIR)], extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS,
+                verbose=os.environ.get("FASTMEM_CUDA_VERBOSE", "0") not in ("", "0"))
+
+
+@functools.cache
+def load_cuda_extension() -> CudaExtension:
+    """Import the prebuilt extension, else JIT-build it (once per process; never raises)."""
+    mode = os.environ.get("FASTMEM_CUDA", "auto").strip().lower()
+    if mode == "0":
+        return CudaExtension(None, "FASTMEM_CUDA=0 turns the CUDA extension off")
+    try:
+        return CudaExtension(importlib.import_module("fastmem._cuda_ext"), "")
+    except ImportError as exc:
+        prebuilt = f"no prebuilt fastmem._cuda_ext ({exc})"
+    blocker = jit_build_blocker()
+    if blocker is not None:
+        return CudaExtension(None, f"{prebuilt}, and no JIT build: {blocker}")
+    try:
+        module = _jit_build()
+    except Exception as exc:  # a compiler failure must leave backend="auto" working
+        log.warning("fastmem: the CUDA extension failed to build; falling back (%s)", exc)
+        return CudaExtension(None, f"{prebuilt}, and the JIT build failed: {exc}")
+    return CudaExtension(module, "")

@@ -1,0 +1,40 @@
+"""Where the CUDA toolchain and the csrc/ sources are, for the no-GPU checks of csrc/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CSRC = REPO / "csrc"
+CU_SOURCES = sorted(CSRC.glob("*.cu"))
+
+# The Makefile's nvcc-check flags (what CI runs), and the defines torch's extension build adds
+# to every nvcc call (torch.utils.cpp_extension.COMMON_NVCC_FLAGS) with its C++20.
+MAKEFILE_NVCC_FLAGS = ["-std=c++17", "-gencode=arch=compute_90a,code=sm_90a"]
+TORCH_BUILD_NVCC_FLAGS = ["-std=c++20", "-gencode=arch=compute_90a,code=sm_90a", "-D__CUDA_NO_HALF_OPERATORS__",
+                          "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                          "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+# Warnings are errors here: a sloppy kernel fails before it reaches a GPU.
+STRICT_NVCC_FLAGS = ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
+
+
+def find_nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_include_dir() -> Path | None:
+    """A CUDA toolkit include dir with cuda_bf16.h (for host builds of the kernels' math)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = find_nvcc()
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    for home in filter(None, candidates):
+        include = Path(home) / "include"
+        if (include / "cuda_bf16.h").is_file():
+            return include
+    return None

@@ -1,0 +1,111 @@
+"""The CUDA cross-entropy backend's Python side on the host: the op schemas with their fake
+impls (torch.library.opcheck, torch.compile), and the op test suite's expectations run
+through the kernels' host build behind those schemas and cross_entropy_cuda's chunk glue.
+(That the schemas equal csrc/bindings.cpp's is checked in test_lora_host_math.py.)"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import pytest
+import torch
+
+from fastmem.ops import cross_entropy_cuda
+from tests.csrc.ce_host_kernels import CeHostKernels
+from tests.ops import test_linear_cross_entropy as op_suite
+
+HOST_NAMESPACE = "fastmem_cuda_host"
+# the module (fastmem.ops re-exports a function of the same name)
+lce_op = importlib.import_module("fastmem.ops.linear_cross_entropy")
+
+
+@pytest.fixture(scope="module")
+def host_ops(ce_host_library):
+    """torch.ops.fastmem_cuda_host: the CUDA ops' schemas and fakes, CPU kernels from the host build."""
+    kernels = CeHostKernels(ce_host_library)
+    library = torch.library.Library(HOST_NAMESPACE, "DEF")
+    for name, schema in cross_entropy_cuda.SCHEMAS.items():
+        library.define(schema)
+        library.impl(name, getattr(kernels, name), "CPU")
+    cross_entropy_cuda.register_fake_impls(HOST_NAMESPACE)
+    yield getattr(torch.ops, HOST_NAMESPACE)
+    library._destroy()
+
+
+def _chunk(dtype, rows=5, vocab=37, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab + 3, generator=gen) * 3).to(dtype)[:, 1:vocab + 1]  # unaligned, padded
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_opcheck_schemas_and_fakes(host_ops, dtype):
+    logits, labels = _chunk(dtype)
+    torch.library.opcheck(host_ops.ce_row_stats, (logits, labels))
+    row_max, log_sum, _, _ = host_ops.ce_row_stats(logits, labels)
+    weight = torch.linspace(0.0, 1.0, logits.shape[0], dtype=row_max.dtype)
+    torch.library.opcheck(host_ops.ce_softmax_grad_, (logits.clone(), labels, row_max, log_sum, weight))
+
+
+def test_ops_trace_whole_under_torch_compile(host_ops):
+    def chunk_step(logits, labels):
+        row_max, log_sum, target, best_other = host_ops.ce_row_stats(logits, labels)
+        weight = ((row_max + log_sum - target) > 0.5).to(row_max.dtype)
+        host_ops.ce_softmax_grad_(logits, labels, row_max, log_sum, weight)
+        return row_max + log_sum, target > best_other
+
+    logits, labels = _chunk(torch.float32, rows=8, vocab=50, seed=1)
+    eager_logits, compiled_logits = logits.clone(), logits.clone()
+    expected = chunk_step(eager_logits, labels)
+    compiled = torch.compile(chunk_step, fullgraph=True, backend="aot_eager")
+    got = compiled(compiled_logits, labels)
+    torch.testing.assert_close(got[0], expected[0])
+    assert torch.equal(got[1], expected[1]) and torch.equal(compiled_logits, eager_logits)
+
+
+@pytest.fixture
+def chunks_on_host_kernels(host_ops, monkeypatch):
+    """Route linear_cross_entropy's chunks through cross_entropy_cuda.run_chunk_kernels over the
+    host ops (the CUDA path minus the device), counting the chunks."""
+    calls = []
+
+    def process_chunk(logits, labels, weigh, want_grad):
+        calls.append(logits.shape)
+        return cross_entropy_cuda.run_chunk_kernels(host_ops.ce_row_stats, host_ops.ce_softmax_grad_, logits,
+                                                    labels, weigh, want_grad)
+
+    monkeypatch.setattr(lce_op, "_chunk_kernel", lambda backend: process_chunk)
+    return calls
+
+
+@pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
+@pytest.mark.parametrize("dtype", op_suite.DTYPES, ids=str)
+def test_op_suite_matches_oracle(chunks_on_host_kernels, dtype, objective):
+    for reduction, ignore in (("mean", "some"), ("none", "none"), ("sum", "all")):
+        op_suite.test_matches_oracle("torch", dtype, objective, reduction, ignore)
+    assert chunks_on_host_kernels, "the chunks did not run on the host kernels"
+
+
+@pytest.mark.parametrize("name", [
+    "test_ties_count_as_wrong", "test_confident_targets_keep_their_gradient_in_bf16", "test_large_logit_offset",
+    "test_non_contiguous_inputs", "test_token_weights_and_per_sample_window", "test_empty_and_one_dimensional_inputs",
+])
+def test_op_suite_edge_cases(chunks_on_host_kernels, name):
+    getattr(op_suite, name)("torch")
+    assert chunks_on_host_kernels
+
+
+@pytest.mark.parametrize("dtype", op_suite.DTYPES, ids=str)
+def test_op_suite_trainable_head(chunks_on_host_kernels, dtype):
+    op_suite.test_trainable_head_and_bias("torch", dtype, "sw", "sum")
+    op_suite.test_trainable_head_and_bias("torch", dtype, "ot", "mean")
+
+
+def test_run_chunk_kernels_rejects_a_strided_vocabulary(host_ops):
+    logits = torch.randn(4, 20)[:, ::2]
+    with pytest.raises(ValueError, match="column stride 1"):
+        cross_entropy_cuda.run_chunk_kernels(host_ops.ce_row_stats, host_ops.ce_softmax_grad_, logits,
+                                             torch.zeros(4, dtype=torch.long), functools.partial(torch.ones_like),
+                                             True)
