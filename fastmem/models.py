@@ -53,6 +53,10 @@ def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype | None = None,
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype,
                                                  attn_implementation="sdpa", **kwargs)
+    if name_or_path == SMOLLM2:
+        # The GGUF is dequantized to plain tensors on load, but transformers still marks the
+        # model quantized, and HF Trainer / PEFT then refuse to train an adapter on it.
+        model.hf_quantizer, model.is_quantized = None, False
     model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -217,8 +217,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     plan = _CallPlan(config, reduction, ignore_index, max(seq_len, 1), num_samples,
                      chunk_size or default_chunk_rows(weight.shape[0], hidden.device), chosen)
 
-    loss, *stat_tensors = _LinearCrossEntropyFunction.apply(
-        hidden_2d, weight, bias, labels_1d, tw_1d, window_per_sample, plan)
+    # The op sets its own precision (fp32 accumulation, GEMMs in the input dtype): an enclosing
+    # autocast region must not recast its GEMMs or in-place buffers.
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, *stat_tensors = _LinearCrossEntropyFunction.apply(
+            hidden_2d, weight, bias, labels_1d, tw_1d, window_per_sample, plan)
     if reduction == "none":
         loss = loss.reshape(label_shape)
     if not return_stats:

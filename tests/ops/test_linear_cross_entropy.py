@@ -398,3 +398,14 @@ def test_more_than_2_pow_31_logits_elements_on_gpu():
     ref = sum(F.cross_entropy((hidden[i:i + 1024].float() @ weight.float().t()), labels[i:i + 1024], reduction="sum")
               for i in range(0, n_rows, 1024)) / n_rows
     torch.testing.assert_close(ours, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_runs_inside_an_autocast_region():
+    hidden, weight, _, labels = make_case(torch.float32, seed=14)
+    expected = fastmem.linear_cross_entropy(hidden, weight, labels, objective="ot")
+    h = hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fastmem.linear_cross_entropy(h, weight, labels, objective="ot")
+    loss.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
