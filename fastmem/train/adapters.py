@@ -1,0 +1,108 @@
+"""LoRA on the named modules of the named layers (PEFT), and the model parts the trainer drives."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastmem.train.config import TrainConfig, default_layers
+
+log = logging.getLogger(__name__)
+
+FUSED_LORA_MODULE = "fastmem.integrations.peft"
+
+
+@dataclass
+class ModelParts:
+    """Where the trainer reaches into a causal LM (llama-style: decoder.layers, decoder.norm)."""
+
+    causal_lm: nn.Module     # the transformers *ForCausalLM inside the PEFT wrapper
+    decoder: nn.Module       # causal_lm.get_decoder(): embeddings, layers, final norm
+    layers: nn.ModuleList
+    norm: nn.Module
+    head_weight: torch.Tensor  # [V, H] output embedding (frozen)
+    head_bias: torch.Tensor | None
+    first_adapted: int       # index of the lowest adapted layer: the prefix cache ends here
+    max_positions: int | None
+
+
+def _decoder_layers(causal_lm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
+    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
+    layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
+    if not isinstance(layers, nn.ModuleList) or norm is None:
+        raise ValueError(f"{type(causal_lm).__name__} has no decoder.layers / decoder.norm: the fast "
+                         "engine supports llama-style decoders (use --engine hf)")
+    return decoder, layers, norm
+
+
+def resolve_layers(config: TrainConfig, num_layers: int) -> list[int]:
+    layers = sorted(set(config.layers)) if config.layers else default_layers(num_layers)
+    bad = [i for i in layers if i >= num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+    return layers
+
+
+def check_modules(layers: nn.ModuleList, layer_ids: list[int], modules: list[str]) -> None:
+    """Every requested module name must name a Linear in every adapted layer."""
+    for i in layer_ids:
+        linears = {name.rsplit(".", 1)[-1] for name, mod in layers[i].named_modules()
+                   if isinstance(mod, nn.Linear)}
+        unknown = [m for m in modules if m not in linears]
+        if unknown:
+            raise ValueError(f"unknown module name(s) {unknown} in layer {i}; "
+                             f"its linear modules are {sorted(linears)}")
+
+
+def attach_lora(model: nn.Module, config: TrainConfig):
+    """Wrap a frozen causal LM in a PEFT LoRA model on `config.modules` of the resolved layers.
+
+    The adapter's A matrices are drawn from torch's RNG, seeded here with `config.seed`, so a
+    run is reproducible from its config. Returns `(peft_model, layer_ids)`.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    _, layers, _ = _decoder_layers(model)
+    layer_ids = resolve_layers(config, len(layers))
+    check_modules(layers, layer_ids, config.modules)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.modules), layers_to_transform=layer_ids,
+                      bias="none", task_type="CAUSAL_LM")
+    model.requires_grad_(False)
+    # SDPA (flash / memory-efficient kernels on a GPU): eager attention builds [S, S] scores
+    # per head, which long answers cannot afford.
+    if getattr(model.config, "_attn_implementation", "sdpa") == "eager" and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("sdpa")
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(model, lora)
+    if config.fused_lora:
+        if importlib.util.find_spec(FUSED_LORA_MODULE) is not None:
+            patched = importlib.import_module(FUSED_LORA_MODULE).patch_peft_model(peft_model)
+            log.info("fused LoRA: %d layers patched", patched)
+        else:
+            log.warning("fused_lora requested but %s is not available: using PEFT's LoRA", FUSED_LORA_MODULE)
+    return peft_model, layer_ids
+
+
+def model_parts(peft_model: nn.Module, layer_ids: list[int]) -> ModelParts:
+    causal_lm = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    decoder, layers, norm = _decoder_layers(causal_lm)
+    cfg = causal_lm.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        raise ValueError(f"{type(causal_lm).__name__} scales or soft-caps its logits: the fast engine's "
+                         "fused head does not; use --engine hf")
+    head = causal_lm.get_output_embeddings()
+    return ModelParts(causal_lm=causal_lm, decoder=decoder, layers=layers, norm=norm,
+                      head_weight=head.weight.detach(), head_bias=None if head.bias is None else head.bias.detach(),
+                      first_adapted=min(layer_ids),
+                      max_positions=getattr(cfg, "max_position_embeddings", None))
+
+
+def adapter_parameters(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) parameters by name, in a fixed order."""
+    return {name: p for name, p in peft_model.named_parameters() if p.requires_grad}

@@ -1,0 +1,105 @@
+"""Checkpoint / resume, written atomically.
+
+Layout under `<out>/checkpoints/`:
+    step-000120/adapter/               PEFT `save_pretrained` (adapter_model.safetensors + config)
+    step-000120/trainer_state.pt       optimizer, scheduler, step, RNG states, curriculum order,
+                                       SW window state, stop-rule state, base losses
+    latest                             the name of the newest complete checkpoint
+A checkpoint is written into a temporary directory and renamed into place with os.replace,
+then `latest` is replaced the same way, so a run killed at any moment leaves either the
+previous or the new checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.pt"
+ADAPTER_DIR = "adapter"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_adapter_atomic(peft_model, target: Path, state_dict: dict | None = None) -> None:
+    """`peft_model.save_pretrained` into a temp dir next to `target`, then swap it in.
+    `state_dict`: full adapter tensors by parameter name (needed when parameters are sharded)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False,
+                               state_dict=state_dict)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def save_checkpoint(directory: Path, step: int, peft_model, trainer_state: dict) -> Path:
+    """Write checkpoint `step` (trainer_state: everything but the adapter) and point `latest` at it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{name}."))
+    peft_model.save_pretrained(str(tmp / ADAPTER_DIR), safe_serialization=True, save_embedding_layers=False)
+    torch.save(dict(trainer_state, step=step, rng=rng_state()), tmp / STATE_FILE)
+    final = directory / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_text_atomic(directory / LATEST, name)
+    for old in directory.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(directory) / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def load_checkpoint(path: Path, peft_model) -> dict:
+    """Load the adapter weights into `peft_model` in place; return the trainer state (RNG not yet set)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(Path(path) / ADAPTER_DIR / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, adapter)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"checkpoint {path} does not match this adapter: unexpected keys {unexpected[:3]}")
+    return torch.load(Path(path) / STATE_FILE, weights_only=False)

@@ -1,0 +1,69 @@
+"""The stop rule, decided from the current forward's stats BEFORE the optimizer step.
+
+Recall is p > 0.5 for every answer token (L_t < ln 2), whatever MemFT's weighting threshold.
+- A batch whose answers are all recalled gets no update: the step that would follow can
+  only move weights that already recall (DESIGN.md: on SmolLM2 one more AdamW step after
+  full recall broke greedy exact match; stopping first kept it).
+- The run stops once consecutive recalled batches have covered every sample with no update
+  in between (so every check still holds for the final weights) and the curriculum, if any,
+  has activated every sample. With one sample this is "stop at the first recalled forward".
+- MemFT-OT with no active token, or SW with sum w <= 1e-5, skips the step (the paper's
+  zero-bp): AdamW on zero gradients still moves the weights through its momentum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastmem.ops import TokenStats
+
+SW_MIN_WEIGHT_SUM = 1e-5
+
+
+@dataclass
+class BatchSignal:
+    """What the decision needs from one forward (summed over ranks under torchrun)."""
+
+    stubborn_tokens: int   # answer tokens with p <= 0.5
+    active_tokens: int     # tokens with MemFT weight > 0
+    weight_sum: float
+
+    @classmethod
+    def from_stats(cls, stats: TokenStats) -> "BatchSignal":
+        valid = stats.valid
+        weight = stats.weight[valid]
+        return cls(int(stats.stubborn_mask().sum()), int((weight > 0).sum()), float(weight.sum()))
+
+
+@dataclass
+class StepDecision:
+    update: bool   # run backward + optimizer step
+    stop: bool     # end the run after this step (its update, if any, is already excluded)
+    reason: str    # "train" | "recalled" | "no_active_token" | "all_recalled"
+
+
+class StopRule:
+    def __init__(self, num_samples: int, objective: str, stop_on_recall: bool = True):
+        self.num_samples, self.objective, self.stop_on_recall = num_samples, objective, stop_on_recall
+        self.recalled: set[int] = set()  # samples recalled since the last update
+
+    def decide(self, signal: BatchSignal, batch_indices: list[int], all_samples_active: bool) -> StepDecision:
+        """`batch_indices`: the global batch's sample indices (every rank's)."""
+        recalled = signal.stubborn_tokens == 0
+        if recalled and self.stop_on_recall:
+            self.recalled.update(batch_indices)
+            done = all_samples_active and len(self.recalled) >= self.num_samples
+            return StepDecision(update=False, stop=done, reason="all_recalled" if done else "recalled")
+        self.recalled.difference_update(batch_indices)
+        if self.objective == "ot" and signal.active_tokens == 0:
+            return StepDecision(update=False, stop=False, reason="no_active_token")
+        if self.objective == "sw" and signal.weight_sum <= SW_MIN_WEIGHT_SUM:
+            return StepDecision(update=False, stop=False, reason="no_active_token")
+        self.recalled.clear()  # an update changes the weights: earlier checks no longer hold
+        return StepDecision(update=True, stop=False, reason="train")
+
+    def state_dict(self) -> dict:
+        return {"recalled": sorted(self.recalled)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recalled = set(state["recalled"])
