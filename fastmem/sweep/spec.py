@@ -1,0 +1,97 @@
+"""A sweep: the grid rank × length × objective × data (× seed) and the fixed budget of each cell."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+DATA_KINDS = ("stress", "phonebook")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trainer run of the sweep. `key` names it in the results database."""
+
+    model: str
+    data: str  # "stress" or "phonebook"
+    ratio: float  # stress test: fraction of random tokens; phonebook: 0
+    length: int  # answer tokens (stress) or book size in answer tokens (phonebook)
+    rank: int
+    objective: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return (f"{self.model}|{self.data}|rho={self.ratio:g}|len={self.length}|rank={self.rank}"
+                f"|{self.objective}|seed={self.seed}")
+
+
+@dataclass
+class SweepSpec:
+    """Grid and budget. Defaults: a small CPU grid on the embedded SmolLM2 (issue 7)."""
+
+    model: str = "smollm2"
+    ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    lengths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    objectives: list[str] = field(default_factory=lambda: ["sft"])
+    data: list[str] = field(default_factory=lambda: ["stress"])
+    ratios: list[float] = field(default_factory=lambda: [0.25])
+    seeds: list[int] = field(default_factory=lambda: [42])
+    max_steps: int = 100  # the fixed budget of every cell
+    lr: float = 1e-2
+    alpha_per_rank: float = 2.0  # lora_alpha = alpha_per_rank * rank: the same LoRA scale s at every rank
+    dropout: float = 0.1
+    layers: list[int] | None = None  # None: the trainer's default (two upper-middle layers)
+    modules: list[str] = field(default_factory=lambda: ["down_proj"])
+    threshold: float | None = None  # MemFT weighting threshold; None: ln 2
+    stop_on_recall: bool = False  # the law wants the loss after a fixed budget, not at first recall
+
+    def validate(self) -> None:
+        for name in ("ranks", "lengths", "objectives", "data", "seeds"):
+            if not getattr(self, name):
+                raise ValueError(f"sweep {name} must not be empty")
+        if any(r < 1 for r in self.ranks):
+            raise ValueError(f"sweep ranks must be >= 1, got {self.ranks}")
+        if any(n < 1 for n in self.lengths):
+            raise ValueError(f"sweep lengths must be >= 1, got {self.lengths}")
+        if any(kind not in DATA_KINDS for kind in self.data):
+            raise ValueError(f"sweep data must be among {DATA_KINDS}, got {self.data}")
+        if any(not 0.0 <= r <= 1.0 for r in self.ratios):
+            raise ValueError(f"sweep ratios must lie in [0, 1], got {self.ratios}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+    def cells(self) -> list[Cell]:
+        self.validate()
+        found = []
+        for kind, length, rank, objective, seed in itertools.product(self.data, self.lengths, self.ranks,
+                                                                     self.objectives, self.seeds):
+            for ratio in (self.ratios if kind == "stress" else [0.0]):
+                found.append(Cell(self.model, kind, float(ratio), int(length), int(rank), objective, int(seed)))
+        return found
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "SweepSpec":
+        """Read a YAML (.yaml/.yml) or TOML (.toml) file of SweepSpec fields; flags override it."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sweep config {path} not found")
+        if path.suffix == ".toml":
+            values = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+            values = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise ValueError(f"sweep config must be .yaml, .yml or .toml, got {path.name}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown sweep setting(s) {unknown}; known: {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,144 @@
+"""The results database: one row per sweep cell in SQLite, shared by any number of workers.
+
+A cell moves pending -> running -> done (or failed). Claiming is one IMMEDIATE transaction,
+so two workers never take the same cell; results are written with status 'done' in one
+transaction, so a cell killed half-way is never counted. A 'running' cell is taken back when
+its owner process is gone (same host) or its heartbeat is older than the lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import time
+from pathlib import Path
+
+from fastmem.sweep.spec import Cell
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    key TEXT PRIMARY KEY,
+    model TEXT, data TEXT, ratio REAL, length INTEGER, rank INTEGER, objective TEXT, seed INTEGER,
+    status TEXT NOT NULL DEFAULT 'pending',
+    owner TEXT, claimed_at REAL, heartbeat REAL, finished_at REAL, attempts INTEGER DEFAULT 0,
+    layers TEXT, base_loss REAL, final_loss REAL, delta_loss REAL, token_acc REAL, exact_match REAL,
+    stubborn_tokens INTEGER, steps INTEGER, wall_s REAL, peak_mem_bytes INTEGER,
+    config TEXT, versions TEXT, error TEXT
+)
+"""
+RESULT_COLUMNS = ("layers", "base_loss", "final_loss", "delta_loss", "token_acc", "exact_match",
+                  "stubborn_tokens", "steps", "wall_s", "peak_mem_bytes", "config", "versions")
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str | None) -> bool:
+    if not owner or ":" not in owner:
+        return False
+    host, pid = owner.partition("#")[0].rsplit(":", 1)  # "host:pid#worker"
+    if host != socket.gethostname():
+        return True  # another machine's worker: only its heartbeat can tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ResultsStore:
+    def __init__(self, path: str | Path, lease_s: float = 600.0):
+        self.path = Path(path)
+        self.lease_s = lease_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(SCHEMA)
+
+    @contextlib.contextmanager
+    def _connect(self):
+        # Autocommit mode: every write below opens its own BEGIN IMMEDIATE ... COMMIT.
+        db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout=60000")
+            db.row_factory = sqlite3.Row
+            yield db
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    def add_cells(self, cells: list[Cell]) -> int:
+        """Insert the cells not yet known; returns how many were new."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            before = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+            db.executemany(
+                "INSERT OR IGNORE INTO runs (key, model, data, ratio, length, rank, objective, seed) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(c.key, c.model, c.data, c.ratio, c.length, c.rank, c.objective, c.seed) for c in cells])
+            after = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+            db.execute("COMMIT")
+        return after - before
+
+    def claim(self, keys: list[str], owner: str | None = None) -> str | None:
+        """Take the first claimable cell among `keys` (pending, or running with a dead owner or
+        an expired lease); None when nothing is left."""
+        owner = owner or owner_id()
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            rows = db.execute("SELECT key, status, owner, heartbeat FROM runs WHERE status IN ('pending', 'running')")
+            by_key = {row["key"]: row for row in rows}
+            for key in keys:
+                row = by_key.get(key)
+                if row is None:
+                    continue
+                stale = row["status"] == "running" and (
+                    not _owner_alive(row["owner"]) or now - (row["heartbeat"] or 0) > self.lease_s)
+                if row["status"] == "pending" or stale:
+                    db.execute("UPDATE runs SET status='running', owner=?, claimed_at=?, heartbeat=?, "
+                               "attempts=attempts+1, error=NULL WHERE key=?", (owner, now, now, key))
+                    db.execute("COMMIT")
+                    return key
+            db.execute("COMMIT")
+        return None
+
+    def heartbeat(self, key: str, owner: str | None = None) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE runs SET heartbeat=? WHERE key=? AND owner=?", (time.time(), key, owner or owner_id()))
+
+    def complete(self, key: str, result: dict, owner: str | None = None) -> None:
+        values = [json.dumps(result[c]) if isinstance(result.get(c), (dict, list)) else result.get(c)
+                  for c in RESULT_COLUMNS]
+        assignments = ", ".join(f"{c}=?" for c in RESULT_COLUMNS)
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(f"UPDATE runs SET {assignments}, status='done', finished_at=? WHERE key=? AND owner=?",
+                       (*values, time.time(), key, owner or owner_id()))
+            db.execute("COMMIT")
+
+    def fail(self, key: str, error: str, owner: str | None = None) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE runs SET status='failed', error=?, finished_at=? WHERE key=? AND owner=?",
+                       (error[:2000], time.time(), key, owner or owner_id()))
+
+    def status_counts(self) -> dict[str, int]:
+        with self._connect() as db:
+            return {row[0]: row[1] for row in db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status")}
+
+    def rows(self, status: str = "done") -> list[dict]:
+        with self._connect() as db:
+            return [dict(row) for row in db.execute("SELECT * FROM runs WHERE status=? ORDER BY key", (status,))]
+
+    def retry_failed(self) -> int:
+        with self._connect() as db:
+            return db.execute("UPDATE runs SET status='pending' WHERE status='failed'").rowcount

@@ -1,0 +1,156 @@
+"""Sweeps: exclusive claims, crash-safe results, resume after a kill, several workers."""
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastmem.cli import main
+from fastmem.sweep import ResultsStore, SweepSpec
+from fastmem.sweep.worker import run_worker
+
+DEAD_PID = 2**22 + 12345  # above pid_max's default: no such process
+
+
+@pytest.fixture
+def spec():
+    return SweepSpec(ranks=[1, 2], lengths=[8, 12], max_steps=2, ratios=[0.25])
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A random 4-layer llama with SmolLM2's tokenizer, saved like a local checkpoint."""
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_smol")
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(smollm2_tokenizer), max_position_embeddings=512))
+    model.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_spec_cells_and_config_file(tmp_path):
+    spec = SweepSpec(ranks=[1, 4], lengths=[32], objectives=["sft", "ot"], data=["stress", "phonebook"],
+                     ratios=[0.0, 0.5])
+    cells = spec.cells()
+    assert len(cells) == 2 * 2 * (2 + 1)  # phonebook has no ratio axis
+    assert len({c.key for c in cells}) == len(cells)
+    (tmp_path / "s.yaml").write_text("ranks: [2, 3]\nlengths: [16]\nmax_steps: 7\n")
+    (tmp_path / "s.toml").write_text("ranks = [5]\nlengths = [8]\n")
+    assert SweepSpec.from_file(tmp_path / "s.yaml", max_steps=9).max_steps == 9
+    assert SweepSpec.from_file(tmp_path / "s.toml").ranks == [5]
+    (tmp_path / "bad.yaml").write_text("rankz: [1]\n")
+    with pytest.raises(ValueError, match="unknown sweep setting"):
+        SweepSpec.from_file(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="ranks must be >= 1"):
+        SweepSpec(ranks=[0]).cells()
+
+
+def test_claims_are_exclusive_and_dead_owners_lose_their_cell(tmp_path, spec):
+    store = ResultsStore(tmp_path / "r.sqlite", lease_s=3600)
+    keys = [c.key for c in spec.cells()]
+    assert store.add_cells(spec.cells()) == 4 and store.add_cells(spec.cells()) == 0
+    first, second = store.claim(keys, owner="me:1#0"), store.claim(keys, owner="me:1#1")
+    assert first != second
+    # a live owner (this process) with a fresh heartbeat keeps its cell
+    live = f"{os.uname().nodename}:{os.getpid()}#0"
+    third = store.claim(keys, owner=live)
+    fourth = store.claim(keys, owner=live)
+    assert store.claim(keys, owner=live) is None
+    # a worker on this host that died (no such pid) loses its running cell to the next claim
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE runs SET owner=? WHERE key=?", (f"{os.uname().nodename}:{DEAD_PID}", third))
+    assert store.claim(keys, owner=live) == third
+    # a worker on another host is judged by its heartbeat only
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE runs SET owner='elsewhere:1', heartbeat=? WHERE key=?", (time.time() - 7200, fourth))
+    assert store.claim(keys, owner=live) == fourth
+    assert store.status_counts() == {"running": 4}
+
+
+def _claim_all(db_path, keys, worker, out):
+    store = ResultsStore(db_path)
+    owner = f"{os.uname().nodename}:{os.getpid()}#{worker}"
+    while (key := store.claim(keys, owner)) is not None:
+        store.complete(key, {"final_loss": 1.0, "delta_loss": 0.5, "steps": worker}, owner)
+        out.put(key)
+
+
+def test_several_processes_share_the_database(tmp_path):
+    spec = SweepSpec(ranks=list(range(1, 9)), lengths=[8, 16, 32], max_steps=1)
+    keys = [c.key for c in spec.cells()]
+    ResultsStore(tmp_path / "r.sqlite").add_cells(spec.cells())
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    procs = [context.Process(target=_claim_all, args=(tmp_path / "r.sqlite", keys, i, queue)) for i in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    done = [queue.get(timeout=10) for _ in range(len(keys))]
+    assert sorted(done) == sorted(keys)  # every cell exactly once
+    assert ResultsStore(tmp_path / "r.sqlite").status_counts() == {"done": len(keys)}
+
+
+def test_worker_trains_every_cell_and_a_rerun_skips_them(tmp_path, spec, tiny_model_dir):
+    from fastmem.models import load_model
+
+    spec.model = str(tiny_model_dir)
+    model, tokenizer = load_model(str(tiny_model_dir))
+    db = tmp_path / "r.sqlite"
+    assert run_worker(spec, db, model=model, tokenizer=tokenizer, progress=False) == 4
+    rows = ResultsStore(db).rows()
+    assert len(rows) == 4
+    for row in rows:
+        assert row["steps"] == 2 and row["base_loss"] > 0 and row["final_loss"] > 0
+        assert row["delta_loss"] == pytest.approx(row["base_loss"] - row["final_loss"])
+        assert row["layers"] == "[2, 3]" and '"torch"' in row["versions"]
+    assert not any("lora" in name for name, _ in model.named_modules())  # the base came back clean
+    finished = {row["key"]: row["finished_at"] for row in rows}
+    assert run_worker(spec, db, model=model, tokenizer=tokenizer, progress=False) == 0
+    assert {row["key"]: row["finished_at"] for row in ResultsStore(db).rows()} == finished
+
+
+def test_killed_sweep_resumes_and_redoes_the_half_done_cell(tmp_path, tiny_model_dir):
+    db = tmp_path / "r.sqlite"
+    command = [sys.executable, "-m", "fastmem", "sweep", "--db", str(db), "--model", str(tiny_model_dir),
+               "--ranks", "1,2,3", "--lengths", "8", "--max-steps", "40", "--no-progress"]
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    counts = {}
+    while time.time() < deadline:  # kill it while a cell is running after at least one is done
+        counts = ResultsStore(db).status_counts() if db.exists() else {}
+        if counts.get("done", 0) >= 1 and counts.get("running", 0) == 1:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert counts.get("done", 0) >= 1 and counts.get("running") == 1, counts
+    done_before = {row["key"]: row["finished_at"] for row in ResultsStore(db).rows()}
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rows = ResultsStore(db).rows()
+    assert len(rows) == 3 and ResultsStore(db).status_counts() == {"done": 3}
+    for row in rows:
+        if row["key"] in done_before:
+            assert row["finished_at"] == done_before[row["key"]]  # finished cells were skipped
+        else:
+            assert row["attempts"] >= 1
+    assert any(row["attempts"] == 2 for row in rows)  # the killed cell was redone
+
+
+def test_cli_status_and_bad_input(tmp_path, capsys):
+    assert main(["sweep", "--db", str(tmp_path / "r.sqlite"), "--status"]) == 0
+    assert "{}" in capsys.readouterr().out
+    assert main(["sweep", "--db", str(tmp_path / "r.sqlite"), "--ranks", "0"]) == 2
+    assert "ranks must be >= 1" in capsys.readouterr().err
