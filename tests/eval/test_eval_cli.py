@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from eval_fixtures import greedy_continuation, make_confident
+from tests.eval.eval_fixtures import greedy_continuation, make_confident
 
 from fastmem.cli import main
 

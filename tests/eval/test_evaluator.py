@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from eval_fixtures import greedy_continuation, make_confident, make_sample, oracle_scores
+from tests.eval.eval_fixtures import greedy_continuation, make_confident, make_sample, oracle_scores
 
 from fastmem.eval import evaluate, greedy_check, plot_probability_grid, plot_training_curves, target_ranks
 from fastmem.eval.plots import read_metrics

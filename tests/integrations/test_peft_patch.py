@@ -155,7 +155,7 @@ def test_save_pretrained_after_patch(tiny_llama, tmp_path):
 
     from transformers import LlamaForCausalLM
 
-    from conftest import tiny_llama_config
+    from tests.conftest import tiny_llama_config
 
     torch.manual_seed(0)  # the same base weights as the tiny_llama fixture
     reloaded = PeftModel.from_pretrained(LlamaForCausalLM(tiny_llama_config()).eval(), tmp_path)

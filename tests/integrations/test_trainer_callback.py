@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from conftest import tiny_llama_config
+from tests.conftest import tiny_llama_config
 from fastmem.integrations.trainer import StopWhenMemorized
 from fastmem.integrations.transformers import apply_fastmem, last_stats
 
