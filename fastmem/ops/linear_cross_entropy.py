@@ -194,12 +194,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     check_inputs(hidden, weight, labels, bias, objective=objective, reduction=reduction,
                  token_weights=token_weights, window=window, eps=eps, kappa=kappa, tau=tau,
                  floor=floor, ignore_index=ignore_index)
+    if backend == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float16, bfloat16 and float32; float64 runs on backend='torch'")
     supported = SUPPORTED_BACKENDS
     if backend == "auto" and hidden.dtype == torch.float64:
         supported = tuple(b for b in SUPPORTED_BACKENDS if b != "triton")  # Triton has no fp64 path here
     chosen = resolve_backend("linear_cross_entropy", backend, hidden.device, supported)
-    if chosen == "triton" and hidden.dtype == torch.float64:
-        raise TypeError("backend='triton' supports float16, bfloat16 and float32; float64 runs on backend='torch'")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 

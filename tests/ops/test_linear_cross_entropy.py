@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 import fastmem
 from fastmem.nn import FusedLinearMemFTLoss
+from tests.conftest import DEVICE
 from tests.ops.cross_entropy_oracle import oracle_loss
 
 BACKENDS = ["torch", "triton"]
@@ -61,14 +63,26 @@ def pick_threshold(hidden, weight, labels) -> float:
     return float(losses[lo + k] + gaps[k] / 2)
 
 
+def on_device(value):
+    """Tests build inputs on the CPU; the op under test runs on the GPU when there is one."""
+    return value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+
+
+def to_cpu(stats):
+    return dataclasses.replace(stats, **{f.name: getattr(stats, f.name).cpu() for f in dataclasses.fields(stats)})
+
+
 def run_both(hidden, weight, labels, bias=None, *, backend, train_head=False, grad_seed=1, **options):
-    """Our loss/stats/grads and the oracle's, from the same input values."""
-    ours_in = [hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(train_head)]
-    ours_bias = None if bias is None else bias.detach().clone().requires_grad_(train_head)
-    loss, stats = fastmem.linear_cross_entropy(ours_in[0], ours_in[1], labels, ours_bias, return_stats=True,
-                                               backend=backend, chunk_size=16, **options)
+    """Our loss/stats/grads (on DEVICE, returned on the CPU) and the oracle's, from the same input values."""
+    ours_in = [on_device(hidden.detach()).clone().requires_grad_(True),
+               on_device(weight.detach()).clone().requires_grad_(train_head)]
+    ours_bias = None if bias is None else on_device(bias.detach()).clone().requires_grad_(train_head)
+    loss, stats = fastmem.linear_cross_entropy(ours_in[0], ours_in[1], on_device(labels), ours_bias,
+                                               return_stats=True, backend=backend, chunk_size=16,
+                                               **{k: on_device(v) for k, v in options.items()})
     grad_out = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    loss.backward(grad_out.to(loss.dtype))
+    loss.backward(on_device(grad_out.to(loss.dtype)))
+    stats = to_cpu(stats)
 
     ref_in = [hidden.detach().double().clone().requires_grad_(True),
               weight.detach().double().clone().requires_grad_(train_head)]
@@ -79,8 +93,9 @@ def run_both(hidden, weight, labels, bias=None, *, backend, train_head=False, gr
     ref_loss, ref_tok, ref_first_error = oracle_loss(ref_in[0], ref_in[1], labels, ref_bias,
                                                      first_error=first_error, **options)
     ref_loss.backward(grad_out)
-    ours = dict(loss=loss, stats=stats, grad_hidden=ours_in[0].grad, grad_weight=ours_in[1].grad,
-                grad_bias=None if ours_bias is None else ours_bias.grad)
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    ours = dict(loss=loss.detach().cpu(), stats=stats, grad_hidden=cpu(ours_in[0].grad),
+                grad_weight=cpu(ours_in[1].grad), grad_bias=None if ours_bias is None else cpu(ours_bias.grad))
     ref = dict(loss=ref_loss, tok=ref_tok, first_error=ref_first_error, grad_hidden=ref_in[0].grad,
                grad_weight=ref_in[1].grad, grad_bias=None if ref_bias is None else ref_bias.grad)
     return ours, ref
@@ -197,7 +212,8 @@ def test_ties_count_as_wrong(backend):
     weight = torch.cat([weight, weight[:1]])  # row 4 duplicates row 0: logits 0 and 4 tie
     hidden = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0]])
     labels = torch.tensor([0, 1])
-    _, stats = fastmem.linear_cross_entropy(hidden, weight, labels, backend=backend, return_stats=True)
+    _, stats = fastmem.linear_cross_entropy(on_device(hidden), on_device(weight), on_device(labels),
+                                            backend=backend, return_stats=True)
     assert stats.correct.tolist() == [False, True]
     assert int(stats.first_error) == 0
 
@@ -241,14 +257,14 @@ def test_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_and_one_dimensional_inputs(backend):
-    weight = torch.randn(7, 4)
-    empty = torch.zeros(0, 4, requires_grad=True)
-    loss = fastmem.linear_cross_entropy(empty, weight, torch.zeros(0, dtype=torch.long), backend=backend)
+    weight = on_device(torch.randn(7, 4))
+    empty = on_device(torch.zeros(0, 4)).requires_grad_(True)
+    loss = fastmem.linear_cross_entropy(empty, weight, on_device(torch.zeros(0, dtype=torch.long)), backend=backend)
     loss.backward()
     assert float(loss.detach()) == 0.0 and empty.grad.shape == (0, 4)
-    hidden = torch.randn(5, 4)
-    loss, stats = fastmem.linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 3, 4, 5]), backend=backend,
-                                               return_stats=True, objective="sw")
+    hidden = on_device(torch.randn(5, 4))
+    loss, stats = fastmem.linear_cross_entropy(hidden, weight, on_device(torch.tensor([1, 2, 3, 4, 5])),
+                                               backend=backend, return_stats=True, objective="sw")
     assert stats.first_error.shape == () and stats.loss.shape == (5,)
 
 
