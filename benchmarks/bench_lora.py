@@ -113,7 +113,6 @@ def bench_shape(n, in_f, out_f, rank, dtype, device, dropout, backends, warmup, 
     rows = [Row(shape, name, *measure(step, device, warmup, repeats)) for name, step in cases]
     for row in rows:
         row.overhead = row.ms / rows[0].ms - 1.0
-    del layer, x, grad_out
     return rows
 
 

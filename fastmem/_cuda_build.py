@@ -92,3 +92,23 @@ def load_cuda_extension() -> CudaExtension:
         log.warning("fastmem: the CUDA extension failed to build; falling back (%s)", exc)
         return CudaExtension(None, f"{prebuilt}, and the JIT build failed: {exc}")
     return CudaExtension(module, "")
+
+
+OPS_NAMESPACE = "fastmem_cuda"
+
+
+def cuda_ops_namespace():
+    """`torch.ops.fastmem_cuda`, loading (or JIT-building) the extension first; raises with the
+    reason when it is unavailable."""
+    extension = load_cuda_extension()
+    if extension.module is None:
+        raise RuntimeError(f"backend='cuda' is unavailable: {extension.reason}")
+    return getattr(torch.ops, OPS_NAMESPACE)
+
+
+def cuda_gpu_skip_reason() -> str | None:
+    """Why the GPU tests of the CUDA backend cannot run here (None when they can)."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (backend='cuda' runs the csrc/ kernels)"
+    extension = load_cuda_extension()
+    return None if extension.module is not None else f"the CUDA extension is unavailable: {extension.reason}"

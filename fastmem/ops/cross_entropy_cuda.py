@@ -25,9 +25,9 @@ from typing import Callable
 
 import torch
 
+from fastmem._cuda_build import OPS_NAMESPACE, cuda_ops_namespace
 from fastmem.ops.cross_entropy_torch import Weigh
 
-OPS_NAMESPACE = "fastmem_cuda"
 # Exactly the strings csrc/bindings.cpp passes to m.def (tests/csrc checks they agree).
 SCHEMAS = {
     "ce_row_stats": "ce_row_stats(Tensor logits, Tensor labels) -> (Tensor, Tensor, Tensor, Tensor)",
@@ -59,13 +59,9 @@ def register_fake_impls(namespace: str = OPS_NAMESPACE) -> None:
 @functools.cache
 def cuda_ops():
     """`torch.ops.fastmem_cuda`, loading (or JIT-building) the extension on first use."""
-    from fastmem._cuda_build import load_cuda_extension
-
-    extension = load_cuda_extension()
-    if extension.module is None:
-        raise RuntimeError(f"backend='cuda' is unavailable: {extension.reason}")
+    ops = cuda_ops_namespace()
     register_fake_impls()
-    return getattr(torch.ops, OPS_NAMESPACE)
+    return ops
 
 
 def run_chunk_kernels(row_stats: Callable, softmax_grad_: Callable, logits: torch.Tensor, labels: torch.Tensor,

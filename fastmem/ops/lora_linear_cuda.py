@@ -26,9 +26,9 @@ import functools
 
 import torch
 
+from fastmem._cuda_build import OPS_NAMESPACE, cuda_ops_namespace
 from fastmem.ops.lora_linear_checks import DropoutSpec
 
-OPS_NAMESPACE = "fastmem_cuda"
 # Exactly the strings csrc/bindings.cpp passes to m.def (tests/csrc checks they agree).
 SCHEMAS = {
     "lora_dropout_project": "lora_dropout_project(Tensor x, Tensor lora_A, int seed, float p, float scale) -> Tensor",
@@ -65,13 +65,9 @@ def register_fake_impls(namespace: str = OPS_NAMESPACE) -> None:
 @functools.cache
 def cuda_ops():
     """`torch.ops.fastmem_cuda`, loading (or JIT-building) the extension on first use."""
-    from fastmem._cuda_build import load_cuda_extension
-
-    extension = load_cuda_extension()
-    if extension.module is None:
-        raise RuntimeError(f"backend='cuda' is unavailable: {extension.reason}")
+    ops = cuda_ops_namespace()
     register_fake_impls()
-    return getattr(torch.ops, OPS_NAMESPACE)
+    return ops
 
 
 def keep_mask(dropout: DropoutSpec, n_rows: int, n_cols: int, device: torch.device, ops=None) -> torch.Tensor:

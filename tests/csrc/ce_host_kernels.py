@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import re
-import subprocess
 from pathlib import Path
 
 import torch
 
-from tests.csrc.cuda_toolchain import CSRC
+from tests.csrc.cuda_toolchain import CSRC, build_host_library
 
 HARNESS = Path(__file__).with_name("ce_host_harness.cpp")
 # fastmem_dtype in csrc/fastmem_kernels.h
@@ -23,12 +22,7 @@ def header_dtype_codes() -> dict[str, int]:
 
 
 def build(out_dir: Path, cuda_include: Path) -> Path:
-    library = out_dir / "libce_host.so"
-    args = ["g++", "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{CSRC}",
-            f"-I{cuda_include}", str(HARNESS), "-o", str(library)]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(args)}\n{result.stderr}"
-    return library
+    return build_host_library(HARNESS, out_dir / "libce_host.so", cuda_include)
 
 
 def _accum(dtype: torch.dtype) -> torch.dtype:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,3 +39,12 @@ def cuda_include_dir() -> Path | None:
         if (include / "cuda_bf16.h").is_file():
             return include
     return None
+
+
+def build_host_library(harness: Path, library: Path, cuda_include: Path) -> Path:
+    """g++-build a host harness of the kernels' math into a shared library (strict warnings)."""
+    args = ["g++", "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{CSRC}",
+            f"-I{cuda_include}", str(harness), "-o", str(library)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(args)}\n{result.stderr}"
+    return library

@@ -4,13 +4,12 @@ op names and signatures as torch.ops.fastmem_cuda.lora_* (csrc/bindings.cpp)."""
 from __future__ import annotations
 
 import ctypes
-import subprocess
 from pathlib import Path
 
 import torch
 
 from tests.csrc.ce_host_kernels import DTYPE_CODES
-from tests.csrc.cuda_toolchain import CSRC
+from tests.csrc.cuda_toolchain import build_host_library
 
 HARNESS = Path(__file__).with_name("lora_host_harness.cpp")
 MASK_A, MASK_B, MASK_C = 1, 2, 3
@@ -29,12 +28,7 @@ class LoraGemm(ctypes.Structure):
 
 
 def build(out_dir: Path, cuda_include: Path) -> Path:
-    library = out_dir / "liblora_host.so"
-    args = ["g++", "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{CSRC}",
-            f"-I{cuda_include}", str(HARNESS), "-o", str(library)]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(args)}\n{result.stderr}"
-    return library
+    return build_host_library(HARNESS, out_dir / "liblora_host.so", cuda_include)
 
 
 def _accum(dtype: torch.dtype) -> torch.dtype:

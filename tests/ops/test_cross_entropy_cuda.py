@@ -12,21 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import fastmem
-from fastmem._cuda_build import load_cuda_extension
+from fastmem._cuda_build import cuda_gpu_skip_reason
 from tests.csrc.ce_reference import CASES, DTYPES, check_chunk_kernels
 from tests.ops import test_linear_cross_entropy as op_suite
 from tests.ops.cross_entropy_oracle import oracle_loss
 from tests.ops.test_linear_cross_entropy import make_case, rel_err
 
 
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (backend='cuda' runs the csrc/ kernels)"
-    extension = load_cuda_extension()
-    return None if extension.module is not None else f"the CUDA extension is unavailable: {extension.reason}"
-
-
-SKIP_REASON = _skip_reason()
+SKIP_REASON = cuda_gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
 
 

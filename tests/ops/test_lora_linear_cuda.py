@@ -14,18 +14,11 @@ import types
 import pytest
 import torch
 
-from fastmem._cuda_build import load_cuda_extension
+from fastmem._cuda_build import cuda_gpu_skip_reason
 from fastmem.ops import lora_linear_cuda
 
 
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (backend='cuda' runs the csrc/ kernels)"
-    extension = load_cuda_extension()
-    return None if extension.module is not None else f"the CUDA extension is unavailable: {extension.reason}"
-
-
-SKIP_REASON = _skip_reason()
+SKIP_REASON = cuda_gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
 lora_op = importlib.import_module("fastmem.ops.lora_linear")
 lora_suite = importlib.import_module("tests.ops.test_lora_linear")
