@@ -45,9 +45,14 @@ gpu-check:
 demo: venv
 	$(PY) -m fastmem demo
 
+# On a CPU: the cross-entropy CPU target, and the LoRA benchmark's smoke run (its shapes need a GPU).
 bench: venv
 	$(PY) benchmarks/bench_cross_entropy.py
+ifeq ($(HAS_GPU),1)
 	$(PY) benchmarks/bench_lora.py
+else
+	$(PY) benchmarks/bench_lora.py --smoke
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info

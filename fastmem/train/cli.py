@@ -65,7 +65,8 @@ def register(subparsers) -> None:
                         help="fast (prefix cache + fused loss) or hf (plain transformers baseline)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="rerun the frozen prefix every step")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute the adapted span in backward")
-    parser.add_argument("--fused-lora", action="store_true", help="use fastmem's fused LoRA layer when installed")
+    parser.add_argument("--fused-lora", action="store_true", help="run PEFT's LoRA layers through fastmem.lora_linear (off by default until a GPU "
+                             "measurement: on a CPU its reference path is slower than PEFT's)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
     parser.add_argument("--distributed", choices=DISTRIBUTED, default=defaults.distributed,
