@@ -80,10 +80,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                             want_grad_bias=need_bias and precompute, chunk_rows=plan.chunk_rows)
 
         loss_rows = result.lse - result.target
-        weighted_sum = (result.weight * loss_rows).sum()
+        weighted_rows = result.weight * loss_rows
+        weighted_sum = weighted_rows.sum()
         if plan.reduction == "none":
-            loss = _scatter_rows(result.weight * loss_rows, rows, n_rows)
-            norm = torch.ones((), dtype=loss.dtype, device=hidden.device)
+            loss = _scatter_rows(weighted_rows, rows, n_rows)
+            norm = torch.ones_like(weighted_sum)
         elif plan.reduction == "sum":
             loss, norm = weighted_sum, torch.ones_like(weighted_sum)
         elif config.weighted or token_weights is not None:
