@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from fastmem.config_file import load_settings
 
 DATA_KINDS = ("stress", "phonebook")
 
@@ -79,19 +80,6 @@ class SweepSpec:
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "SweepSpec":
         """Read a YAML (.yaml/.yml) or TOML (.toml) file of SweepSpec fields; flags override it."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"sweep config {path} not found")
-        if path.suffix == ".toml":
-            values = tomllib.loads(path.read_text())
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-            values = yaml.safe_load(path.read_text()) or {}
-        else:
-            raise ValueError(f"sweep config must be .yaml, .yml or .toml, got {path.name}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown sweep setting(s) {unknown}; known: {sorted(known)}")
+        values = load_settings(path, {f.name for f in fields(cls)}, "sweep")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

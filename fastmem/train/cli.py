@@ -6,6 +6,8 @@ A thin layer over `fastmem.train.train(TrainConfig(...), samples)`. Writes:
     DIR/summary.json    steps, base_loss, final_loss, delta_loss, token_acc, exact_match,
                         stubborn_tokens, wall_s (the run, model loading excluded),
                         peak_mem_bytes (GPU: torch's peak allocation; CPU: peak RSS), ...
+Unset settings take TrainConfig's defaults (the paper's: lr 1e-2, LoRA dropout 0.1, batch 1,
+2000 epochs, rank 8, alpha 16, down_proj of two upper-middle layers, objective sft, seed 42).
 Exit codes: 0 the run completed; 1 with --require-exact-match when greedy decoding missed;
 2 bad input (one line on stderr).
 """
@@ -23,6 +25,7 @@ EPILOG = """examples:
   fastmem train --data text.jsonl --objective ot --threshold 0.3 --rank 8 --layers 20,24 --out runs/ot
   fastmem train --data text.jsonl --model /models/Llama-3.1-8B-Instruct --max-steps 2000 --out runs/llama
   torchrun --nproc-per-node 2 -m fastmem train --data book.jsonl --batch-size 8 --out runs/ddp
+  fastmem train --data text.jsonl --config memft.yaml --rank 16 --out runs/r16   # flags override the file
 """
 
 
@@ -38,38 +41,41 @@ def _name_list(text: str) -> list[str]:
 
 
 def register(subparsers) -> None:
+    # Unset flags stay out of the namespace, so a --config file's values are overridden only
+    # by the flags actually given: TrainConfig defaults < config file < flags.
     parser = subparsers.add_parser("train", help="memorize prompt/answer pairs into a LoRA adapter (MemFT)",
-                                   description=__doc__, epilog=EPILOG,
+                                   description=__doc__, epilog=EPILOG, argument_default=argparse.SUPPRESS,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = TrainConfig()
     parser.add_argument("--data", required=True, help="JSONL file of {\"prompt\", \"answer\"} records")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--model", default=defaults.model, help="'smollm2' (embedded) or a local HF checkpoint dir")
-    parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
-    parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank r (>= 1)")
-    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha")
-    parser.add_argument("--dropout", type=float, default=defaults.dropout, help="LoRA dropout")
-    parser.add_argument("--layers", type=_int_list, default=None,
+    parser.add_argument("--config", help="YAML or TOML file of TrainConfig settings (flags override it)")
+    parser.add_argument("--model", help="'smollm2' (embedded) or a local HF checkpoint dir")
+    parser.add_argument("--objective", choices=OBJECTIVES)
+    parser.add_argument("--rank", type=int, help="LoRA rank r (>= 1)")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha")
+    parser.add_argument("--dropout", type=float, help="LoRA dropout")
+    parser.add_argument("--layers", type=_int_list,
                         help="adapted layer indices, e.g. 20,24 (default: two upper-middle layers)")
-    parser.add_argument("--modules", type=_name_list, default=defaults.modules,
+    parser.add_argument("--modules", type=_name_list,
                         help="adapted linear modules, comma-separated (default: down_proj)")
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs when --max-steps is not set")
-    parser.add_argument("--max-steps", type=int, default=None, help="step budget (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--threshold", type=float, default=defaults.threshold,
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--epochs", type=int, help="epochs when --max-steps is not set")
+    parser.add_argument("--max-steps", type=int, help="step budget (overrides --epochs)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--threshold", type=float,
                         help="MemFT weighting threshold on the token loss (recall stays p > 0.5)")
     parser.add_argument("--curriculum", action="store_true", help="Inter-Batch Temporal Curriculum (with ot)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--engine", choices=ENGINES, default=defaults.engine,
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--engine", choices=ENGINES,
                         help="fast (prefix cache + fused loss) or hf (plain transformers baseline)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="rerun the frozen prefix every step")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute the adapted span in backward")
-    parser.add_argument("--fused-lora", action="store_true", help="run PEFT's LoRA layers through fastmem.lora_linear (off by default until a GPU "
+    parser.add_argument("--fused-lora", action="store_true",
+                        help="run PEFT's LoRA layers through fastmem.lora_linear (off by default until a GPU "
                              "measurement: on a CPU its reference path is slower than PEFT's)")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    parser.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: never)")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
-    parser.add_argument("--distributed", choices=DISTRIBUTED, default=defaults.distributed,
+    parser.add_argument("--distributed", choices=DISTRIBUTED,
                         help="under torchrun: ddp or fsdp2")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--require-exact-match", action="store_true",
@@ -77,14 +83,24 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+# flags whose config field has another name or the opposite sense
+_NEGATED_FLAGS = {"no_prefix_cache": "prefix_cache", "no_progress": "progress"}
+_NOT_CONFIG = {"data", "config", "no_resume", "require_exact_match", "func", "command", "verbose"}
+
+
 def config_from_args(args) -> TrainConfig:
-    config = TrainConfig(
-        model=args.model, objective=args.objective, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-        modules=args.modules, layers=args.layers, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, threshold=args.threshold, curriculum=args.curriculum, seed=args.seed,
-        out=args.out, engine=args.engine, prefix_cache=not args.no_prefix_cache,
-        gradient_checkpointing=args.gradient_checkpointing, fused_lora=args.fused_lora,
-        checkpoint_every=args.checkpoint_every, distributed=args.distributed, progress=not args.no_progress)
+    values = {}
+    if getattr(args, "config", None):
+        from dataclasses import fields
+
+        from fastmem.config_file import load_settings
+        values.update(load_settings(args.config, {f.name for f in fields(TrainConfig)}, "train"))
+    for name, value in vars(args).items():
+        if name in _NEGATED_FLAGS:
+            values[_NEGATED_FLAGS[name]] = not value
+        elif name not in _NOT_CONFIG:
+            values[name] = value
+    config = TrainConfig(**values)
     config.validate()  # bad settings fail here, before the model is loaded
     return config
 
@@ -98,7 +114,7 @@ def run(args) -> int:
     config = config_from_args(args)
     if not os.path.isfile(args.data):  # before the model loads (tens of seconds for SmolLM2)
         raise FileNotFoundError(f"data file {args.data} does not exist")
-    if args.no_progress:
+    if not config.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -106,11 +122,11 @@ def run(args) -> int:
     model, tokenizer = load_model(config.model, device=info.device)
     context = getattr(model.config, "max_position_embeddings", None)
     samples = load_jsonl(args.data, tokenizer, max_length=context)
-    result = train(config, samples, model=model, tokenizer=tokenizer, resume=not args.no_resume)
+    result = train(config, samples, model=model, tokenizer=tokenizer, resume=not getattr(args, "no_resume", False))
     summary = result.summary
     keys = ("steps", "base_loss", "final_loss", "delta_loss", "token_acc", "exact_match", "stubborn_tokens", "wall_s")
     if info.is_main:
         print(json.dumps({k: summary.get(k) for k in keys}))
-    if args.require_exact_match and summary.get("exact_match") != 1.0:
+    if getattr(args, "require_exact_match", False) and summary.get("exact_match") != 1.0:
         return 1
     return 0

@@ -8,7 +8,7 @@ import pytest
 
 from fastmem.cli import main
 from fastmem.data.sample import MemorySample
-from fastmem.train import train
+from fastmem.train import TrainConfig, train
 from tests.train.tiny import tiny_config, tiny_model
 from tests.train.tiny_cli_model import save_tiny_checkpoint
 
@@ -87,3 +87,24 @@ def test_api_rejects_bad_config():
         train(tiny_config(rank=0), [], model=tiny_model())
     with pytest.raises(ValueError, match="unknown module"):
         train(tiny_config(modules=["q_proj", "mlp_out"]), [], model=tiny_model())
+
+
+def test_config_file_then_flags(tmp_path):
+    """TrainConfig defaults < --config file < flags actually given."""
+    from fastmem.cli import build_parser
+    from fastmem.train.cli import config_from_args
+
+    (tmp_path / "memft.yaml").write_text("objective: ot\nrank: 3\nthreshold: 0.3\nlayers: [1, 2]\nprogress: false\n")
+    (tmp_path / "memft.toml").write_text('objective = "sw"\nrank = 5\n')
+    parser = build_parser()
+    base = ["train", "--data", "d.jsonl", "--out", str(tmp_path / "o")]
+    config = config_from_args(parser.parse_args(base + ["--config", str(tmp_path / "memft.yaml"), "--rank", "2"]))
+    assert (config.objective, config.rank, config.threshold, config.layers) == ("ot", 2, 0.3, [1, 2])
+    assert config.progress is False and config.lr == 1e-2 and config.out == str(tmp_path / "o")
+    config = config_from_args(parser.parse_args(base + ["--config", str(tmp_path / "memft.toml"), "--no-prefix-cache"]))
+    assert (config.objective, config.rank, config.prefix_cache) == ("sw", 5, False)
+    config = config_from_args(parser.parse_args(base))
+    assert config == TrainConfig(out=str(tmp_path / "o"))
+    (tmp_path / "bad.yaml").write_text("rnak: 4\n")
+    with pytest.raises(ValueError, match="unknown train setting"):
+        config_from_args(parser.parse_args(base + ["--config", str(tmp_path / "bad.yaml")]))
