@@ -75,9 +75,41 @@ def check_linear_cross_entropy(device: torch.device, backends: list[str]) -> lis
     return results
 
 
+def _lora_outputs(x, weight, lora_A, lora_B, backend):
+    x = x.detach().clone().requires_grad_(True)
+    lora_A, lora_B = lora_A.detach().clone().requires_grad_(True), lora_B.detach().clone().requires_grad_(True)
+    y = fastmem.lora_linear(x, weight, lora_A, lora_B, 2.0, backend=backend)
+    y.float().square().sum().backward()
+    return [y.detach(), x.grad, lora_A.grad, lora_B.grad]
+
+
+def check_lora_linear(device: torch.device, backends: list[str]) -> list[CheckResult]:
+    """Output and dx, dA, dB at odd sizes, rank 8, no dropout (masks differ by backend)."""
+    from fastmem.ops.lora_linear import SUPPORTED_BACKENDS
+
+    results = []
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(3, 37, 96, generator=gen), torch.randn(80, 96, generator=gen) / 10,
+            torch.randn(8, 96, generator=gen) / 10, torch.randn(80, 8, generator=gen) / 10]
+    reference = _lora_outputs(*[t.double() for t in base], "torch")
+    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
+    for backend in [b for b in backends if b in SUPPORTED_BACKENDS]:
+        for dtype in dtypes:
+            name, tolerance = str(dtype).replace("torch.", ""), TOLERANCE[dtype]
+            try:
+                ours = _lora_outputs(*[t.to(device, dtype) for t in base], backend)
+                err = max(_rel_err(a.cpu(), b) for a, b in zip(ours, reference))
+                results.append(CheckResult("lora_linear", backend, name, "r8", err, tolerance, err <= tolerance))
+            except Exception as failure:  # a crash on one backend is a finding, not the end of the audit
+                results.append(CheckResult("lora_linear", backend, name, "r8", None, tolerance, False,
+                                           f"{type(failure).__name__}: {failure}"))
+    return results
+
+
 def run_self_checks(device: torch.device | str | None = None) -> list[CheckResult]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return check_linear_cross_entropy(device, available_backends(device))
+    backends = available_backends(device)
+    return check_linear_cross_entropy(device, backends) + check_lora_linear(device, backends)
 
 
 def environment_report() -> dict:
