@@ -48,3 +48,16 @@ def build_host_library(harness: Path, library: Path, cuda_include: Path) -> Path
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(args)}\n{result.stderr}"
     return library
+
+
+def register_host_ops(namespace: str, op_module, kernels):
+    """Define `op_module.SCHEMAS` in `namespace`, implemented on the CPU by the host build
+    `kernels`, with the op module's own fake impls; returns (ops, library to _destroy())."""
+    import torch
+
+    library = torch.library.Library(namespace, "DEF")
+    for name, schema in op_module.SCHEMAS.items():
+        library.define(schema)
+        library.impl(name, getattr(kernels, name), "CPU")
+    op_module.register_fake_impls(namespace)
+    return getattr(torch.ops, namespace), library

@@ -13,6 +13,7 @@ import torch
 
 from fastmem.ops import cross_entropy_cuda
 from tests.csrc.ce_host_kernels import CeHostKernels
+from tests.csrc.cuda_toolchain import register_host_ops
 from tests.ops import test_linear_cross_entropy as op_suite
 
 HOST_NAMESPACE = "fastmem_cuda_host"
@@ -23,13 +24,8 @@ lce_op = importlib.import_module("fastmem.ops.linear_cross_entropy")
 @pytest.fixture(scope="module")
 def host_ops(ce_host_library):
     """torch.ops.fastmem_cuda_host: the CUDA ops' schemas and fakes, CPU kernels from the host build."""
-    kernels = CeHostKernels(ce_host_library)
-    library = torch.library.Library(HOST_NAMESPACE, "DEF")
-    for name, schema in cross_entropy_cuda.SCHEMAS.items():
-        library.define(schema)
-        library.impl(name, getattr(kernels, name), "CPU")
-    cross_entropy_cuda.register_fake_impls(HOST_NAMESPACE)
-    yield getattr(torch.ops, HOST_NAMESPACE)
+    ops, library = register_host_ops(HOST_NAMESPACE, cross_entropy_cuda, CeHostKernels(ce_host_library))
+    yield ops
     library._destroy()
 
 

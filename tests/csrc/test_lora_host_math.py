@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastmem.ops import cross_entropy_cuda, lora_linear_cuda
-from tests.csrc.cuda_toolchain import CSRC
+from tests.csrc.cuda_toolchain import CSRC, register_host_ops
 
 lora_op = importlib.import_module("fastmem.ops.lora_linear")
 lora_suite = importlib.import_module("tests.ops.test_lora_linear")
@@ -105,13 +105,8 @@ def test_empty_token_dimension(lora_host):
 def host_ops(lora_host_library):
     from tests.csrc.lora_host_kernels import LoraHostKernels
 
-    kernels = LoraHostKernels(lora_host_library)
-    library = torch.library.Library(HOST_NAMESPACE, "DEF")
-    for name, schema in lora_linear_cuda.SCHEMAS.items():
-        library.define(schema)
-        library.impl(name, getattr(kernels, name), "CPU")
-    lora_linear_cuda.register_fake_impls(HOST_NAMESPACE)
-    yield getattr(torch.ops, HOST_NAMESPACE)
+    ops, library = register_host_ops(HOST_NAMESPACE, lora_linear_cuda, LoraHostKernels(lora_host_library))
+    yield ops
     library._destroy()
 
 

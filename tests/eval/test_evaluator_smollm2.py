@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastmem.eval import evaluate, greedy_check
+from tests.eval.eval_fixtures import oracle_scores
 
 
 @pytest.mark.slow
@@ -24,13 +25,8 @@ def test_smollm2_own_greedy_answer_is_exact_and_scores_match_hf_logits():
     assert own_rec.exact_match is True and own_rec.first_error == -1 and own_rec.token_acc == 1.0
     assert probe_rec.exact_match is False and probe_rec.first_error == probe_rec.greedy.first_divergence
 
-    with torch.no_grad():
-        logits = model(torch.tensor([probe.input_ids])).logits[0].double()
-    start = len(probe.prompt_ids) - 1
-    rows = logits[start:start + probe.answer_len]
-    target = torch.tensor(probe.answer_ids)
-    prob = rows.softmax(-1).gather(1, target[:, None]).squeeze(1)
+    prob, correct, _ = oracle_scores(model, probe)
     torch.testing.assert_close(probe_rec.scores.prob.double(), prob, atol=2e-4, rtol=1e-3)
-    assert probe_rec.scores.correct.tolist() == (rows.argmax(-1) == target).tolist()
+    assert probe_rec.scores.correct.tolist() == correct.tolist()
     stubborn = {s["position"]: s["token"] for s in probe_rec.stubborn}
     assert stubborn and all(stubborn[p] == tokenizer.decode([probe.answer_ids[p]]) for p in stubborn)
