@@ -3,7 +3,8 @@
 Each command lives beside the code it drives, in a module with
 `register(subparsers) -> None` that adds its parser and sets `func=run`, where
 `run(args) -> int` returns the exit code. Exit codes: 0 success, 1 the job failed (e.g. not
-memorized in budget, where a command says so), 2 bad input (a one-line reason on stderr).
+memorized in budget, where a command says so), 2 bad input (a one-line reason on stderr),
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
+import sqlite3
 import sys
 
 # command modules, in the order `--help` lists them
@@ -25,9 +28,18 @@ COMMAND_MODULES = (
     "fastmem.audit.cli",
 )
 
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
 
 class UsageError(Exception):
     """Bad input from the user: reported in one line with exit code 2."""
+
+
+# Exceptions that mean "the input is wrong" wherever they come from: one line, exit 2. A bug
+# (any other exception) keeps its traceback. UnicodeDecodeError is a ValueError.
+BAD_INPUT_ERRORS = (UsageError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+                    IsADirectoryError, FileExistsError, PermissionError, sqlite3.DatabaseError)
 
 
 def _module_exists(name: str) -> bool:
@@ -37,30 +49,68 @@ def _module_exists(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _version() -> str:
+    from fastmem import __version__
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmem", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"fastmem {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         if _module_exists(name):
             importlib.import_module(name).register(subparsers)
+    # `-v` is accepted after the command too (`fastmem train -v ...`); SUPPRESS keeps a
+    # subcommand that was not given -v from resetting a -v given before it.
+    for sub in subparsers.choices.values():
+        if "-v" not in sub._option_string_actions:
+            sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log at INFO level")
     return parser
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """No hub access ever (nothing is downloaded: a missing file fails at once instead of five
+    retries), and no GGUF-conversion bars or library FutureWarnings unless -v."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if verbose:
+        return
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, sqlite3.DatabaseError):
+        text = f"database error: {text}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # e.g. to print the command that resumes
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party(verbose)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_BAD_INPUT
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as err:
-        print(f"fastmem {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except BAD_INPUT_ERRORS as err:
+        print(f"fastmem {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"fastmem {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

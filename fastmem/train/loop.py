@@ -28,8 +28,9 @@ from fastmem.train.distributed import (DistInfo, barrier, full_adapter_state, ga
                                        reduce_signal, wrap_span)
 from fastmem.train.engine_fast import FastEngine, stats_summary
 from fastmem.train.engine_hf import HFEngine
+from fastmem.train.interrupt import stop_requested
 from fastmem.train.prefix_cache import PrefixCache
-from fastmem.train.run_log import MetricsLog, check_samples, peak_mem_bytes, write_json_atomic
+from fastmem.train.run_log import MetricsLog, RunFigures, check_samples, peak_mem_bytes, write_json_atomic
 from fastmem.train.schedule import build_schedule, rank_slice
 from fastmem.train.stop_rule import BatchSignal, StopRule
 from fastmem.train.sw_window import SWWindowState
@@ -195,7 +196,8 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
                 "config": config.to_dict()}
 
     # --- the loop ---------------------------------------------------------------------------
-    step, stopped, halted = start_step, False, False
+    step, stopped, halted, interrupted = start_step, False, False, False
+    figures = RunFigures(len(samples))  # the progress bar shows the run, not the last batch
     bar = tqdm(total=total_steps, initial=start_step, disable=not (config.progress and info.is_main),
                desc=f"memorize {config.objective}", unit="step")
     while step < total_steps and not stopped:
@@ -234,8 +236,8 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
         if config.objective == "sw":
             row["sw_window_mean"] = float(window.mean())
         metrics.write(row)
-        bar.set_postfix(loss=f"{row['mean_loss']:.3f}", acc=f"{row['token_acc']:.3f}",
-                        min_p=f"{row['min_p']:.2f}", stubborn=signal.stubborn_tokens)
+        figures.update(indices, stats)
+        bar.set_postfix(figures.postfix())
         bar.update(1)
         del loss, stats
         stopped = decision.stop
@@ -247,10 +249,16 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
         if halt_after_steps is not None and step - start_step >= halt_after_steps and not stopped:
             halted = True
             break
+        if stop_requested() and not stopped and step < total_steps:  # Ctrl-C: checkpoint, then stop
+            if ckpt_dir is not None and info.is_main:
+                save_checkpoint(ckpt_dir, step, peft_model, trainer_state())
+            halted = interrupted = True
+            break
     bar.close()
 
     # --- finish -----------------------------------------------------------------------------
     summary = {"steps": step, "total_steps": total_steps, "stopped_on_recall": stopped, "halted": halted,
+               "interrupted": interrupted,
                "base_loss": base_loss, "answer_tokens": answer_tokens, "num_samples": len(samples),
                "base_loss_per_sample": [b / s.answer_len for b, s in zip(base_loss_sums, samples)],
                "objective": config.objective, "engine": config.engine, "rank": config.rank,

@@ -55,7 +55,10 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
         self.rows = [json.loads(line) for line in kept]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        # rewritten through a temp file: a kill here leaves the old file, never half of one
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
@@ -68,3 +71,40 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+class RunFigures:
+    """The whole run's figures for the progress bar: each sample's latest teacher-forced
+    stats (a batch shows one or a few samples; the bar must show all of them).
+
+    `update(indices, stats)` after each step; `postfix()` -> loss (token-weighted mean), acc
+    (token accuracy), min_p, stubborn (tokens with p <= 0.5) over the samples seen so far.
+    """
+
+    def __init__(self, num_samples: int):
+        self.num_samples = num_samples
+        self.latest: dict[int, tuple[float, int, int, int, float]] = {}
+
+    def update(self, indices: list[int], stats) -> None:
+        stubborn = stats.stubborn_mask()
+        for row, index in enumerate(indices):
+            valid = stats.valid[row]
+            n = int(valid.sum())
+            if n == 0:
+                continue
+            self.latest[index] = (float(stats.loss[row][valid].sum()), n,
+                                  int((stats.correct[row] & valid).sum()), int(stubborn[row].sum()),
+                                  float(stats.prob[row][valid].min()))
+
+    def postfix(self) -> dict:
+        if not self.latest:
+            return {}
+        rows = self.latest.values()
+        tokens = sum(r[1] for r in rows)
+        figures = {"loss": f"{sum(r[0] for r in rows) / tokens:.3f}",
+                   "acc": f"{sum(r[2] for r in rows) / tokens:.3f}",
+                   "min_p": f"{min(r[4] for r in rows):.2f}",
+                   "stubborn": sum(r[3] for r in rows)}
+        if len(self.latest) < self.num_samples:
+            figures["seen"] = f"{len(self.latest)}/{self.num_samples}"
+        return figures

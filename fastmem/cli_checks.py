@@ -1,0 +1,133 @@
+"""Input checks the commands run before anything slow (a model load takes ~20 s) or lasting
+(a directory, a database) happens. Each raises UsageError with one line naming the flag and
+the file; none writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastmem.cli import UsageError
+from fastmem.data.jsonl import _KNOWN_FIELDS as KNOWN_FIELDS
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_jsonl_file(path: str, flag: str = "--data") -> Path:
+    """A readable UTF-8 JSONL file of objects with string "prompt" and "answer" (the full
+    per-record checks run again when the data is tokenized; these need no tokenizer)."""
+    file = Path(path)
+    if not file.exists():
+        raise UsageError(f"{flag} {path} does not exist")
+    if file.is_dir():
+        raise UsageError(f"{flag} {path} is a directory, not a JSONL file")
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise UsageError(f"{flag} {path} cannot be read ({err.strerror})") from None
+    records = 0
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{flag} {path}:{number}: not UTF-8 text (byte 0x{line[err.start]:02x} at "
+                             f"column {err.start + 1}); save the file as UTF-8") from None
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{flag} {path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{flag} {path}:{number}: expected a JSON object like "
+                             f'{{"prompt": "...", "answer": "..."}}, got {type(record).__name__}')
+        for key in ("prompt", "answer"):
+            if not isinstance(record.get(key), str):
+                what = "missing" if key not in record else f"not a string ({type(record[key]).__name__})"
+                raise UsageError(f"{flag} {path}:{number}: field {key!r} is {what}; records need string "
+                                 "'prompt' and 'answer'")
+        if not record["answer"]:
+            raise UsageError(f"{flag} {path}:{number}: answer is empty: there is nothing to memorize")
+        unknown = set(record) - KNOWN_FIELDS
+        if unknown:
+            raise UsageError(f"{flag} {path}:{number}: unknown field(s) {sorted(unknown)}; allowed: "
+                             f"{sorted(KNOWN_FIELDS)}")
+        records += 1
+    if not records:
+        raise UsageError(f"{flag} {path} holds no records (expected one JSON object per line)")
+    return file
+
+
+def check_adapter_dir(path: str, flag: str = "--adapter") -> Path:
+    """A PEFT adapter directory: adapter_config.json with a peft_type, and readable weights
+    holding LoRA tensors. Checked before the model loads, and nothing is looked up on a hub."""
+    folder = Path(path)
+    if not folder.exists():
+        raise UsageError(f"{flag} {path} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path} is not a directory (give the adapter directory, e.g. run/adapter)")
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise UsageError(f"{flag} {path} has no {ADAPTER_CONFIG}: not a PEFT adapter directory")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{flag} {config_file} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise UsageError(f"{flag} {config_file} is not a PEFT adapter config (no 'peft_type')")
+    weights = [folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()]
+    if not weights:
+        raise UsageError(f"{flag} {path} has no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    if weights[0].suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights[0]), framework="pt") as handle:
+                keys = list(handle.keys())
+        except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
+            raise UsageError(f"{flag} {weights[0]} is not a readable safetensors file "
+                             f"({' '.join(str(err).split())})") from None
+        if not any("lora_" in key for key in keys):
+            raise UsageError(f"{flag} {weights[0]} holds no LoRA tensors ({len(keys)} tensors, none named lora_*)")
+    return folder
+
+
+def check_device(text: str | None, flag: str = "--device") -> str:
+    """'cpu', 'cuda' or 'cuda:N' that this machine has; None: cuda when available, else cpu."""
+    import torch
+
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {text!r} is not a device (cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        raise UsageError(f"{flag} {text}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise UsageError(f"{flag} {text}: no CUDA device is visible to torch on this machine (use --device cpu)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(device)
+
+
+def check_sqlite_file(path: str, flag: str = "--db", must_exist: bool = True) -> Path | None:
+    """An existing SQLite database (by its header; an empty file is one too). Returns None when
+    it does not exist and `must_exist` is False."""
+    file = Path(path)
+    if not file.exists():
+        if must_exist:
+            raise UsageError(f"{flag} {path} does not exist")
+        return None
+    if file.is_dir():
+        raise UsageError(f"{flag} {path} is a directory, not an SQLite database")
+    with file.open("rb") as handle:
+        header = handle.read(len(SQLITE_HEADER))
+    if header and header != SQLITE_HEADER:
+        raise UsageError(f"{flag} {path} is not an SQLite database")
+    return file
