@@ -16,9 +16,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def check_jsonl_file(path: str, flag: str = "--data") -> Path:
+def check_jsonl_file(path: str, flag: str = "--data", records: str = "prompt/answer") -> Path:
     """A readable UTF-8 JSONL file of objects with string "prompt" and "answer" (the full
-    per-record checks run again when the data is tokenized; these need no tokenizer)."""
+    per-record checks run again when the data is tokenized; these need no tokenizer).
+    records="metrics": any JSON objects (a trainer's metrics.jsonl)."""
     file = Path(path)
     if not file.exists():
         raise UsageError(f"{flag} {path} does not exist")
@@ -28,7 +29,7 @@ def check_jsonl_file(path: str, flag: str = "--data") -> Path:
         raw = file.read_bytes()
     except OSError as err:
         raise UsageError(f"{flag} {path} cannot be read ({err.strerror})") from None
-    records = 0
+    count = 0
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             text = line.decode("utf-8")
@@ -44,6 +45,9 @@ def check_jsonl_file(path: str, flag: str = "--data") -> Path:
         if not isinstance(record, dict):
             raise UsageError(f"{flag} {path}:{number}: expected a JSON object like "
                              f'{{"prompt": "...", "answer": "..."}}, got {type(record).__name__}')
+        count += 1
+        if records != "prompt/answer":
+            continue
         for key in ("prompt", "answer"):
             if not isinstance(record.get(key), str):
                 what = "missing" if key not in record else f"not a string ({type(record[key]).__name__})"
@@ -55,8 +59,7 @@ def check_jsonl_file(path: str, flag: str = "--data") -> Path:
         if unknown:
             raise UsageError(f"{flag} {path}:{number}: unknown field(s) {sorted(unknown)}; allowed: "
                              f"{sorted(KNOWN_FIELDS)}")
-        records += 1
-    if not records:
+    if not count:
         raise UsageError(f"{flag} {path} holds no records (expected one JSON object per line)")
     return file
 
@@ -131,3 +134,24 @@ def check_sqlite_file(path: str, flag: str = "--db", must_exist: bool = True) ->
     if header and header != SQLITE_HEADER:
         raise UsageError(f"{flag} {path} is not an SQLite database")
     return file
+
+
+def check_out_dir(path: str, flag: str = "--out") -> Path:
+    """An output directory that exists or can be created (nothing is created here)."""
+    import os
+
+    folder = Path(path)
+    if folder.exists():
+        if not folder.is_dir():
+            raise UsageError(f"{flag} {path} is a file, not a directory")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"{flag} {path} is not writable")
+        return folder
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise UsageError(f"{flag} {path}: {parent} is not writable")
+            break
+    return folder

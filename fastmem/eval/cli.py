@@ -39,18 +39,14 @@ def register(subparsers) -> None:
 
 
 def _load(args):
-    import torch
-
     from fastmem.models import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, device=device)
+    model, tokenizer = load_model(args.model, device=args.device)
     if args.adapter:
-        if not Path(args.adapter).is_dir():
-            raise FileNotFoundError(f"--adapter {args.adapter} is not a directory")
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        # checked by check_adapter_dir already; local_files_only: a path is never a hub id
+        model = PeftModel.from_pretrained(model, args.adapter, local_files_only=True).eval()
     return model, tokenizer
 
 
@@ -59,8 +55,16 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.grid_width < 1:
         raise ValueError(f"--grid-width must be >= 1, got {args.grid_width}")
-    if not Path(args.data).is_file():
-        raise FileNotFoundError(f"--data {args.data} does not exist")
+    # every file is checked before the model loads (~20 s), and nothing is written on a refusal
+    from fastmem.cli_checks import check_adapter_dir, check_device, check_jsonl_file, check_out_dir
+
+    check_jsonl_file(args.data)
+    if args.adapter:
+        check_adapter_dir(args.adapter)
+    if args.metrics:
+        check_jsonl_file(args.metrics, "--metrics", records="metrics")
+    check_out_dir(args.out)
+    args.device = check_device(args.device)
     from fastmem.data import load_jsonl  # imported here: only this command needs the data layer
     from fastmem.eval.evaluator import evaluate
     from fastmem.eval.plots import plot_training_curves

@@ -24,7 +24,9 @@ PLAN_EPILOG = """examples:
   fastmem plan --length 4000 --delta-loss 2 --layers 2 --fit fit/ # effective-parameter fits
 
 Prints the smallest rank the law predicts reaches the loss drop on stdout (the reasoning on
-stderr); exit 1 if no rank does.
+stderr); exit 1 if no rank up to --max-rank does. Targets the fit cannot speak to are refused
+(exit 2): a drop at or below the fitted floor b (every rank "reaches" it), or one that needs a
+rank above the model's width (hidden size; a LoRA update cannot have a higher rank).
 """
 
 
@@ -53,6 +55,8 @@ def register(subparsers) -> None:
     plan.add_argument("--fit", required=True, help="fit.json written by `fastmem fit` (or its directory)")
     plan.add_argument("--layers", type=int, help="adapted layer count (needed for effective-parameter fits)")
     plan.add_argument("--max-rank", type=int, help="report no rank above this")
+    plan.add_argument("--model", default="smollm2",
+                      help="'smollm2' (embedded) or a local HF checkpoint dir: its width caps the rank")
     plan.set_defaults(func=run_plan)
 
 
@@ -68,6 +72,13 @@ def run_fit(args) -> int:
     from fastmem.law.plots import plot_residuals, plot_surface
     from fastmem.law.runs import load_runs
 
+    from fastmem.cli_checks import check_out_dir, check_sqlite_file
+
+    if args.db:
+        check_sqlite_file(args.db)
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    check_out_dir(args.out)
     runs = load_runs(db=args.db, csv_path=args.csv, where=args.where)
     fit = fit_law(runs.rank, runs.length, runs.delta_loss, runs.final_loss, layers=runs.layers,
                   bootstrap=args.bootstrap, seed=args.seed)
@@ -90,15 +101,65 @@ def run_fit(args) -> int:
     return 0
 
 
-def run_plan(args) -> int:
+def model_width(name: str) -> int:
+    """The hidden size of the model (no weights are loaded): the highest useful LoRA rank."""
+    from fastmem.models import SMOLLM2, smollm2_gguf_path
+
+    if name == SMOLLM2:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(smollm2_gguf_path()))
+        arch = reader.fields["general.architecture"]
+        field = reader.fields[f"{bytes(arch.parts[arch.data[0]]).decode()}.embedding_length"]
+        return int(field.parts[field.data[0]][0])
+    config_file = Path(name) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--model {name} is neither 'smollm2' nor a checkpoint directory with config.json")
+    import json
+
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = config.get("text_config", config)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    raise ValueError(f"--model {name}: config.json names no hidden size")
+
+
+def _load_fit(path: str):
     from fastmem.law.fit import LawFit
 
-    if args.length <= 0:
+    try:
+        return LawFit.from_json(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"--fit {path} is not a fit.json written by `fastmem fit` (not UTF-8 text)") from None
+    except ValueError as err:
+        raise ValueError(f"--fit {path} is not a fit.json written by `fastmem fit` ({err})") from None
+
+
+def run_plan(args) -> int:
+    import math
+
+    if not (math.isfinite(args.length) and args.length > 0):
         raise ValueError(f"--length must be > 0, got {args.length}")
     if args.max_rank is not None and args.max_rank < 1:
         raise ValueError(f"--max-rank must be >= 1, got {args.max_rank}")
-    fit = LawFit.from_json(args.fit)
+    if args.layers is not None and args.layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    fit = _load_fit(args.fit)
     delta = args.delta_loss if args.delta_loss is not None else args.base_loss - L_CRIT
+    if not math.isfinite(delta) or delta <= 0:
+        why = f"--base-loss {args.base_loss:g} is not above ln 2 ({L_CRIT:.4f})" if args.delta_loss is None \
+            else "a loss drop must be > 0"
+        raise ValueError(f"target ΔL = {delta:.4g} cannot be planned: {why}")
+    if delta <= fit.b:
+        raise ValueError(f"target ΔL = {delta:.4g} is at or below the fit's floor b = {fit.b:.4g}: the law "
+                         "predicts it at every rank, so it cannot choose one")
+    width = model_width(args.model)
+    unbounded = fit.rank_for(args.length, delta, layers=args.layers)
+    if unbounded is None or unbounded > width:
+        need = "no finite rank" if unbounded is None else f"rank {unbounded}"
+        raise ValueError(f"target ΔL = {delta:.4g} at length {args.length:g} is beyond the fit's reach on "
+                         f"{args.model}: it needs {need}, above the model's width {width} (hidden size)")
     rank = fit.rank_for(args.length, delta, layers=args.layers, max_rank=args.max_rank)
     if rank is None:
         limit = f" up to rank {args.max_rank}" if args.max_rank else ""

@@ -8,6 +8,7 @@ import os
 
 EPILOG = """examples:
   fastmem sweep --db runs/sweep.sqlite --ranks 1,2,4,8 --lengths 32,64,128,256 --max-steps 100
+  fastmem sweep --db runs/book.sqlite --dataset phonebook --objectives sft,ot --ranks 2,8
   fastmem sweep --db runs/sweep.sqlite --config sweep.yaml --workers 2      # two CPU processes
   torchrun --nproc-per-node 8 -m fastmem sweep --db /shared/sweep.sqlite --config big.toml   # a GPU each
   fastmem sweep --db runs/sweep.sqlite --status
@@ -18,11 +19,17 @@ Killed? Run the same command again: finished cells are skipped and a half-done c
 
 
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
 
 
 def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.25, got {text!r}") from None
 
 
 def _words(text: str) -> list[str]:
@@ -39,7 +46,10 @@ def register(subparsers) -> None:
     parser.add_argument("--ranks", type=_ints, default=None, help="e.g. 1,2,4,8")
     parser.add_argument("--lengths", type=_ints, default=None, help="answer tokens, e.g. 32,64,128,256")
     parser.add_argument("--objectives", type=_words, default=None, help="sft,ot,sw")
-    parser.add_argument("--data", type=_words, default=None, help="stress,phonebook")
+    parser.add_argument("--dataset", type=_words, default=None, dest="data",
+                        help="the generated data kinds: stress,phonebook")
+    parser.add_argument("--data", type=_words, default=None, dest="data_deprecated",
+                        help=argparse.SUPPRESS)  # the old name of --dataset (--data is a file elsewhere)
     parser.add_argument("--ratios", type=_floats, default=None, help="stress-test random-token fractions")
     parser.add_argument("--seeds", type=_ints, default=None)
     parser.add_argument("--max-steps", type=int, default=None, help="the fixed step budget of every cell")
@@ -73,18 +83,41 @@ def _worker_process(spec, db, worker, lease_s, progress, threads):
     run_worker(spec, db, worker=worker, lease_s=lease_s, progress=progress)
 
 
+def _check_model(name: str) -> None:
+    from fastmem.models import SMOLLM2
+
+    if name != SMOLLM2 and not os.path.isdir(name):
+        raise ValueError(f"--model {name!r} is neither 'smollm2' nor a local checkpoint directory")
+
+
 def run(args) -> int:
+    import sys
+
+    from fastmem.cli_checks import check_sqlite_file
     from fastmem.sweep.store import ResultsStore
     from fastmem.sweep.worker import describe, run_worker, torchrun_worker_index
 
+    # Every refusal comes before the database is created or touched and before a model loads.
+    if args.data_deprecated is not None:
+        print("fastmem sweep: warning: --data is deprecated here; use --dataset (the data kinds)", file=sys.stderr)
+        args.data = args.data if args.data is not None else args.data_deprecated
+    if args.status:
+        if check_sqlite_file(args.db, must_exist=False) is None:  # report, but create nothing
+            print(f"fastmem sweep: no database at {args.db} yet (nothing created)", file=sys.stderr)
+            print("{}")
+            return 0
+        print(describe(ResultsStore(args.db, lease_s=args.lease_s)))
+        return 0
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    store = ResultsStore(args.db, lease_s=args.lease_s)
-    if args.status:
-        print(describe(store))
-        return 0
+    if args.lease_s <= 0:
+        raise ValueError(f"--lease-s must be > 0, got {args.lease_s}")
     spec = build_spec(args)
-    store.add_cells(spec.cells())
+    cells = spec.cells()  # validates the grid
+    _check_model(spec.model)
+    check_sqlite_file(args.db, must_exist=False)
+    store = ResultsStore(args.db, lease_s=args.lease_s)
+    store.add_cells(cells)
     if args.retry_failed:
         print(f"re-queued {store.retry_failed()} failed cell(s)")
     rank, _ = torchrun_worker_index()

@@ -58,6 +58,10 @@ class SweepSpec:
             raise ValueError(f"sweep ranks must be >= 1, got {self.ranks}")
         if any(n < 1 for n in self.lengths):
             raise ValueError(f"sweep lengths must be >= 1, got {self.lengths}")
+        from fastmem.train.config import OBJECTIVES
+
+        if any(objective not in OBJECTIVES for objective in self.objectives):
+            raise ValueError(f"sweep objectives must be among {OBJECTIVES}, got {self.objectives}")
         if any(kind not in DATA_KINDS for kind in self.data):
             raise ValueError(f"sweep data must be among {DATA_KINDS}, got {self.data}")
         if any(not 0.0 <= r <= 1.0 for r in self.ratios):

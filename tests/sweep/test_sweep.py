@@ -152,5 +152,7 @@ def test_killed_sweep_resumes_and_redoes_the_half_done_cell(tmp_path, tiny_model
 def test_cli_status_and_bad_input(tmp_path, capsys):
     assert main(["sweep", "--db", str(tmp_path / "r.sqlite"), "--status"]) == 0
     assert "{}" in capsys.readouterr().out
+    assert not (tmp_path / "r.sqlite").exists()  # --status never creates a database
     assert main(["sweep", "--db", str(tmp_path / "r.sqlite"), "--ranks", "0"]) == 2
     assert "ranks must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r.sqlite").exists()
