@@ -42,6 +42,13 @@ BAD_INPUT_ERRORS = (UsageError, ValueError, TypeError, FileNotFoundError, NotADi
                     IsADirectoryError, FileExistsError, PermissionError, sqlite3.DatabaseError)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line too (argparse prints the whole usage block before it)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _module_exists(name: str) -> bool:
     parent = name.rpartition(".")[0]
     if parent != "fastmem" and importlib.util.find_spec(parent) is None:
@@ -55,11 +62,11 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmem", description=__doc__.split("\n")[0],
+    parser = OneLineParser(prog="fastmem", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--version", action="version", version=f"fastmem {_version()}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in COMMAND_MODULES:
         if _module_exists(name):
             importlib.import_module(name).register(subparsers)
@@ -94,7 +101,10 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error (already printed)
+        return done.code if isinstance(done.code, int) else 0
     args.argv = list(sys.argv[1:] if argv is None else argv)  # e.g. to print the command that resumes
     verbose = bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,

@@ -157,7 +157,7 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    if device == "cpu" and "WORLD_SIZE" not in os.environ:
+    if getattr(args, "device", None) == "cpu" and "WORLD_SIZE" not in os.environ:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the trainer takes cuda when it sees one
     elif device.startswith("cuda:"):
         import torch
