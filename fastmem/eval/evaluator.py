@@ -82,6 +82,7 @@ class RecordResult:
 @dataclass
 class EvalReport:
     records: list[RecordResult]
+    tokenizer: object = None  # draws each token's text in the probability grids
 
     def totals(self) -> dict:
         tokens = sum(r.answer_len for r in self.records)
@@ -115,8 +116,9 @@ class EvalReport:
         report = self.to_dict()
         for i, (record, entry) in enumerate(zip(self.records[:max(grids, 0)], report["records"])):
             png = f"prob_grid_{i:03d}_{_file_safe(record.name)}.png"
+            tokens = None if self.tokenizer is None else [_token_text(self.tokenizer, i) for i in record.answer_ids]
             plot_probability_grid(record.scores.prob, out / png, width=grid_width,
-                                  first_error=record.first_error, title=_grid_title(record))
+                                  first_error=record.first_error, title=_grid_title(record), tokens=tokens)
             entry["prob_grid"] = png
         path = out / REPORT_NAME
         path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -161,4 +163,4 @@ def evaluate(model, samples: Sequence[MemorySample], tokenizer=None, *, batch_si
                     for p in stubborn_positions]
         records.append(RecordResult(name=sample.name, answer_ids=sample.answer_ids, scores=score,
                                     greedy=greedy_result, stubborn=stubborn))
-    return EvalReport(records)
+    return EvalReport(records, tokenizer)
