@@ -155,3 +155,19 @@ def check_out_dir(path: str, flag: str = "--out") -> Path:
                 raise UsageError(f"{flag} {path}: {parent} is not writable")
             break
     return folder
+
+
+def check_model(name: str, flag: str = "--model") -> str:
+    """'smollm2' (embedded) or a local checkpoint directory with a config.json: nothing is
+    ever downloaded, so anything else is refused before a load is attempted."""
+    from fastmem.models import SMOLLM2
+
+    if name == SMOLLM2:
+        return name
+    folder = Path(name)
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {name!r} is neither 'smollm2' nor a local checkpoint directory "
+                         "(nothing is downloaded)")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{flag} {name} has no config.json: not a Hugging Face checkpoint directory")
+    return name

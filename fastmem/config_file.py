@@ -11,13 +11,26 @@ def load_settings(path: str | Path, known: set[str], what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} config {path} not found")
-    if path.suffix == ".toml":
-        values = tomllib.loads(path.read_text())
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
-        values = yaml.safe_load(path.read_text()) or {}
-    else:
+    if path.suffix not in (".toml", ".yaml", ".yml"):
         raise ValueError(f"{what} config must be .yaml, .yml or .toml, got {path.name}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} config {path} is not UTF-8 text (byte {err.start})") from None
+    if path.suffix == ".toml":
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{what} config {path} is not valid TOML ({err})") from None
+    else:
+        import yaml
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"{what} config {path} is not valid YAML{where} "
+                             f"({getattr(err, 'problem', None) or type(err).__name__})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of {what} settings, got {type(values).__name__}")
     unknown = sorted(set(values) - known)

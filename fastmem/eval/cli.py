@@ -56,9 +56,10 @@ def run(args) -> int:
     if args.grid_width < 1:
         raise ValueError(f"--grid-width must be >= 1, got {args.grid_width}")
     # every file is checked before the model loads (~20 s), and nothing is written on a refusal
-    from fastmem.cli_checks import check_adapter_dir, check_device, check_jsonl_file, check_out_dir
+    from fastmem.cli_checks import check_adapter_dir, check_device, check_jsonl_file, check_model, check_out_dir
 
     check_jsonl_file(args.data)
+    check_model(args.model)
     if args.adapter:
         check_adapter_dir(args.adapter)
     if args.metrics:

@@ -79,7 +79,10 @@ def run_fit(args) -> int:
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     check_out_dir(args.out)
-    runs = load_runs(db=args.db, csv_path=args.csv, where=args.where)
+    try:
+        runs = load_runs(db=args.db, csv_path=args.csv, where=args.where)
+    except UnicodeDecodeError:
+        raise ValueError(f"--csv {args.csv} is not UTF-8 text (a CSV with the runs table's columns)") from None
     fit = fit_law(runs.rank, runs.length, runs.delta_loss, runs.final_loss, layers=runs.layers,
                   bootstrap=args.bootstrap, seed=args.seed)
     out = Path(args.out)

@@ -83,17 +83,10 @@ def _worker_process(spec, db, worker, lease_s, progress, threads):
     run_worker(spec, db, worker=worker, lease_s=lease_s, progress=progress)
 
 
-def _check_model(name: str) -> None:
-    from fastmem.models import SMOLLM2
-
-    if name != SMOLLM2 and not os.path.isdir(name):
-        raise ValueError(f"--model {name!r} is neither 'smollm2' nor a local checkpoint directory")
-
-
 def run(args) -> int:
     import sys
 
-    from fastmem.cli_checks import check_sqlite_file
+    from fastmem.cli_checks import check_model, check_sqlite_file
     from fastmem.sweep.store import ResultsStore
     from fastmem.sweep.worker import describe, run_worker, torchrun_worker_index
 
@@ -114,7 +107,7 @@ def run(args) -> int:
         raise ValueError(f"--lease-s must be > 0, got {args.lease_s}")
     spec = build_spec(args)
     cells = spec.cells()  # validates the grid
-    _check_model(spec.model)
+    check_model(spec.model)
     check_sqlite_file(args.db, must_exist=False)
     store = ResultsStore(args.db, lease_s=args.lease_s)
     store.add_cells(cells)

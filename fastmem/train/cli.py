@@ -136,13 +136,14 @@ def _resume_command(args) -> str:
 
 
 def run(args) -> int:
-    from fastmem.cli_checks import check_device, check_jsonl_file
+    from fastmem.cli_checks import check_device, check_jsonl_file, check_model
     from fastmem.train import run_dir
 
     # Everything the user gave is checked before the model loads (~20 s) and before --out is
     # touched: settings, the data file, the device, what --out holds.
     config = config_from_args(args)
     check_jsonl_file(args.data)
+    check_model(config.model)
     device = check_device(getattr(args, "device", None))
     plan = run_dir.inspect(args.out, config, overwrite=getattr(args, "overwrite", False),
                            resume=not getattr(args, "no_resume", False))

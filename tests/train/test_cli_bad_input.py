@@ -150,6 +150,15 @@ CASES = {
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--device", "cuda"), 2, "no CUDA device"),
     "train --rank 0": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--rank", "0"), 2, "rank must be an integer >= 1"),
+    "train --model a dir without config.json": (
+        lambda t, m, r: ["train", "--data", _jsonl(t / "d.jsonl", GOOD), "--model", str(t), "--out", str(t / "new")],
+        2, "has no config.json"),
+    "train --config broken YAML": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"rank: [4\n")),
+        2, "is not valid YAML"),
+    "train --config unknown key": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"rnak: 4\n")),
+        2, "unknown train setting(s) ['rnak']"),
     "eval --adapter junk adapter_config.json": (
         lambda t, m, r: _eval(t, m, "--adapter", _adapter(t, '{"r": 2}', b"")), 2,
         "is not a PEFT adapter config (no 'peft_type')"),
@@ -166,6 +175,9 @@ CASES = {
     "fit --db not SQLite": (
         lambda t, m, r: ["fit", "--db", _bytes(t / "x.sqlite", b"not a database at all"), "--out", str(t / "fit")],
         2, "is not an SQLite database"),
+    "fit --csv not UTF-8": (
+        lambda t, m, r: ["fit", "--csv", _bytes(t / "r.csv", b"rank,length\n\xff\xfe,1\n"), "--out", str(t / "fit")],
+        2, "is not UTF-8 text"),
     "sweep --objectives foo": (
         lambda t, m, r: _sweep(t, "--objectives", "foo"), 2, "objectives must be among ('sft', 'ot', 'sw')"),
     "sweep --ranks a,b": (
