@@ -180,6 +180,11 @@ def run(args) -> int:
         if info.is_main:
             plan.abandon()
         raise err
+    except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of the steps since the last one
+        if info.is_main:
+            print(f"fastmem train: interrupted at once; rerun to resume from the last checkpoint in "
+                  f"{config.out}/checkpoints (if any): {_resume_command(args)}", file=sys.stderr)
+        return 130
     summary = result.summary
     if summary.get("interrupted"):
         if info.is_main:
