@@ -315,3 +315,36 @@ def test_sweep_data_is_a_deprecated_alias_of_dataset(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "deprecated" in err and "data must be among" in err
     assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_a_checkpoint_write_cut_short_leaves_no_temp_dir(tmp_path, monkeypatch):
+    from fastmem.train import checkpoint, train
+    from tests.train.tiny import make_samples, tiny_config, tiny_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a second Ctrl-C during the write does
+
+    monkeypatch.setattr(checkpoint.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(max_steps=4, checkpoint_every=1, out=str(tmp_path)), make_samples(1), model=tiny_model())
+    assert (tmp_path / "checkpoints").is_dir()
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # no .step-* temp, no half checkpoint
+
+
+def test_progress_bar_shows_the_run_not_the_last_batch():
+    from fastmem.ops import TokenStats
+    from fastmem.train.run_log import RunFigures
+
+    def stats(loss_row):
+        loss = torch.tensor([loss_row])
+        valid = torch.ones_like(loss, dtype=torch.bool)
+        return TokenStats(loss=loss, prob=torch.exp(-loss), correct=loss < 0.69, lse=loss, weight=loss,
+                          valid=valid, first_error=torch.tensor([0]))
+
+    figures = RunFigures(2)
+    figures.update([0], stats([2.0, 2.0, 0.1, 0.1]))  # sample 0: half recalled
+    assert figures.postfix()["seen"] == "1/2"
+    figures.update([1], stats([0.01] * 6))  # sample 1, the last batch: all recalled
+    shown = figures.postfix()
+    assert shown["acc"] == "0.800" and shown["stubborn"] == 2 and shown["min_p"] == "0.14"
+    assert "seen" not in shown
