@@ -63,7 +63,7 @@ class SweepSpec:
         if any(objective not in OBJECTIVES for objective in self.objectives):
             raise ValueError(f"sweep objectives must be among {OBJECTIVES}, got {self.objectives}")
         if any(kind not in DATA_KINDS for kind in self.data):
-            raise ValueError(f"sweep data must be among {DATA_KINDS}, got {self.data}")
+            raise ValueError(f"sweep data kinds (--dataset) must be among {DATA_KINDS}, got {self.data}")
         if any(not 0.0 <= r <= 1.0 for r in self.ratios):
             raise ValueError(f"sweep ratios must lie in [0, 1], got {self.ratios}")
         if self.max_steps < 1:

@@ -86,6 +86,10 @@ def _write_manifest(directory: Path, settings: dict, data: dict) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
+def _samples(count) -> str:
+    return f"{count} sample" + ("" if count == 1 else "s")
+
+
 @dataclass
 class RunPlan:
     """What `fastmem train` will do with --out: "new", "resume" or "replace"."""
@@ -111,9 +115,10 @@ class RunPlan:
         saved = (self.manifest or {}).get("data", {})
         if saved.get("fingerprint") != fingerprint:
             raise UsageError(
-                f"--out {self.out} holds a run trained on other data ({saved.get('samples')} samples from "
-                f"{saved.get('path')}, fingerprint {str(saved.get('fingerprint'))[:12]}; here {num_samples} "
-                f"samples, {fingerprint[:12]}): use another --out, or --overwrite to replace it")
+                f"--out {self.out} holds a run trained on other data ({_samples(saved.get('samples'))} from "
+                f"{saved.get('path')}, fingerprint {str(saved.get('fingerprint'))[:12]}; here "
+                f"{_samples(num_samples)} from {data_path}, {fingerprint[:12]}): use another --out, "
+                "or --overwrite to replace it")
 
     def prepare(self) -> Path:
         """Create (or reuse) the directory to train into and write its manifest."""

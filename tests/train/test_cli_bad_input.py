@@ -184,7 +184,7 @@ CASES = {
         lambda t, m, r: _sweep(t, "--ranks", "a,b"), 2, "expected comma-separated integers like 1,2,4, got 'a,b'"),
     "sweep --ranks 0": (lambda t, m, r: _sweep(t, "--ranks", "0"), 2, "ranks must be >= 1"),
     "sweep --lengths=-5": (lambda t, m, r: _sweep(t, "--lengths=-5"), 2, "lengths must be >= 1"),
-    "sweep --dataset foo": (lambda t, m, r: _sweep(t, "--dataset", "foo"), 2, "data must be among"),
+    "sweep --dataset foo": (lambda t, m, r: _sweep(t, "--dataset", "foo"), 2, "data kinds (--dataset) must be among"),
     "sweep --db not SQLite": (
         lambda t, m, r: ["sweep", "--db", _bytes(t / "x.sqlite", b"plain text"), "--ranks", "1"], 2,
         "is not an SQLite database"),
@@ -313,7 +313,7 @@ def test_sweep_data_is_a_deprecated_alias_of_dataset(tmp_path, capsys):
     assert build_spec(args).data == ["phonebook"]
     assert main(["sweep", "--db", str(tmp_path / "s.sqlite"), "--data", "foo"]) == 2
     err = capsys.readouterr().err
-    assert "deprecated" in err and "data must be among" in err
+    assert "deprecated" in err and "data kinds (--dataset) must be among" in err
     assert not (tmp_path / "s.sqlite").exists()
 
 
