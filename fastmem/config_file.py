@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 
@@ -18,6 +17,10 @@ def load_settings(path: str | Path, known: set[str], what: str) -> dict:
     except UnicodeDecodeError as err:
         raise ValueError(f"{what} config {path} is not UTF-8 text (byte {err.start})") from None
     if path.suffix == ".toml":
+        try:
+            import tomllib  # Python >= 3.11
+        except ImportError:
+            raise ValueError(f"{what} config {path}: TOML needs Python >= 3.11; use YAML") from None
         try:
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
