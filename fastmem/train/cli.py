@@ -146,7 +146,9 @@ def run(args) -> int:
     check_model(config.model)
     device = check_device(getattr(args, "device", None))
     plan = run_dir.inspect(args.out, config, overwrite=getattr(args, "overwrite", False),
-                           resume=not getattr(args, "no_resume", False))
+                           resume=not getattr(args, "no_resume", False),
+                           inputs={"--data": args.data, "--config": getattr(args, "config", None),
+                                   "--model": config.model})
 
     from fastmem.data import load_jsonl
     from fastmem.models import load_model

@@ -186,8 +186,9 @@ def _listing(directory: Path, limit: int = 4) -> str:
 
 
 def inspect(out: str | os.PathLike, config: TrainConfig, *, overwrite: bool = False,
-            resume: bool = True) -> RunPlan:
-    """Decide what to do with --out before the model loads; UsageError (one line) to refuse."""
+            resume: bool = True, inputs: dict[str, str] | None = None) -> RunPlan:
+    """Decide what to do with --out before the model loads; UsageError (one line) to refuse.
+    `inputs`: {flag: path} of files the run reads, which --overwrite must not delete."""
     out = Path(out)
     settings = run_settings(config)
     if out.exists() and not out.is_dir():
@@ -202,6 +203,10 @@ def inspect(out: str | os.PathLike, config: TrainConfig, *, overwrite: bool = Fa
     if not out.exists() or not any(out.iterdir()):
         return RunPlan(out, "new", settings)
     if overwrite:
+        for flag, path in (inputs or {}).items():
+            if path and out.resolve() in Path(path).resolve().parents:
+                raise UsageError(f"{flag} {path} lies inside --out {out}, which --overwrite would delete: "
+                                 "move it out first")
         return RunPlan(out, "replace", settings)
     manifest = _read_json(out / MANIFEST)
     if is_finished(out):

@@ -130,6 +130,9 @@ CASES = {
     "train --no-resume on an unfinished run": (
         lambda t, m, r: _train(t, m, "--out", _copy_run(r, "unfinished", t), "--no-resume"), 2,
         "holds an unfinished run (checkpoint step-0000002)"),
+    "train --overwrite would delete --data": (
+        lambda t, m, r: _train(t, m, "--out", _copy_run(r, "finished", t), "--overwrite",
+                               data=_jsonl(t / "finished" / "mine.jsonl", GOOD)), 2, "which --overwrite would delete"),
     "train --layers 99": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new" / "run"), "--layers", "99"), 2, "out of range"),
     "train --modules nonexistent": (
