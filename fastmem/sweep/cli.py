@@ -82,6 +82,11 @@ def check_executor(args) -> None:
     if args.workers != 1:
         raise UsageError("--workers applies to --executor local; under Ray every cell is a task "
                          "(size them with --cpus-per-cell / --gpus-per-cell)")
+    if args.cell_retries < 0:
+        raise UsageError(f"--cell-retries must be >= 0, got {args.cell_retries}")
+    if args.cpus_per_cell <= 0 or (args.gpus_per_cell is not None and args.gpus_per_cell < 0):
+        raise UsageError(f"--cpus-per-cell must be > 0 and --gpus-per-cell >= 0, got {args.cpus_per_cell} "
+                         f"and {args.gpus_per_cell}")
     from fastmem.sweep.ray_executor import require_ray
     try:
         require_ray()

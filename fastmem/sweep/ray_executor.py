@@ -71,15 +71,15 @@ def run_sweep_on_ray(spec: SweepSpec, db_path, *, address: str | None = None, re
     store.add_cells(list(cells.values()))
     connected_here = _connect(ray, address, runtime_env)
     driver = f"{owner_id()}#ray"
-    bar = None
+    bar, refs = None, {}
     try:
         if gpus_per_cell is None:
             gpus_per_cell = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         tracker = ray.remote(CellTracker).options(num_cpus=0).remote()
         # GPU tasks: a fresh worker per cell (Ray reassigns GPUs between tasks); CPU workers are
         # reused, and keep the base model loaded between cells.
-        task = ray.remote(run_cell).options(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=retries,
-                                            retry_exceptions=False)
+        task = ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=retries,
+                          retry_exceptions=False, max_calls=1 if gpus_per_cell else 0)(run_cell)
         threads = max(1, int(cpus_per_cell))
         keys = store.queue_all(list(cells), driver)
         refs = {task.remote(cells[key], spec, tracker, threads): key for key in keys}
@@ -100,6 +100,8 @@ def run_sweep_on_ray(spec: SweepSpec, db_path, *, address: str | None = None, re
                 last_heartbeat = time.monotonic()
             bar.refresh()
     finally:
+        for ref in refs:  # stopped early (an error, Ctrl-C): no task may outlive its claim
+            ray.cancel(ref, force=True)
         released = store.release(driver)  # only when stopped early: the next invocation takes them
         if released:
             log.warning("sweep stopped early: %d cell(s) back to pending", released)
