@@ -23,7 +23,8 @@ class SweepBar:
 
     def __init__(self, store: ResultsStore, keys: list[str], enabled: bool = True, desc: str = "sweep"):
         self.store, self.keys = store, list(keys)
-        self.bar = tqdm(total=len(self.keys), desc=desc, unit="cell", disable=not enabled)
+        done_before = counts_for(store, self.keys).get("done", 0)  # the rate counts this run's cells only
+        self.bar = tqdm(total=len(self.keys), initial=done_before, desc=desc, unit="cell", disable=not enabled)
         self.refresh()
 
     def refresh(self) -> dict[str, int]:

@@ -12,6 +12,7 @@ owner (this process) is dead, so they are claimable again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -101,7 +102,8 @@ def run_sweep_on_ray(spec: SweepSpec, db_path, *, address: str | None = None, re
             bar.refresh()
     finally:
         for ref in refs:  # stopped early (an error, Ctrl-C): no task may outlive its claim
-            ray.cancel(ref, force=True)
+            with contextlib.suppress(Exception):  # a broken connection must not skip the release below
+                ray.cancel(ref, force=True)
         released = store.release(driver)  # only when stopped early: the next invocation takes them
         if released:
             log.warning("sweep stopped early: %d cell(s) back to pending", released)

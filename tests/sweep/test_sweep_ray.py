@@ -166,3 +166,22 @@ def test_a_task_killed_past_its_retries_is_marked_failed_with_the_error(tmp_path
     assert row["attempts"] == 1 and "died on all 1 attempt(s)" in row["error"]
     assert main(["sweep", "--db", str(db), "--status"]) == 0
     assert "error: " in capsys.readouterr().out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_driver_stopped_early_cancels_its_tasks_and_gives_its_cells_back(tmp_path, tiny_model_dir, local_ray,
+                                                                          monkeypatch):
+    from fastmem.sweep import ray_executor
+
+    def broken_record(*args, **kwargs):
+        raise RuntimeError("the driver stops here")
+
+    monkeypatch.setattr(ray_executor, "_record", broken_record)
+    spec = _spec(tiny_model_dir, tmp_path, ranks=[1, 2], lengths=[8], max_steps=2)
+    db = tmp_path / "r.sqlite"
+    with pytest.raises(RuntimeError, match="the driver stops here"):
+        ray_executor.run_sweep_on_ray(spec, db, progress=False)
+    assert ResultsStore(db).status_counts() == {"pending": 2}  # nothing left claimed by a gone driver
+    monkeypatch.undo()
+    assert ray_executor.run_sweep_on_ray(spec, db, progress=False) == {"done": 2}
