@@ -85,17 +85,21 @@ def run_sweep_on_ray(spec: SweepSpec, db_path, *, address: str | None = None, re
         keys = store.queue_all(list(cells), driver)
         refs = {task.remote(cells[key], spec, tracker, threads): key for key in keys}
         owners: dict[str, str] = {}  # the owner each running cell was given (it names where it runs)
+        recorded: set[str] = set()
         bar = SweepBar(store, list(cells), enabled=progress)
         heartbeat_every, last_heartbeat = min(30.0, lease_s / 4), time.monotonic()
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=poll_s)
             for key, place in ray.get(tracker.drain.remote()):
+                if key in recorded:
+                    continue  # its result came first (the notice is sent without waiting)
                 owners[key] = f"{driver}@{place}"
                 if not store.start(key, driver, owners[key]):
                     log.warning("sweep cell %s started on %s but this driver no longer holds it", key, place)
             for ref in ready:
                 key = refs.pop(ref)
-                _record(ray, store, ref, key, owners.get(key, driver), retries)
+                _record(ray, store, ref, key, driver, owners, retries)
+                recorded.add(key)
             if time.monotonic() - last_heartbeat > heartbeat_every:
                 store.heartbeat_owned(driver)
                 last_heartbeat = time.monotonic()
@@ -114,8 +118,9 @@ def run_sweep_on_ray(spec: SweepSpec, db_path, *, address: str | None = None, re
     return SweepBar(store, list(cells), enabled=False).refresh()
 
 
-def _record(ray, store: ResultsStore, ref, key: str, owner: str, retries: int) -> None:
+def _record(ray, store: ResultsStore, ref, key: str, driver: str, owners: dict, retries: int) -> None:
     """Write one finished task's outcome: its result, its error, or how its worker died."""
+    owner = owners.get(key, driver)
     try:
         record = ray.get(ref)
     except ray.exceptions.RayTaskError as err:  # run_cell itself raised (e.g. fastmem not importable)
@@ -124,6 +129,9 @@ def _record(ray, store: ResultsStore, ref, key: str, owner: str, retries: int) -
     except ray.exceptions.RayError as err:  # the worker or its node died on every attempt
         store.fail(key, f"task died on all {retries + 1} attempt(s): {type(err).__name__}: {err}", owner)
         return
+    if owner != f"{driver}@{record['place']}":  # its start notice is still in flight: count the attempt now
+        owner = owners[key] = f"{driver}@{record['place']}"
+        store.start(key, driver, owner)
     if record["ok"]:
         store.complete(key, record["result"], owner)
     else:

@@ -39,25 +39,27 @@ def _base_model(name: str):
 def run_cell(cell: Cell, spec: SweepSpec, tracker, threads: int) -> dict:
     """Train `cell`; returns {"key", "ok": True, "result": {...}} or {"key", "ok": False, "error"}.
 
-    `tracker`: the driver's CellTracker actor, told first (and waited for) that this attempt
-    started here, so the driver can mark the cell running and count the attempt.
+    `tracker`: the driver's CellTracker actor, told first that this attempt started here, so
+    the driver can mark the cell running and count the attempt. Not waited for: a task blocked
+    in `ray.get` lends its CPU back to Ray, which would start one task too many meanwhile.
     `threads`: torch CPU threads, the CPUs Ray reserved for the task.
+    The record also names `place`, for a result that arrives before its start notice.
     """
-    import ray
     import torch
 
     from fastmem.sweep.worker import _has_lora_layers, train_cell
 
-    ray.get(tracker.started.remote(cell.key, where()))
+    place = where()
+    tracker.started.remote(cell.key, place)
     torch.set_num_threads(max(1, threads))
     model = None
     try:
         model, tokenizer = _base_model(spec.model)
-        return {"key": cell.key, "ok": True, "result": train_cell(cell, spec, model, tokenizer)}
+        return {"key": cell.key, "place": place, "ok": True, "result": train_cell(cell, spec, model, tokenizer)}
     except Exception:  # a cell that raises is recorded as failed: retrying would raise again
         if model is not None and _has_lora_layers(model):
             _LOADED.clear()  # the adapter is stuck on the base: load it afresh for the next cell
-        return {"key": cell.key, "ok": False, "error": traceback.format_exc()}
+        return {"key": cell.key, "place": place, "ok": False, "error": traceback.format_exc()}
 
 
 class CellTracker:
