@@ -105,9 +105,12 @@ def test_worker_trains_every_cell_and_a_rerun_skips_them(tmp_path, spec, tiny_mo
     from fastmem.models import load_model
 
     spec.model = str(tiny_model_dir)
+    spec.adapters = str(tmp_path / "adapters")
     model, tokenizer = load_model(str(tiny_model_dir))
     db = tmp_path / "r.sqlite"
     assert run_worker(spec, db, model=model, tokenizer=tokenizer, progress=False) == 4
+    for cell in spec.cells():  # --adapters: each cell's adapter as safetensors, under its own name
+        assert (tmp_path / "adapters" / cell.slug / "adapter" / "adapter_model.safetensors").is_file()
     rows = ResultsStore(db).rows()
     assert len(rows) == 4
     for row in rows:

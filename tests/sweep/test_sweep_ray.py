@@ -102,19 +102,22 @@ def test_ray_grid_runs_every_cell_once_like_local_and_a_rerun_skips_them(tmp_pat
     assert out[0] == '{"done": 4}' and sum(line.startswith("done ") for line in out) == 4
 
 
-def _kill_first_attempt_mid_training(db, adapter_dir, timeout_s=240):
+def _kill_first_attempt_mid_training(db, adapter_dir, driver, outcome, timeout_s=600):
     """Wait until the cell's task has trained a step (metrics.jsonl has a line), then SIGKILL
-    its worker process; returns the pid killed."""
+    its worker process; returns the pid killed. (A fresh Ray worker imports torch, transformers
+    and peft first: on a loaded 2-core machine that alone can take minutes.)"""
     metrics = Path(adapter_dir) / "metrics.jsonl"
     deadline = time.time() + timeout_s
     while time.time() < deadline:
+        if not driver.is_alive():
+            raise AssertionError(f"the sweep ended before the kill: {outcome}")
         running = [row for row in ResultsStore(db).cell_states() if row["status"] == "running"]
         if running and metrics.is_file() and metrics.read_text().strip():
             pid = int(running[0]["owner"].rsplit(":", 1)[1])  # "driverhost:pid#ray@taskhost:taskpid"
             os.kill(pid, signal.SIGKILL)
             return pid
         time.sleep(0.05)
-    raise AssertionError("the cell never started training")
+    raise AssertionError(f"the cell never started training: {ResultsStore(db).cell_states()}")
 
 
 def _run_in_thread(target, **kwargs):
@@ -140,8 +143,8 @@ def test_a_task_killed_mid_cell_is_retried_and_finishes(tmp_path, tiny_model_dir
     (cell,) = spec.cells()
     db = tmp_path / "r.sqlite"
     thread, outcome = _run_in_thread(run_sweep_on_ray, spec=spec, db_path=db, retries=2, progress=False)
-    killed = _kill_first_attempt_mid_training(db, spec.adapter_dir(cell))
-    thread.join(timeout=300)
+    killed = _kill_first_attempt_mid_training(db, spec.adapter_dir(cell), thread, outcome)
+    thread.join(timeout=600)
     assert not thread.is_alive() and "error" not in outcome, outcome
     assert outcome["counts"] == {"done": 1}
     (row,) = ResultsStore(db).rows()
@@ -162,8 +165,8 @@ def test_a_task_killed_past_its_retries_is_marked_failed_with_the_error(tmp_path
     (cell,) = spec.cells()
     db = tmp_path / "r.sqlite"
     thread, outcome = _run_in_thread(run_sweep_on_ray, spec=spec, db_path=db, retries=0, progress=False)
-    _kill_first_attempt_mid_training(db, spec.adapter_dir(cell))
-    thread.join(timeout=300)
+    _kill_first_attempt_mid_training(db, spec.adapter_dir(cell), thread, outcome)
+    thread.join(timeout=600)
     assert not thread.is_alive() and outcome.get("counts") == {"failed": 1}, outcome
     (row,) = ResultsStore(db).rows("failed")
     assert row["attempts"] == 1 and "died on all 1 attempt(s)" in row["error"]
