@@ -46,7 +46,7 @@ def run(name: str, args, workdir: Path) -> dict:
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
         rows = {row["key"]: dict(row) for row in conn.execute("SELECT * FROM runs")}
-    print(f"{name}: {wall:.1f} s, {len(rows)} cells", flush=True)
+    print(f"{name}: {wall:.1f} s, {len(rows)} cells (load average now {os.getloadavg()[0]:.1f})", flush=True)
     return {"wall_s": wall, "rows": rows, "command": " ".join(command[1:])}
 
 
@@ -101,10 +101,11 @@ def main(argv=None) -> int:
         done = sum(r["status"] == "done" for r in rows.values())
         lines.append(f"| {name} | `{' '.join(EXECUTORS[name])}` | {results[name]['wall_s']:.1f} | {done}/{len(rows)} "
                      f"| {'yes' if equal else 'NO'} (rel 1e-4 on {', '.join(COMPARED)}) | {worst:.2e} |")
-    lines += ["", "| cell | " + " | ".join(f"{n} final_loss" for n in names) + " |",
-              "|---|" + "---|" * len(names)]
+    lines += ["", "| cell | " + " | ".join(f"{n} final_loss | {n} cell wall s" for n in names) + " |",
+              "|---|" + "---|---|" * len(names)]
     for key in sorted(reference["rows"]):
-        lines.append(f"| {key} | " + " | ".join(f"{results[n]['rows'][key]['final_loss']:.6f}" for n in names) + " |")
+        lines.append(f"| {key} | " + " | ".join(f"{results[n]['rows'][key]['final_loss']:.6f} | "
+                                                f"{results[n]['rows'][key]['wall_s']:.1f}" for n in names) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
