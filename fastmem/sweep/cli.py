@@ -10,8 +10,8 @@ EPILOG = """examples:
   fastmem sweep --db runs/sweep.sqlite --ranks 1,2,4,8 --lengths 32,64,128,256 --max-steps 100
   fastmem sweep --db runs/sweep.sqlite --config sweep.yaml --workers 2      # two CPU processes
   torchrun --nproc-per-node 8 -m fastmem sweep --db /shared/sweep.sqlite --config big.toml   # a GPU each
-  fastmem sweep --db runs/sweep.sqlite --config big.toml --executor ray --ray-address auto \
-      --adapters /shared/adapters          # one Ray task per cell, a GPU each where the cluster has GPUs
+  fastmem sweep --db runs/sweep.sqlite --config big.toml --executor ray --ray-address auto --adapters /shared/adapters
+                                                            # one Ray task per cell, a GPU each on a GPU cluster
   fastmem sweep --db runs/sweep.sqlite --status
   fastmem fit --db runs/sweep.sqlite --out runs/fit
 
