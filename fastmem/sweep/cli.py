@@ -11,6 +11,8 @@ EPILOG = """examples:
   fastmem sweep --db runs/book.sqlite --dataset phonebook --objectives sft,ot --ranks 2,8
   fastmem sweep --db runs/sweep.sqlite --config sweep.yaml --workers 2      # two CPU processes
   torchrun --nproc-per-node 8 -m fastmem sweep --db /shared/sweep.sqlite --config big.toml   # a GPU each
+  fastmem sweep --db runs/sweep.sqlite --config big.toml --executor ray --ray-address auto --adapters /shared/adapters
+                                                            # one Ray task per cell, a GPU each on a GPU cluster
   fastmem sweep --db runs/sweep.sqlite --status
   fastmem fit --db runs/sweep.sqlite --out runs/fit
 
@@ -61,7 +63,45 @@ def register(subparsers) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="put failed cells back in the queue")
     parser.add_argument("--status", action="store_true", help="print the cell counts and exit")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--adapters", default=None,
+                        help="directory where each cell writes its adapter (shared storage under Ray)")
+    add_ray_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def add_ray_arguments(parser) -> None:
+    group = parser.add_argument_group("executor", "where the cells run (the database stays on this machine)")
+    group.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="local: --workers processes here (default); ray: one Ray task per cell")
+    group.add_argument("--ray-address", default=None,
+                       help="a running Ray cluster ('auto', 'ray://head:10001'); default: RAY_ADDRESS, "
+                            "else a local Ray started for this call")
+    group.add_argument("--cell-retries", type=int, default=2,
+                       help="Ray: re-runs of a cell whose worker died before it is marked failed")
+    group.add_argument("--cpus-per-cell", type=float, default=1.0, help="Ray: CPUs reserved per cell")
+    group.add_argument("--gpus-per-cell", type=float, default=None,
+                       help="Ray: GPUs per cell (default 1 when the cluster has GPUs, else 0)")
+
+
+def check_executor(args) -> None:
+    """Refuse an unusable executor before anything is loaded or created."""
+    from fastmem.cli import UsageError
+
+    if args.executor == "local":
+        return
+    if args.workers != 1:
+        raise UsageError("--workers applies to --executor local; under Ray every cell is a task "
+                         "(size them with --cpus-per-cell / --gpus-per-cell)")
+    if args.cell_retries < 0:
+        raise UsageError(f"--cell-retries must be >= 0, got {args.cell_retries}")
+    if args.cpus_per_cell <= 0 or (args.gpus_per_cell is not None and args.gpus_per_cell < 0):
+        raise UsageError(f"--cpus-per-cell must be > 0 and --gpus-per-cell >= 0, got {args.cpus_per_cell} "
+                         f"and {args.gpus_per_cell}")
+    from fastmem.sweep.ray_executor import require_ray
+    try:
+        require_ray()
+    except ImportError as err:
+        raise UsageError(str(err)) from None
 
 
 def build_spec(args):
@@ -69,7 +109,7 @@ def build_spec(args):
 
     overrides = dict(model=args.model, ranks=args.ranks, lengths=args.lengths, objectives=args.objectives,
                      data=args.data, ratios=args.ratios, seeds=args.seeds, max_steps=args.max_steps, lr=args.lr,
-                     layers=args.layers)
+                     layers=args.layers, adapters=args.adapters)
     if args.config:
         return SweepSpec.from_file(args.config, **overrides)
     return SweepSpec(**{k: v for k, v in overrides.items() if v is not None})
@@ -81,6 +121,28 @@ def _worker_process(spec, db, worker, lease_s, progress, threads):
     from fastmem.sweep.worker import run_worker
     torch.set_num_threads(threads)
     run_worker(spec, db, worker=worker, lease_s=lease_s, progress=progress)
+
+
+def _run_local_processes(spec, args, progress: bool) -> None:
+    """`--workers K`: K spawned processes share the database; this one draws the sweep's bar."""
+    import time
+
+    from fastmem.sweep.progress import SweepBar
+    from fastmem.sweep.store import ResultsStore
+
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_worker_process, args=(spec, args.db, i, args.lease_s, False, threads))
+             for i in range(args.workers)]
+    for proc in procs:
+        proc.start()
+    bar = SweepBar(ResultsStore(args.db, lease_s=args.lease_s), [c.key for c in spec.cells()], enabled=progress)
+    while any(proc.is_alive() for proc in procs):
+        time.sleep(1.0)
+        bar.refresh()
+    bar.close()
+    for proc in procs:
+        proc.join()
 
 
 def run(args) -> int:
@@ -99,12 +161,14 @@ def run(args) -> int:
             print(f"fastmem sweep: no database at {args.db} yet (nothing created)", file=sys.stderr)
             print("{}")
             return 0
-        print(describe(ResultsStore(args.db, lease_s=args.lease_s)))
+        from fastmem.sweep.progress import status_report
+        print(status_report(ResultsStore(args.db, lease_s=args.lease_s)))
         return 0
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.lease_s <= 0:
         raise ValueError(f"--lease-s must be > 0, got {args.lease_s}")
+    check_executor(args)
     spec = build_spec(args)
     cells = spec.cells()  # validates the grid
     check_model(spec.model)
@@ -115,17 +179,15 @@ def run(args) -> int:
         print(f"re-queued {store.retry_failed()} failed cell(s)")
     rank, _ = torchrun_worker_index()
     progress = not args.no_progress
-    if args.workers == 1:
+    if args.executor == "ray":
+        from fastmem.sweep.ray_executor import run_sweep_on_ray
+        run_sweep_on_ray(spec, args.db, address=args.ray_address, retries=args.cell_retries,
+                         cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, lease_s=args.lease_s,
+                         progress=progress)
+    elif args.workers == 1:
         run_worker(spec, args.db, worker=rank, lease_s=args.lease_s, progress=progress)
     else:
-        threads = max(1, (os.cpu_count() or 1) // args.workers)
-        context = multiprocessing.get_context("spawn")
-        procs = [context.Process(target=_worker_process, args=(spec, args.db, i, args.lease_s, progress, threads))
-                 for i in range(args.workers)]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join()
+        _run_local_processes(spec, args, progress)
     counts = store.status_counts()
     print(f"sweep {args.db}: {describe(store)}")
     return 0 if not counts.get("failed") and not counts.get("running") and not counts.get("pending") else 1

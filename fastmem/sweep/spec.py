@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -29,6 +31,15 @@ class Cell:
         return (f"{self.model}|{self.data}|rho={self.ratio:g}|len={self.length}|rank={self.rank}"
                 f"|{self.objective}|seed={self.seed}")
 
+    @property
+    def slug(self) -> str:
+        """A directory name for the cell: readable, and unique through a hash of the key (two
+        model paths may share a basename)."""
+        model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model.rstrip("/")).name) or "model"
+        digest = hashlib.sha1(self.key.encode()).hexdigest()[:8]
+        return (f"{model}-{self.data}-rho{self.ratio:g}-len{self.length}-r{self.rank}-{self.objective}"
+                f"-s{self.seed}-{digest}")
+
 
 @dataclass
 class SweepSpec:
@@ -49,6 +60,12 @@ class SweepSpec:
     modules: list[str] = field(default_factory=lambda: ["down_proj"])
     threshold: float | None = None  # MemFT weighting threshold; None: ln 2
     stop_on_recall: bool = False  # the law wants the loss after a fixed budget, not at first recall
+    # Where each cell writes its adapter (`<adapters>/<cell.slug>/adapter`, safetensors), by the
+    # process that trained it: shared storage under Ray. None: adapters are not kept.
+    adapters: str | None = None
+
+    def adapter_dir(self, cell: Cell) -> str | None:
+        return None if self.adapters is None else str(Path(self.adapters) / cell.slug)
 
     def validate(self) -> None:
         for name in ("ranks", "lengths", "objectives", "data", "seeds"):

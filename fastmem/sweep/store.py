@@ -4,6 +4,10 @@ A cell moves pending -> running -> done (or failed). Claiming is one IMMEDIATE t
 so two workers never take the same cell; results are written with status 'done' in one
 transaction, so a cell killed half-way is never counted. A 'running' cell is taken back when
 its owner process is gone (same host) or its heartbeat is older than the lease.
+
+Under the Ray executor the driver is the only writer: it claims cells as 'queued' (waiting
+for a Ray slot; same lease rules as 'running'), marks one 'running' when its task starts, and
+writes the task's result. Owners read "host:pid#worker"; liveness is the host:pid part.
 """
 
 from __future__ import annotations
@@ -96,21 +100,71 @@ class ResultsStore:
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            rows = db.execute("SELECT key, status, owner, heartbeat FROM runs WHERE status IN ('pending', 'running')")
-            by_key = {row["key"]: row for row in rows}
+            by_key = self._claimable_rows(db)
             for key in keys:
                 row = by_key.get(key)
                 if row is None:
                     continue
-                stale = row["status"] == "running" and (
-                    not _owner_alive(row["owner"]) or now - (row["heartbeat"] or 0) > self.lease_s)
-                if row["status"] == "pending" or stale:
+                if self._is_claimable(row, now):
                     db.execute("UPDATE runs SET status='running', owner=?, claimed_at=?, heartbeat=?, "
                                "attempts=attempts+1, error=NULL WHERE key=?", (owner, now, now, key))
                     db.execute("COMMIT")
                     return key
             db.execute("COMMIT")
         return None
+
+    def _claimable_rows(self, db) -> dict:
+        rows = db.execute("SELECT key, status, owner, heartbeat FROM runs "
+                          "WHERE status IN ('pending', 'queued', 'running')")
+        return {row["key"]: row for row in rows}
+
+    def _is_claimable(self, row, now: float) -> bool:
+        if row["status"] == "pending":
+            return True
+        return not _owner_alive(row["owner"]) or now - (row["heartbeat"] or 0) > self.lease_s
+
+    def queue_all(self, keys: list[str], owner: str) -> list[str]:
+        """Claim every claimable cell among `keys` as 'queued' for `owner` (a Ray driver), in
+        one transaction; returns the keys taken, in the order given. Attempts are counted when
+        a task starts (`start`), not here."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            by_key = self._claimable_rows(db)
+            taken = [key for key in keys if key in by_key and self._is_claimable(by_key[key], now)]
+            db.executemany("UPDATE runs SET status='queued', owner=?, claimed_at=?, heartbeat=?, error=NULL "
+                           "WHERE key=?", [(owner, now, now, key) for key in taken])
+            db.execute("COMMIT")
+        return taken
+
+    def start(self, key: str, owner_prefix: str, owner: str) -> bool:
+        """A task of driver `owner_prefix` started on cell `key`: it becomes 'running' under
+        `owner` (which names where it runs) and its attempt is counted. False if the driver no
+        longer holds the cell."""
+        now = time.time()
+        with self._connect() as db:
+            return db.execute("UPDATE runs SET status='running', owner=?, heartbeat=?, attempts=attempts+1 "
+                              "WHERE key=? AND status IN ('queued', 'running') AND substr(owner, 1, ?)=?",
+                              (owner, now, key, len(owner_prefix), owner_prefix)).rowcount == 1
+
+    def heartbeat_owned(self, owner_prefix: str) -> None:
+        """Refresh the lease of every queued or running cell whose owner starts with `owner_prefix`."""
+        with self._connect() as db:
+            db.execute("UPDATE runs SET heartbeat=? WHERE status IN ('queued', 'running') AND substr(owner, 1, ?)=?",
+                       (time.time(), len(owner_prefix), owner_prefix))
+
+    def release(self, owner_prefix: str) -> int:
+        """Put the queued and running cells of `owner_prefix` back to 'pending' (a driver that
+        stops early); returns how many."""
+        with self._connect() as db:
+            return db.execute("UPDATE runs SET status='pending', owner=NULL WHERE status IN ('queued', 'running') "
+                              "AND substr(owner, 1, ?)=?", (len(owner_prefix), owner_prefix)).rowcount
+
+    def cell_states(self) -> list[dict]:
+        """Every cell's state, for `--status`: key, status, attempts, owner, final_loss, error."""
+        with self._connect() as db:
+            return [dict(row) for row in db.execute(
+                "SELECT key, status, attempts, owner, final_loss, wall_s, error FROM runs ORDER BY key")]
 
     def heartbeat(self, key: str, owner: str | None = None) -> None:
         with self._connect() as db:

@@ -15,8 +15,8 @@ import threading
 import traceback
 
 import torch
-from tqdm import tqdm
 
+from fastmem.sweep.progress import SweepBar
 from fastmem.sweep.spec import Cell, SweepSpec
 from fastmem.sweep.store import ResultsStore, owner_id
 
@@ -47,7 +47,7 @@ def cell_config(cell: Cell, spec: SweepSpec):
     return TrainConfig(model=cell.model, objective=cell.objective, rank=cell.rank,
                        alpha=spec.alpha_per_rank * cell.rank, dropout=spec.dropout, modules=list(spec.modules),
                        layers=spec.layers, lr=spec.lr, max_steps=spec.max_steps, seed=cell.seed,
-                       stop_on_recall=spec.stop_on_recall, progress=False, out=None, **extra)
+                       stop_on_recall=spec.stop_on_recall, progress=False, out=spec.adapter_dir(cell), **extra)
 
 
 def train_cell(cell: Cell, spec: SweepSpec, model, tokenizer) -> dict:
@@ -102,7 +102,7 @@ def run_worker(spec: SweepSpec, db_path, *, worker: int = 0, model=None, tokeniz
     if owns_model:
         model, tokenizer = load()
     done = 0
-    bar = tqdm(total=len(cells), desc=f"sweep worker {worker}", position=worker, disable=not progress, unit="cell")
+    bar = SweepBar(store, list(cells), enabled=progress, desc="sweep" if worker == 0 else f"sweep (worker {worker})")
     while max_cells is None or done < max_cells:
         key = store.claim(list(cells), owner)
         if key is None:
@@ -111,7 +111,6 @@ def run_worker(spec: SweepSpec, db_path, *, worker: int = 0, model=None, tokeniz
         heartbeat.start()
         try:
             store.complete(key, train_cell(cells[key], spec, model, tokenizer), owner)
-            bar.set_postfix_str(key)
         except Exception:  # a failed cell is recorded and the sweep goes on
             log.exception("sweep cell %s failed", key)
             store.fail(key, traceback.format_exc(), owner)
@@ -123,7 +122,7 @@ def run_worker(spec: SweepSpec, db_path, *, worker: int = 0, model=None, tokeniz
         finally:
             heartbeat.done.set()
         done += 1
-        bar.update(1)
+        bar.refresh()
     bar.close()
     return done
 

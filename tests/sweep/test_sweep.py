@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from fastmem.cli import main
 from fastmem.sweep import ResultsStore, SweepSpec
@@ -21,21 +20,6 @@ DEAD_PID = 2**22 + 12345  # above pid_max's default: no such process
 @pytest.fixture
 def spec():
     return SweepSpec(ranks=[1, 2], lengths=[8, 12], max_steps=2, ratios=[0.25])
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
-    """A random 4-layer llama with SmolLM2's tokenizer, saved like a local checkpoint."""
-    from transformers import LlamaForCausalLM
-
-    from tests.conftest import tiny_llama_config
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_smol")
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(smollm2_tokenizer), max_position_embeddings=512))
-    model.save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
 
 
 def test_spec_cells_and_config_file(tmp_path):
@@ -77,6 +61,22 @@ def test_claims_are_exclusive_and_dead_owners_lose_their_cell(tmp_path, spec):
     assert store.status_counts() == {"running": 4}
 
 
+def test_a_dead_ray_drivers_queued_and_running_cells_are_claimable_again(tmp_path, spec):
+    store = ResultsStore(tmp_path / "r.sqlite")
+    keys = [c.key for c in spec.cells()]
+    store.add_cells(spec.cells())
+    live = f"{os.uname().nodename}:{os.getpid()}#ray"
+    assert store.queue_all(keys, live) == keys and store.queue_all(keys, "other:1#ray") == []
+    assert store.start(keys[0], live, f"{live}@node:7") and not store.start(keys[1], "other:1#ray", "x")
+    assert store.status_counts() == {"queued": 3, "running": 1}
+    assert store.claim(keys, owner="me:1#0") is None  # a live driver keeps its cells
+    dead = f"{os.uname().nodename}:{DEAD_PID}#ray"
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE runs SET owner=? || substr(owner, ?)", (dead, len(live) + 1))
+    assert store.queue_all(keys, live) == keys  # its owner is gone: every cell is taken back
+    assert store.release(live) == 4 and store.status_counts() == {"pending": 4}
+
+
 def _claim_all(db_path, keys, worker, out):
     store = ResultsStore(db_path)
     owner = f"{os.uname().nodename}:{os.getpid()}#{worker}"
@@ -105,9 +105,12 @@ def test_worker_trains_every_cell_and_a_rerun_skips_them(tmp_path, spec, tiny_mo
     from fastmem.models import load_model
 
     spec.model = str(tiny_model_dir)
+    spec.adapters = str(tmp_path / "adapters")
     model, tokenizer = load_model(str(tiny_model_dir))
     db = tmp_path / "r.sqlite"
     assert run_worker(spec, db, model=model, tokenizer=tokenizer, progress=False) == 4
+    for cell in spec.cells():  # --adapters: each cell's adapter as safetensors, under its own name
+        assert (tmp_path / "adapters" / cell.slug / "adapter" / "adapter_model.safetensors").is_file()
     rows = ResultsStore(db).rows()
     assert len(rows) == 4
     for row in rows:
