@@ -98,7 +98,7 @@ def render(json_path: Path) -> tuple[Path, list[Path]]:
     data = json.loads(json_path.read_text())
     machine = data.get("machine_info", {})
     ours = machine.get("fastmem", {})
-    run = data.get("fastmem_run", {})
+    run = data.get("fastmem_run") or ours  # runs before the split kept these in machine_info
     device = ours.get("device") or machine.get("cpu", {}).get("brand_raw", "unknown device")
     commit = data.get("commit_info", {})
     stem = json_path.with_suffix("")
