@@ -113,3 +113,32 @@ def test_ncu_command_names_the_selected_cases(gpu, ncu):
                                     REPO / "benchmarks")
     assert command.startswith("ncu --set full --kernel-name 'regex:") and "-o prof/ncu_report" in command
     assert "-k 'qwen3 and sft'" in command and "--benchmark-disable" in command
+
+
+def test_every_contender_computes_the_same_loss_as_eager():
+    """A timing is only a comparison when the contenders compute the same thing: on small inputs
+    every contender that runs here (torch.compile is eager compiled, left out for time) matches
+    the eager full-logits loss for every loss case of the table."""
+    import torch
+
+    from benchmarks.suite.cases import LOSS_CASES
+    from benchmarks.suite.contenders import loss_contenders
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(96, 32), torch.randn(301, 32) / 4
+    labels = torch.randint(0, 301, (96,))
+    contenders = {c.id: c for c in loss_contenders()}
+    device = torch.device("cpu")
+    compared = 0
+    for case in LOSS_CASES:
+        threshold = 5.5 if case.objective == "ot" else 0.6931471805599453
+        reference = contenders["eager"].make(case, threshold)(hidden, weight, labels)
+        for contender in contenders.values():
+            if contender.id in ("eager", "torch.compile") or not contender.implements(case) \
+                    or contender.skip_reason(device):
+                continue
+            got = contender.make(case, threshold)(hidden, weight, labels)
+            torch.testing.assert_close(got.float(), reference.float(), rtol=1e-5, atol=1e-5,
+                                       msg=f"{contender.id} on {case.id}")
+            compared += 1
+    assert compared >= len(LOSS_CASES) + 1  # fastmem-torch on every case, torch-native on sft
