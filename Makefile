@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 
-.PHONY: venv test test-fast demo bench nvcc-check gpu-check clean
+.PHONY: venv test test-fast demo bench bench-smoke nvcc-check gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -25,7 +25,12 @@ endif
 
 test: venv
 	$(PY) -m pytest -q tests
+	$(MAKE) bench-smoke
 	$(MAKE) nvcc-check
+
+# The benchmark suite's CI subset: tiny shapes, every case this machine can run, under a minute.
+bench-smoke: venv
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks --smoke --benchmark-columns=median,rounds
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
@@ -45,14 +50,15 @@ gpu-check:
 demo: venv
 	$(PY) -m fastmem demo
 
-# On a CPU: the cross-entropy CPU target, and the LoRA benchmark's smoke run (its shapes need a GPU).
+# The pytest-benchmark suite: every case this device can run (a CPU runs the CPU-sized subset and
+# lists the GPU-only cases as skipped), then JSON -> Markdown + PNG in benchmarks/results/.
+# BENCH_ARGS adds pytest options, e.g. BENCH_ARGS='-k "qwen3 and sft"' or --bench-note "...".
+BENCH_KIND := $(if $(filter 1,$(HAS_GPU)),gpu,cpu)
+BENCH_JSON ?= benchmarks/results/suite_$(BENCH_KIND)_$(shell date -u +%Y%m%d).json
 bench: venv
-	$(PY) benchmarks/bench_cross_entropy.py
-ifeq ($(HAS_GPU),1)
-	$(PY) benchmarks/bench_lora.py
-else
-	$(PY) benchmarks/bench_lora.py --smoke
-endif
+	$(PY) -m pytest -p no:cacheprovider -rs benchmarks --benchmark-json $(BENCH_JSON) \
+	  --benchmark-columns=median,iqr,rounds $(BENCH_ARGS)
+	$(PY) benchmarks/report.py $(BENCH_JSON)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info .benchmarks

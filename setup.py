@@ -1,14 +1,24 @@
-"""Build decision for the optional CUDA extension (csrc/).
+"""Packages, the CUDA sources as package data, and the optional prebuilt CUDA extension.
 
-FASTMEM_CUDA=1 requires the extension, 0 skips it, auto (default) builds it when a CUDA build
-of torch and nvcc are both present. Without them this is a pure-Python install.
+The wheel always ships csrc/ (the .cu/.cpp/.h files) as the package data `fastmem/csrc/`, so
+an installed fastmem can JIT-build the extension on first use (fastmem/_cuda_build.py); csrc/
+itself stays at the repository root, where nvcc-check and the tests/csrc harnesses read it.
+
+FASTMEM_CUDA=1 requires the prebuilt extension, 0 skips it, auto (default) builds it when a CUDA
+build of torch and nvcc are both present. torch is not a build requirement (that would pull a
+multi-GB CUDA torch into every isolated build), so building the extension from the sdist needs
+the user's own torch: `pip install --no-build-isolation fastmem-X.tar.gz`. Without them this
+is a pure-Python install.
 """
 
 import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+CSRC_PACKAGE = "fastmem.csrc"
+CSRC_PATTERNS = ["*.cu", "*.cuh", "*.cpp", "*.h"]
 
 
 def _cuda_extension():
@@ -26,7 +36,8 @@ def _cuda_extension():
     has_cuda = bool(torch is not None and torch.version.cuda and (CUDA_HOME or shutil.which("nvcc")))
     if not (has_cuda and sources):
         if mode == "1":
-            raise SystemExit("FASTMEM_CUDA=1 but no CUDA build of torch + nvcc (or no csrc/ sources) was found")
+            raise SystemExit("FASTMEM_CUDA=1 but no CUDA build of torch + nvcc (or no csrc/ sources) was found "
+                             "(an isolated build sees no torch: pip install --no-build-isolation)")
         return None
     # The same flags as the JIT build (fastmem/_cuda_build.py NVCC_FLAGS / CXX_FLAGS): no
     # --use_fast_math (the loss of a memorized token needs accurate exp/log), -lineinfo for
@@ -40,9 +51,15 @@ def _cuda_extension():
     return ext, BuildExtension
 
 
+PACKAGING = dict(
+    packages=find_packages(include=["fastmem", "fastmem.*"]) + [CSRC_PACKAGE],
+    package_dir={CSRC_PACKAGE: "csrc"},
+    package_data={CSRC_PACKAGE: CSRC_PATTERNS},
+)
+
 built = _cuda_extension()
 if built is None:
-    setup()
+    setup(**PACKAGING)
 else:
     extension, build_ext = built
-    setup(ext_modules=[extension], cmdclass={"build_ext": build_ext})
+    setup(ext_modules=[extension], cmdclass={"build_ext": build_ext}, **PACKAGING)

@@ -1,8 +1,8 @@
 """Find the CUDA extension (csrc/): the prebuilt `fastmem._cuda_ext`, else a JIT build.
 
 setup.py builds `fastmem._cuda_ext` when a CUDA build of torch and nvcc are present
-(FASTMEM_CUDA=0/1/auto). Without it, the first use of the CUDA backend compiles csrc/ with
-ninja through `torch.utils.cpp_extension.load`; torch caches the build under
+(FASTMEM_CUDA=0/1/auto). Without it, the first use of the CUDA backend compiles the CUDA
+sources with ninja through `torch.utils.cpp_extension.load`; torch caches the build under
 TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and rebuilds only when a source or
 flag changes. FASTMEM_CUDA=0 turns both off. When nothing loads, `reason` says why, and
 `backend="cuda"` raises it; `backend="auto"` falls back to triton, then torch.
@@ -23,7 +23,19 @@ import torch
 
 log = logging.getLogger("fastmem")
 
-CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+# Where the CUDA sources are: an installed package carries them as package data in
+# fastmem/csrc/ (setup.py maps the repository's csrc/ there); a source checkout has them in
+# csrc/ beside the package. The installed copy wins so a wheel never looks outside itself.
+PACKAGED_CSRC_DIR = Path(__file__).resolve().parent / "csrc"
+SOURCE_TREE_CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def find_csrc_dir(candidates: tuple[Path, ...] = (PACKAGED_CSRC_DIR, SOURCE_TREE_CSRC_DIR)) -> Path | None:
+    """The first directory holding the binding (csrc/bindings.cpp), or None."""
+    return next((d for d in candidates if (d / "bindings.cpp").is_file()), None)
+
+
+CSRC_DIR = find_csrc_dir() or PACKAGED_CSRC_DIR
 JIT_MODULE_NAME = "fastmem_cuda_ext"
 # Shared with setup.py. No --use_fast_math: the kernels are memory-bound and the loss of a
 # memorized token (lse - z_y) needs accurate exp/log. -lineinfo lets compute-sanitizer name
@@ -54,7 +66,8 @@ def jit_build_blocker() -> str | None:
     if not torch.version.cuda:
         return f"torch {torch.__version__} is not a CUDA build"
     if not (CSRC_DIR / "bindings.cpp").is_file():
-        return f"the CUDA sources are not at {CSRC_DIR} (JIT builds need a source checkout)"
+        return (f"the CUDA sources are missing (looked in {PACKAGED_CSRC_DIR} and {SOURCE_TREE_CSRC_DIR}): "
+                "reinstall fastmem from its wheel or sdist")
     from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
 
     if not (CUDA_HOME or shutil.which("nvcc")):

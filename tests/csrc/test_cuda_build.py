@@ -76,3 +76,19 @@ def test_ops_without_a_cuda_kernel_never_build_the_extension(monkeypatch):
     assert backends.resolve_backend("op", "auto", CUDA, ("triton", "torch")) == "triton"
     assert backends.resolve_backend("op", "triton", CUDA, ("triton", "torch")) == "triton"
     assert backends.resolve_backend("op", "auto", torch.device("cpu"), ("cuda", "triton", "torch")) == "torch"
+
+
+def test_installed_sources_win_over_the_source_tree(tmp_path):
+    packaged, tree = tmp_path / "fastmem" / "csrc", tmp_path / "csrc"
+    for folder in (packaged, tree):
+        folder.mkdir(parents=True)
+    (tree / "bindings.cpp").write_text("")
+    assert _cuda_build.find_csrc_dir((packaged, tree)) == tree  # a source checkout
+    (packaged / "bindings.cpp").write_text("")
+    assert _cuda_build.find_csrc_dir((packaged, tree)) == packaged  # an installed wheel
+    assert _cuda_build.find_csrc_dir((tmp_path / "nowhere",)) is None
+
+
+def test_checkout_finds_the_repository_sources():
+    assert _cuda_build.CSRC_DIR in (_cuda_build.PACKAGED_CSRC_DIR, _cuda_build.SOURCE_TREE_CSRC_DIR)
+    assert (_cuda_build.CSRC_DIR / "bindings.cpp").is_file()

@@ -1,0 +1,1 @@
+"""The benchmark suite's tables (cases.py), contenders (contenders.py) and measurements (measure.py)."""
