@@ -90,12 +90,21 @@ def _all_ones(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and bool((weight == 1).all())
 
 
+def _softmax_may_alias(work: torch.Tensor) -> bool:
+    return work.device.type == "cpu"
+
+
 def _softmax_in_place(work: torch.Tensor, row_max: torch.Tensor) -> None:
     """work <- softmax(work) along rows. ATen's CPU kernel runs max, exp-sum and scale row by
     row while the row is in cache (3x fewer trips to memory than three whole-chunk passes);
-    its out= may alias the input. Where a build refuses the alias, three passes instead."""
-    try:
-        torch.ops.aten._softmax.out(work, 1, False, out=work)
-    except RuntimeError:
-        work.sub_(row_max).exp_()
-        work.div_(work.sum(dim=1, keepdim=True))
+    its out= may alias the input (each element is read before it is written, by the same
+    thread). Elsewhere (GPU kernels are not checked for that), or where a build refuses the
+    alias: three passes."""
+    if _softmax_may_alias(work):
+        try:
+            torch.ops.aten._softmax.out(work, 1, False, out=work)
+            return
+        except RuntimeError:
+            pass
+    work.sub_(row_max).exp_()
+    work.div_(work.sum(dim=1, keepdim=True))

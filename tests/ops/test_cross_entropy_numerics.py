@@ -189,3 +189,13 @@ def test_more_than_2_pow_31_gradient_elements_on_gpu(backend):
     tail = slice(n_rows - 64, n_rows)
     assert rel_err(hidden.grad[tail].float(), ref_hidden.grad[tail].float()) <= 2e-2
     assert rel_err(hidden.grad.float(), ref_hidden.grad.float()) <= 2e-2
+
+
+def test_torch_backend_without_the_aliased_softmax(monkeypatch):
+    """The torch backend's three-pass softmax (its path on GPUs) keeps the same numerics."""
+    import fastmem.ops.cross_entropy_torch as torch_chunk
+
+    monkeypatch.setattr(torch_chunk, "_softmax_may_alias", lambda work: False)
+    for offset in (0.0, 20.0):
+        test_confident_targets_keep_their_gradient("torch", torch.float32, offset)
+    test_vocabulary_tiles_of_minus_inf("torch", slice(0, 256), monkeypatch)
