@@ -54,6 +54,7 @@ class ChunkLoopResult:
     lse: torch.Tensor
     nll: torch.Tensor
     loss: torch.Tensor
+    target: torch.Tensor  # the target's (capped) logit; target - best_other > 0 iff correct
     best_other: torch.Tensor
     correct: torch.Tensor
     weight: torch.Tensor
@@ -116,7 +117,7 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     want_grad = want_grad_hidden or want_grad_weight or want_grad_bias
 
     lse = torch.empty(n_valid, dtype=acc_dtype, device=device)
-    nll, loss, best_other, weight_rows = (torch.empty_like(lse) for _ in range(4))
+    nll, loss, target, best_other, weight_rows = (torch.empty_like(lse) for _ in range(5))
     correct = torch.empty(n_valid, dtype=torch.bool, device=device)
     grad_hidden = (torch.zeros(n_rows, hidden_size, dtype=hidden.dtype, device=device)
                    if want_grad_hidden else None)
@@ -139,13 +140,14 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         else:
             torch.mm(hidden_c, weight.t(), out=logits)
         out = process_chunk(logits, labels_c, lambda nll_c, ok: weigh(c0, c1, rows_c, nll_c, ok), want_grad, options)
-        lse[c0:c1], nll[c0:c1], loss[c0:c1] = out.lse, out.nll, out.loss
+        lse[c0:c1], nll[c0:c1], loss[c0:c1], target[c0:c1] = out.lse, out.nll, out.loss, out.target
         best_other[c0:c1], correct[c0:c1], weight_rows[c0:c1] = out.best_other, out.correct, out.weight
         if want_grad:
             _accumulate_grads(out.grad, out.weight, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias,
                               out_rows=slice(c0, c1) if rows is None else None, dense=dense_weights)
         del out
-    return ChunkLoopResult(lse, nll, loss, best_other, correct, weight_rows, grad_hidden, grad_weight, grad_bias)
+    return ChunkLoopResult(lse, nll, loss, target, best_other, correct, weight_rows, grad_hidden, grad_weight,
+                           grad_bias)
 
 
 def _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias, out_rows,
