@@ -8,12 +8,17 @@ from __future__ import annotations
 import functools
 import importlib
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from fastmem import backends
 from fastmem.ops import cross_entropy_cuda
 from tests.csrc.ce_host_kernels import CeHostKernels
 from tests.csrc.cuda_toolchain import register_host_ops
+from tests.ops import test_cross_entropy_numerics as numerics_suite
+from tests.ops import test_cross_entropy_options as options_suite
 from tests.ops import test_linear_cross_entropy as op_suite
 
 HOST_NAMESPACE = "fastmem_cuda_host"
@@ -39,17 +44,18 @@ def _chunk(dtype, rows=5, vocab=37, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_opcheck_schemas_and_fakes(host_ops, dtype):
     logits, labels = _chunk(dtype)
-    torch.library.opcheck(host_ops.ce_row_stats, (logits, labels))
-    row_max, log_sum, _, _ = host_ops.ce_row_stats(logits, labels)
+    torch.library.opcheck(host_ops.ce_row_stats, (logits, labels, 3.0))
+    row_max, log_sum, *_ = host_ops.ce_row_stats(logits, labels, 0.0)
     weight = torch.linspace(0.0, 1.0, logits.shape[0], dtype=row_max.dtype)
-    torch.library.opcheck(host_ops.ce_softmax_grad_, (logits.clone(), labels, row_max, log_sum, weight))
+    torch.library.opcheck(host_ops.ce_softmax_grad_, (logits.clone(), labels, row_max, log_sum, weight, 0.0, 0.1,
+                                                      1e-3))
 
 
 def test_ops_trace_whole_under_torch_compile(host_ops):
     def chunk_step(logits, labels):
-        row_max, log_sum, target, best_other = host_ops.ce_row_stats(logits, labels)
+        row_max, log_sum, target, best_other, _ = host_ops.ce_row_stats(logits, labels, 0.0)
         weight = ((row_max + log_sum - target) > 0.5).to(row_max.dtype)
-        host_ops.ce_softmax_grad_(logits, labels, row_max, log_sum, weight)
+        host_ops.ce_softmax_grad_(logits, labels, row_max, log_sum, weight, 0.0, 0.0, 0.0)
         return row_max + log_sum, target > best_other
 
     logits, labels = _chunk(torch.float32, rows=8, vocab=50, seed=1)
@@ -62,18 +68,18 @@ def test_ops_trace_whole_under_torch_compile(host_ops):
 
 
 @pytest.fixture
-def chunks_on_host_kernels(host_ops, monkeypatch):
+def chunks_on_host_kernels(host_ops):
     """Route linear_cross_entropy's chunks through cross_entropy_cuda.run_chunk_kernels over the
     host ops (the CUDA path minus the device), counting the chunks."""
     calls = []
 
-    def process_chunk(logits, labels, weigh, want_grad):
+    def process_chunk(logits, labels, weigh, want_grad, options):
         calls.append(logits.shape)
         return cross_entropy_cuda.run_chunk_kernels(host_ops.ce_row_stats, host_ops.ce_softmax_grad_, logits,
-                                                    labels, weigh, want_grad)
+                                                    labels, weigh, want_grad, options)
 
-    monkeypatch.setattr(lce_op, "_chunk_kernel", lambda backend: process_chunk)
-    return calls
+    with backends.override_implementation(lce_op.OP_NAME, "torch", SimpleNamespace(process_chunk=process_chunk)):
+        yield calls
 
 
 @pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
@@ -105,3 +111,25 @@ def test_run_chunk_kernels_rejects_a_strided_vocabulary(host_ops):
         cross_entropy_cuda.run_chunk_kernels(host_ops.ce_row_stats, host_ops.ce_softmax_grad_, logits,
                                              torch.zeros(4, dtype=torch.long), functools.partial(torch.ones_like),
                                              True)
+
+
+@pytest.mark.parametrize("offset", [0.0, 20.0])
+@pytest.mark.parametrize("dtype", numerics_suite.CONFIDENT_DTYPES, ids=str)
+def test_confident_targets_through_the_host_kernels(chunks_on_host_kernels, dtype, offset):
+    numerics_suite.test_confident_targets_keep_their_gradient("torch", dtype, offset)
+    assert chunks_on_host_kernels
+
+
+def test_minus_inf_columns_through_the_host_kernels(chunks_on_host_kernels, monkeypatch):
+    numerics_suite.test_every_column_but_the_target_minus_inf("torch", monkeypatch)
+    for masked in (slice(0, 256), slice(64, 299)):
+        numerics_suite.test_vocabulary_tiles_of_minus_inf("torch", masked, monkeypatch)
+    assert chunks_on_host_kernels
+
+
+@pytest.mark.parametrize("name", list(options_suite.OPTION_SETS))
+def test_options_through_the_host_kernels(chunks_on_host_kernels, name):
+    for objective, reduction in (("sft", "mean"), ("sw", "none")):
+        options_suite.test_options_match_oracle("torch", name, objective, reduction)
+    options_suite.test_options_in_half_precision("torch", torch.bfloat16)
+    assert chunks_on_host_kernels
