@@ -1,4 +1,5 @@
-"""Backend dispatch: one small function picks "cuda" | "triton" | "torch" per op.
+"""Backend dispatch: one registry of every op's backends, and one function that picks
+"cuda" | "triton" | "torch" per call.
 
 `auto` takes the fastest backend available for the tensors' device (cuda > triton > torch
 on a GPU; torch on the CPU, where Triton only runs through its slow interpreter) and says
@@ -7,10 +8,14 @@ which once in the log.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -87,3 +92,98 @@ def resolve_backend(op: str, requested: str, device: torch.device, supported: tu
         raise RuntimeError(f"backend={requested!r} cannot run {op} on {device.type} tensors: "
                            f"{_unavailable_reason(requested, device)}")
     return requested
+
+
+# ---- the backend registry: op name -> {backend -> implementation}, in preference order ----
+#
+# Each op registers its implementations once, when its module is imported (fastmem.ops.*):
+#     register_op("linear_cross_entropy", {"cuda": "fastmem.ops.cross_entropy_cuda",
+#                                          "triton": "fastmem.ops.cross_entropy_triton",
+#                                          "torch": "fastmem.ops.cross_entropy_torch"})
+# The dict order is the preference order `auto` follows on a GPU (fastest first). An
+# implementation is a module path (imported on first use, so an op never imports a backend it
+# does not run) or any object; the op decides what it expects of it (a `process_chunk`
+# function, a `forward` / `backward` pair). Dispatch is then one call:
+#     backend = choose_backend("linear_cross_entropy", requested, device, exclude=(...))
+#     impl = implementation("linear_cross_entropy", backend)
+
+
+@dataclass(frozen=True)
+class OpBackends:
+    """The implementations of one op, fastest first."""
+
+    op: str
+    implementations: dict[str, Any]
+
+    @property
+    def preference(self) -> tuple[str, ...]:
+        return tuple(self.implementations)
+
+
+_REGISTRY: dict[str, OpBackends] = {}
+_LOADED: dict[tuple[str, str], Any] = {}
+
+
+def register_op(op: str, implementations: Mapping[str, Any]) -> OpBackends:
+    """Register (or re-register) `op` with `{backend: module path or object}`, fastest first."""
+    unknown = [b for b in implementations if b not in BACKENDS]
+    if unknown or not implementations:
+        raise ValueError(f"register_op({op!r}): backends must be a non-empty subset of {BACKENDS}, got "
+                         f"{list(implementations)}")
+    entry = OpBackends(op, dict(implementations))
+    _REGISTRY[op] = entry
+    for key in [k for k in _LOADED if k[0] == op]:
+        del _LOADED[key]
+    return entry
+
+
+def registered_ops() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def op_backends(op: str) -> tuple[str, ...]:
+    """The backends `op` implements, in its preference order."""
+    return _entry(op).preference
+
+
+def _entry(op: str) -> OpBackends:
+    try:
+        return _REGISTRY[op]
+    except KeyError:
+        raise KeyError(f"no op {op!r} is registered; registered: {sorted(_REGISTRY)}") from None
+
+
+def implementation(op: str, backend: str) -> Any:
+    """The implementation of `op` on `backend` (a module path is imported once, then cached)."""
+    entry = _entry(op)
+    if backend not in entry.implementations:
+        raise ValueError(f"backend={backend!r} is not implemented for {op}; use one of {entry.preference}")
+    key = (op, backend)
+    if key not in _LOADED:
+        target = entry.implementations[backend]
+        _LOADED[key] = importlib.import_module(target) if isinstance(target, str) else target
+    return _LOADED[key]
+
+
+@contextlib.contextmanager
+def override_implementation(op: str, backend: str, replacement: Any) -> Iterator[None]:
+    """Run `op`'s `backend` on `replacement` inside the block (tests: e.g. the CUDA chunk glue
+    over a host build of the kernels)."""
+    entry = _entry(op)
+    saved = dict(entry.implementations)
+    register_op(op, {**saved, backend: replacement})
+    try:
+        yield
+    finally:
+        register_op(op, saved)
+
+
+def choose_backend(op: str, requested: str, device: torch.device, *, exclude: Iterable[str] = ()) -> str:
+    """The backend `op` runs on for `requested` ("auto" or a name) on `device`.
+
+    `exclude`: backends the op cannot use for this call (a dtype or size limit); `auto` skips
+    them, and the op raises its own clear error when one is asked for by name.
+    """
+    excluded = set(exclude)
+    supported = tuple(b for b in op_backends(op) if b not in excluded or b == requested)
+    return resolve_backend(op, requested, device, supported)

@@ -7,15 +7,18 @@ from dataclasses import dataclass
 
 import torch
 
-from fastmem.backends import resolve_backend
+from fastmem.backends import choose_backend, implementation, register_op
 from fastmem.constants import IGNORE_INDEX, L_CRIT, MEMFT_EPS, SW_FLOOR, SW_KAPPA, SW_TAU, SW_WINDOW
 from fastmem.ops.cross_entropy_checks import check_inputs
 from fastmem.ops.cross_entropy_chunked import default_chunk_rows, run_chunks
 from fastmem.ops.memft_weights import ChunkWeigher, MemFTConfig
 from fastmem.ops.token_stats import TokenStats
 
-# fastest first: `auto` takes the first one that runs on the tensors' device
-SUPPORTED_BACKENDS = ("cuda", "triton", "torch")
+OP_NAME = "linear_cross_entropy"
+# Fastest first: `auto` takes the first one that runs on the tensors' device. Each module
+# provides `process_chunk` (the contract is in cross_entropy_torch).
+register_op(OP_NAME, {"cuda": "fastmem.ops.cross_entropy_cuda", "triton": "fastmem.ops.cross_entropy_triton",
+                      "torch": "fastmem.ops.cross_entropy_torch"})
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,7 @@ class _CallPlan:
 
 
 def _chunk_kernel(backend: str):
-    if backend == "cuda":
-        from fastmem.ops.cross_entropy_cuda import process_chunk
-    elif backend == "triton":
-        from fastmem.ops.cross_entropy_triton import process_chunk
-    else:
-        from fastmem.ops.cross_entropy_torch import process_chunk
-    return process_chunk
+    return implementation(OP_NAME, backend).process_chunk
 
 
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, n_rows: int) -> torch.Tensor:
@@ -197,10 +194,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                  floor=floor, ignore_index=ignore_index)
     if backend == "triton" and hidden.dtype == torch.float64:
         raise TypeError("backend='triton' supports float16, bfloat16 and float32; float64 runs on backend='torch'")
-    supported = SUPPORTED_BACKENDS
-    if backend == "auto" and hidden.dtype == torch.float64:
-        supported = tuple(b for b in SUPPORTED_BACKENDS if b != "triton")  # Triton has no fp64 path here
-    chosen = resolve_backend("linear_cross_entropy", backend, hidden.device, supported)
+    # Triton has no fp64 path here
+    chosen = choose_backend(OP_NAME, backend, hidden.device,
+                            exclude=("triton",) if hidden.dtype == torch.float64 else ())
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 import functools
 import importlib
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from fastmem import backends
 from fastmem.ops import cross_entropy_cuda
 from tests.csrc.ce_host_kernels import CeHostKernels
 from tests.csrc.cuda_toolchain import register_host_ops
@@ -62,7 +65,7 @@ def test_ops_trace_whole_under_torch_compile(host_ops):
 
 
 @pytest.fixture
-def chunks_on_host_kernels(host_ops, monkeypatch):
+def chunks_on_host_kernels(host_ops):
     """Route linear_cross_entropy's chunks through cross_entropy_cuda.run_chunk_kernels over the
     host ops (the CUDA path minus the device), counting the chunks."""
     calls = []
@@ -72,8 +75,8 @@ def chunks_on_host_kernels(host_ops, monkeypatch):
         return cross_entropy_cuda.run_chunk_kernels(host_ops.ce_row_stats, host_ops.ce_softmax_grad_, logits,
                                                     labels, weigh, want_grad)
 
-    monkeypatch.setattr(lce_op, "_chunk_kernel", lambda backend: process_chunk)
-    return calls
+    with backends.override_implementation(lce_op.OP_NAME, "torch", SimpleNamespace(process_chunk=process_chunk)):
+        yield calls
 
 
 @pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
