@@ -58,11 +58,20 @@ void check_launch(const char* op, cudaError_t status) {
   TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
 }
 
-// -> (row_max, log_sum, target, best_other), each [rows]; lse = row_max + log_sum.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_row_stats(const at::Tensor& logits,
-                                                                        const at::Tensor& labels) {
+void check_options(const char* op, double softcap, double label_smoothing, double lse_square_scale) {
+  TORCH_CHECK(softcap >= 0.0, op, ": softcap must be >= 0 (0: off), got ", softcap);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+  TORCH_CHECK(lse_square_scale >= 0.0, op, ": lse_square_scale must be >= 0, got ", lse_square_scale);
+}
+
+// -> (row_max, log_sum, target, best_other, sum_z), each [rows]; lse = row_max + log_sum.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_row_stats(const at::Tensor& logits,
+                                                                                    const at::Tensor& labels,
+                                                                                    double softcap) {
   constexpr const char* op = "fastmem_cuda::ce_row_stats";
   check_chunk(op, logits, labels);
+  check_options(op, softcap, 0.0, 0.0);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const auto options = logits.options().dtype(accum_type(logits));
   const int64_t rows = logits.size(0);
@@ -70,17 +79,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_row_stats(const at
   at::Tensor log_sum = at::empty({rows}, options);
   at::Tensor target = at::empty({rows}, options);
   at::Tensor best_other = at::empty({rows}, options);
+  at::Tensor sum_z = at::empty({rows}, options);
   check_launch(op, fastmem_ce_row_stats(logits_dtype(logits), logits.data_ptr(), rows, logits.size(1),
                                         logits.stride(0), labels.data_ptr<int64_t>(), row_max.data_ptr(),
                                         log_sum.data_ptr(), target.data_ptr(), best_other.data_ptr(),
+                                        sum_z.data_ptr(), softcap,
                                         c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()));
-  return std::make_tuple(row_max, log_sum, target, best_other);
+  return std::make_tuple(row_max, log_sum, target, best_other, sum_z);
 }
 
 void ce_softmax_grad_(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
-                      const at::Tensor& log_sum, const at::Tensor& weight) {
+                      const at::Tensor& log_sum, const at::Tensor& weight, double softcap, double label_smoothing,
+                      double lse_square_scale) {
   constexpr const char* op = "fastmem_cuda::ce_softmax_grad_";
   check_chunk(op, logits, labels);
+  check_options(op, softcap, label_smoothing, lse_square_scale);
   check_row_vector(op, "row_max", row_max, logits);
   check_row_vector(op, "log_sum", log_sum, logits);
   check_row_vector(op, "weight", weight, logits);
@@ -88,6 +101,7 @@ void ce_softmax_grad_(at::Tensor& logits, const at::Tensor& labels, const at::Te
   check_launch(op, fastmem_ce_softmax_grad(logits_dtype(logits), logits.data_ptr(), logits.size(0), logits.size(1),
                                            logits.stride(0), labels.data_ptr<int64_t>(), row_max.data_ptr(),
                                            log_sum.data_ptr(), weight.data_ptr(),
+                                           fastmem_ce_options{softcap, label_smoothing, lse_square_scale},
                                            c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()));
 }
 
@@ -192,8 +206,8 @@ at::Tensor lora_keep_mask(const at::Tensor& like, int64_t n_rows, int64_t n_cols
 TORCH_LIBRARY(fastmem_cuda, m) {
   // torch.compile finds the fake (shape-only) impls by importing this module.
   m.set_python_module("fastmem.ops.cross_entropy_cuda");
-  m.def("ce_row_stats(Tensor logits, Tensor labels) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("ce_softmax_grad_(Tensor(a!) logits, Tensor labels, Tensor row_max, Tensor log_sum, Tensor weight) -> ()");
+  m.def("ce_row_stats(Tensor logits, Tensor labels, float softcap) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ce_softmax_grad_(Tensor(a!) logits, Tensor labels, Tensor row_max, Tensor log_sum, Tensor weight, float softcap, float label_smoothing, float lse_square_scale) -> ()");
   m.set_python_module("fastmem.ops.lora_linear_cuda");
   m.def("lora_dropout_project(Tensor x, Tensor lora_A, int seed, float p, float scale) -> Tensor");
   m.def("lora_dropout_expand_(Tensor(a!) out, Tensor c, Tensor d, int seed, float p, float alpha) -> ()");

@@ -7,11 +7,14 @@
 //
 // Numerics (see shared/DESIGN.md, "bug classes the anchors shipped"):
 // * every reduction runs in fp32 (fp64 for fp64 logits), whatever the logits' dtype;
-// * softmax - onehot is formed in the accumulation type and rounded once, so the target
+// * dloss/dz (softmax - onehot plus the options' terms) is formed in the accumulation type and
+//   rounded once, so the target
 //   column's p_y - 1 survives when p_y is within bf16's 2^-8 of 1;
 // * columns >= n_cols never enter the max, the lse, the argmax or the target match;
 // * all offsets are int64 (C * V passes 2^31 at long vocabularies).
 #pragma once
+
+#include "fastmem_kernels.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -59,6 +62,8 @@ FASTMEM_HD float accum_expm1(float x) { return expm1f(x); }
 FASTMEM_HD double accum_expm1(double x) { return expm1(x); }
 FASTMEM_HD float accum_log1p(float x) { return log1pf(x); }
 FASTMEM_HD double accum_log1p(double x) { return log1p(x); }
+FASTMEM_HD float accum_tanh(float x) { return tanhf(x); }
+FASTMEM_HD double accum_tanh(double x) { return tanh(x); }
 // fmax ignores a NaN operand, so a NaN logit cannot hide in the max; it still reaches the
 // sum through exp(NaN) and makes the lse NaN, as in the torch reference.
 FASTMEM_HD float accum_max(float a, float b) { return fmaxf(a, b); }
@@ -98,10 +103,31 @@ template <typename Acc> struct RowState {
   Acc max;         // running max (-inf while empty)
   Acc rest;        // sum of exp(z - max) minus 1 (-1 while empty)
   Acc best_other;  // max over non-target columns (-inf while empty)
+  Acc sum;         // sum of z (label smoothing's mean logit)
 };
 
 template <typename Acc> FASTMEM_HD RowState<Acc> empty_state() {
-  return RowState<Acc>{-static_cast<Acc>(INFINITY), Acc(-1), -static_cast<Acc>(INFINITY)};
+  return RowState<Acc>{-static_cast<Acc>(INFINITY), Acc(-1), -static_cast<Acc>(INFINITY), Acc(0)};
+}
+
+// Logit soft-capping (Gemma 2): z -> softcap * tanh(z / softcap); softcap <= 0 is off.
+template <typename Acc> FASTMEM_HD Acc cap_logit(Acc z, Acc softcap) {
+  return softcap > Acc(0) ? softcap * accum_tanh(z / softcap) : z;
+}
+
+// The options' terms of d loss / d z (see fastmem/ops/cross_entropy_options.py):
+//   d/dz_c = [p_c (1 + 2 s lse) - eps / V - (1 - eps) [c == y]] * (1 - tanh(z_c / softcap)^2)
+template <typename Acc> struct GradTerms {
+  Acc softcap;         // <= 0: off
+  Acc smooth;          // label smoothing eps
+  Acc smooth_per_col;  // eps / V
+  Acc zloss2;          // 2 s (z-loss lse_square_scale s)
+};
+
+template <typename Acc> FASTMEM_HD GradTerms<Acc> grad_terms(const fastmem_ce_options& o, int64_t n_cols) {
+  return GradTerms<Acc>{static_cast<Acc>(o.softcap), static_cast<Acc>(o.label_smoothing),
+                        static_cast<Acc>(o.label_smoothing / static_cast<double>(n_cols)),
+                        static_cast<Acc>(2.0 * o.lse_square_scale)};
 }
 
 // Fold N consecutive logits z[0..N) starting at column col0 into s: one rescale per group.
@@ -110,6 +136,7 @@ FASTMEM_HD void fold_group(RowState<Acc>& s, const Acc (&z)[N], int64_t col0, in
   Acc group_max = z[0];
 FASTMEM_UNROLL
   for (int i = 0; i < N; ++i) {
+    s.sum += z[i];
     group_max = accum_max(group_max, z[i]);
     // Greedy correctness counts ties as wrong, so the target column is excluded here and the
     // caller compares target > best_other strictly.
@@ -145,6 +172,7 @@ template <typename Acc> FASTMEM_HD RowState<Acc> merge_states(const RowState<Acc
   RowState<Acc> out;
   out.max = accum_max(a.max, b.max);
   out.best_other = accum_max(a.best_other, b.best_other);
+  out.sum = a.sum + b.sum;
   if (out.max == -static_cast<Acc>(INFINITY)) {
     out.rest = a.rest + b.rest + Acc(1);  // both empty (-1), or NaN if a NaN was seen
   } else if (a.max == b.max) {
@@ -160,11 +188,31 @@ template <typename Acc> FASTMEM_HD RowState<Acc> merge_states(const RowState<Acc
 // log sum exp(z - max) >= 0 (-inf for an empty row); the lse is max + log_sum.
 template <typename Acc> FASTMEM_HD Acc finish_log_sum(const RowState<Acc>& s) { return accum_log1p(s.rest); }
 
-// d loss_t / d z_c, scaled by the token weight: w (softmax_c - onehot_c), in Acc. The target
-// column takes expm1: p_y - 1 without the cancellation of exp(.) - 1.
-template <typename Acc> FASTMEM_HD Acc softmax_grad_value(Acc z, Acc row_max, Acc log_sum, Acc weight, bool is_target) {
+// d loss_t / d z_c of the stored (uncapped) logit z_raw, scaled by the token weight, in Acc.
+// The target column takes expm1: p_y - 1 without the cancellation of exp(.) - 1.
+template <typename Acc>
+FASTMEM_HD Acc softmax_grad_value(Acc z_raw, Acc row_max, Acc log_sum, Acc weight, bool is_target,
+                                  const GradTerms<Acc>& o) {
+  Acc z = z_raw;
+  Acc dcap = Acc(1);
+  if (o.softcap > Acc(0)) {
+    const Acc t = accum_tanh(z_raw / o.softcap);
+    z = o.softcap * t;
+    dcap = Acc(1) - t * t;
+  }
   const Acc log_p = (z - row_max) - log_sum;
-  return weight * (is_target ? accum_expm1(log_p) : accum_exp(log_p));
+  const Acc lse_term = o.zloss2 * (row_max + log_sum);  // 2 s lse
+  Acc g;
+  if (is_target) {
+    g = accum_expm1(log_p);
+    if (o.zloss2 != Acc(0)) g += lse_term * accum_exp(log_p);
+    g += o.smooth - o.smooth_per_col;
+  } else {
+    g = accum_exp(log_p);
+    if (o.zloss2 != Acc(0)) g *= Acc(1) + lse_term;
+    g -= o.smooth_per_col;
+  }
+  return weight * g * dcap;
 }
 
 template <typename T, int N> FASTMEM_HD void load_vec(const T* src, T (&dst)[N]) {
@@ -183,13 +231,14 @@ template <typename T, int N> FASTMEM_HD void store_vec(T* dst, const T (&src)[N]
 // This thread's share of one row (columns tid, tid + n_threads, ... in each section).
 template <typename T>
 FASTMEM_HD RowState<typename AccumOf<T>::type> row_state_partial(const T* row, int64_t n_cols, int64_t label,
-                                                                 int tid, int n_threads) {
+                                                                 int tid, int n_threads,
+                                                                 typename AccumOf<T>::type softcap) {
   using Acc = typename AccumOf<T>::type;
   constexpr int kVec = VecWidth<T>::value;
   RowState<Acc> s = empty_state<Acc>();
   const RowSplit split = split_row(reinterpret_cast<uintptr_t>(row), n_cols, static_cast<int>(sizeof(T)));
   for (int64_t c = tid; c < split.head; c += n_threads) {
-    const Acc z[1] = {to_accum(row[c])};
+    const Acc z[1] = {cap_logit<Acc>(to_accum(row[c]), softcap)};
     fold_group<Acc, 1>(s, z, c, label);
   }
   for (int64_t v = tid; v < split.n_vec; v += n_threads) {
@@ -198,26 +247,26 @@ FASTMEM_HD RowState<typename AccumOf<T>::type> row_state_partial(const T* row, i
     load_vec<T, kVec>(row + col0, raw);
     Acc z[kVec];
 FASTMEM_UNROLL
-    for (int i = 0; i < kVec; ++i) z[i] = to_accum(raw[i]);
+    for (int i = 0; i < kVec; ++i) z[i] = cap_logit<Acc>(to_accum(raw[i]), softcap);
     fold_group<Acc, kVec>(s, z, col0, label);
   }
   for (int64_t c = split.tail_start + tid; c < n_cols; c += n_threads) {
-    const Acc z[1] = {to_accum(row[c])};
+    const Acc z[1] = {cap_logit<Acc>(to_accum(row[c]), softcap)};
     fold_group<Acc, 1>(s, z, c, label);
   }
   return s;
 }
 
-// This thread's share of overwriting one row with w (softmax - onehot), rounded once.
+// This thread's share of overwriting one row with w dloss/dz, rounded once.
 template <typename T>
 FASTMEM_HD void softmax_grad_partial(T* row, int64_t n_cols, int64_t label, typename AccumOf<T>::type row_max,
                                      typename AccumOf<T>::type log_sum, typename AccumOf<T>::type weight, int tid,
-                                     int n_threads) {
+                                     int n_threads, const GradTerms<typename AccumOf<T>::type>& o) {
   using Acc = typename AccumOf<T>::type;
   constexpr int kVec = VecWidth<T>::value;
   const RowSplit split = split_row(reinterpret_cast<uintptr_t>(row), n_cols, static_cast<int>(sizeof(T)));
   for (int64_t c = tid; c < split.head; c += n_threads) {
-    row[c] = from_accum<T>(softmax_grad_value<Acc>(to_accum(row[c]), row_max, log_sum, weight, c == label));
+    row[c] = from_accum<T>(softmax_grad_value<Acc>(to_accum(row[c]), row_max, log_sum, weight, c == label, o));
   }
   for (int64_t v = tid; v < split.n_vec; v += n_threads) {
     const int64_t col0 = split.head + v * kVec;
@@ -225,12 +274,12 @@ FASTMEM_HD void softmax_grad_partial(T* row, int64_t n_cols, int64_t label, type
     load_vec<T, kVec>(row + col0, vals);
 FASTMEM_UNROLL
     for (int i = 0; i < kVec; ++i) {
-      vals[i] = from_accum<T>(softmax_grad_value<Acc>(to_accum(vals[i]), row_max, log_sum, weight, col0 + i == label));
+      vals[i] = from_accum<T>(softmax_grad_value<Acc>(to_accum(vals[i]), row_max, log_sum, weight, col0 + i == label, o));
     }
     store_vec<T, kVec>(row + col0, vals);
   }
   for (int64_t c = split.tail_start + tid; c < n_cols; c += n_threads) {
-    row[c] = from_accum<T>(softmax_grad_value<Acc>(to_accum(row[c]), row_max, log_sum, weight, c == label));
+    row[c] = from_accum<T>(softmax_grad_value<Acc>(to_accum(row[c]), row_max, log_sum, weight, c == label, o));
   }
 }
 

@@ -3,7 +3,7 @@
 Per chunk of valid token rows, in position order:
     logits = h W^T (+ b)                      one GEMM pass, [C, V] buffer only
     lse, L, p, correct, w  = chunk kernel     one read of the logits
-    dlogits = w (softmax - onehot)            in place, only if a gradient is wanted
+    dlogits = w dloss/dz                      in place, only if a gradient is wanted
     grad_hidden[active] = dlogits[active] W   second GEMM pass, only rows with w != 0
     grad_W += dlogits[active]^T h[active]     only when the head is trainable
 Ignored rows never reach a GEMM, and with MemFT-OT neither do rows already below the line:
@@ -16,15 +16,33 @@ because grad_hidden_t = (w_t / Z) (softmax_t W - W[y_t])).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-# Chunk-size budget for the [C, V] logits buffer: bounded extra memory, and on a CPU a
-# working set that stays close to the caches.
-GPU_LOGITS_BUDGET_BYTES = 64 * 2**20
-CPU_LOGITS_BUDGET_BYTES = 48 * 2**20
+from fastmem.ops.cross_entropy_options import NO_OPTIONS, LogitOptions
+
+# ---- how many token rows a chunk takes ----
+#
+# A chunk of M rows costs 2 M H V FLOPs in its logits GEMM and reads all of W (V H elements
+# of `elem` bytes): 2 M / elem FLOP per byte of W. Below the GPU's ridge point (peak FLOP/s /
+# HBM bandwidth) the GEMM is memory-bound and W is re-read once per chunk for nothing. The
+# ridge of H100 SXM in bf16 is 989 TFLOP/s / 3.35 TB/s ~ 300 FLOP/B (H200: ~210), so a chunk
+# takes at least next_pow2(300 elem / 2) rows: 512 for bf16 / fp16, 1024 for fp32 (TF32 has
+# the same ridge per element pair), or all rows when there are fewer. Above that floor the
+# chunk grows to GPU_CHUNK_BYTES of logits (fewer launches and syncs); `max_chunk_bytes`
+# replaces both with a hard cap when memory matters more than GEMM efficiency.
+# The budget counts each logit in its own dtype, plus the fp32 working copy the torch
+# backend takes of 16-bit logits (the triton / cuda kernels work in place).
+RIDGE_FLOP_PER_BYTE = 300
+GPU_CHUNK_BYTES = 256 * 2**20
+# CPU: measured at N=2048, H=576, V=49152 fp32 fwd+bwd on 2 cores (benchmarks/results/
+# cross_entropy_cpu_*.md): 512-row chunks (96 MiB of logits) reach <= 0.75x eager's time
+# within 1/8 of eager's extra memory; 256-row chunks (48 MiB) stayed at ~0.92x.
+CPU_CHUNK_BYTES = 96 * 2**20
+
 
 ChunkWeigh = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -34,7 +52,9 @@ class ChunkLoopResult:
     """Per valid row (in `rows` order) stats, and the unnormalised gradients."""
 
     lse: torch.Tensor
-    target: torch.Tensor
+    nll: torch.Tensor
+    loss: torch.Tensor
+    best_other: torch.Tensor
     correct: torch.Tensor
     weight: torch.Tensor
     grad_hidden: torch.Tensor | None
@@ -42,22 +62,48 @@ class ChunkLoopResult:
     grad_bias: torch.Tensor | None
 
 
-def default_chunk_rows(n_cols: int, device: torch.device) -> int:
-    budget = GPU_LOGITS_BUDGET_BYTES if device.type == "cuda" else CPU_LOGITS_BUDGET_BYTES
-    rows = budget // (4 * max(n_cols, 1))
-    return int(max(16, min(4096, rows // 16 * 16)))
+def ridge_rows(dtype: torch.dtype) -> int:
+    """The fewest rows whose logits GEMM is compute-bound (the ridge rule above)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 1 << math.ceil(math.log2(RIDGE_FLOP_PER_BYTE * elem / 2))
+
+
+def bytes_per_logit(dtype: torch.dtype, backend: str) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return elem + (4 if backend == "torch" and elem < 4 else 0)
+
+
+def chunk_rows_for(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, backend: str, *,
+                   max_chunk_bytes: int | None = None) -> int:
+    """Rows per chunk for `n_rows` tokens against a `[n_cols, H]` head (see the rule above)."""
+    per_row = max(n_cols, 1) * bytes_per_logit(dtype, backend)
+    if max_chunk_bytes is not None:
+        rows = max_chunk_bytes // per_row
+        if rows < 1:
+            raise ValueError(f"max_chunk_bytes={max_chunk_bytes} is below one row of logits "
+                             f"({per_row} bytes at V={n_cols}, {dtype})")
+    elif device.type == "cuda":
+        rows = max(ridge_rows(dtype), GPU_CHUNK_BYTES // per_row)
+    else:
+        rows = CPU_CHUNK_BYTES // per_row
+    if rows >= 256:
+        rows = rows // 128 * 128  # whole GEMM tiles
+    return int(max(1, min(rows, n_rows)))
 
 
 def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                labels: torch.Tensor, rows: torch.Tensor | None, weigh: ChunkWeigh,
                process_chunk, *, want_grad_hidden: bool, want_grad_weight: bool,
-               want_grad_bias: bool, chunk_rows: int) -> ChunkLoopResult:
+               want_grad_bias: bool, chunk_rows: int, options: LogitOptions = NO_OPTIONS,
+               dense_weights: bool = False) -> ChunkLoopResult:
     """Run the chunk loop over the valid rows of `hidden [N, H]`.
 
     Args:
         rows: ascending int64 indices of the valid rows, or None when every row is valid.
         weigh: `(c0, c1, rows_c, loss_c, correct_c) -> weight_c` for valid rows c0:c1.
         process_chunk: the backend's chunk kernel (see cross_entropy_torch.process_chunk).
+        dense_weights: every weight is known to be non-zero (SFT without token weights): the
+            gradient GEMM takes the whole chunk without counting its active rows.
     Returns:
         stats per valid row; grad_hidden `[N, H]` in hidden's dtype (zero on rows that are
         ignored or weigh 0), grad_weight `[V, H]` and grad_bias `[V]` in fp32 (fp64 for
@@ -70,8 +116,7 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     want_grad = want_grad_hidden or want_grad_weight or want_grad_bias
 
     lse = torch.empty(n_valid, dtype=acc_dtype, device=device)
-    target = torch.empty_like(lse)
-    weight_rows = torch.empty_like(lse)
+    nll, loss, best_other, weight_rows = (torch.empty_like(lse) for _ in range(4))
     correct = torch.empty(n_valid, dtype=torch.bool, device=device)
     grad_hidden = (torch.zeros(n_rows, hidden_size, dtype=hidden.dtype, device=device)
                    if want_grad_hidden else None)
@@ -93,26 +138,31 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             torch.addmm(bias, hidden_c, weight.t(), out=logits)
         else:
             torch.mm(hidden_c, weight.t(), out=logits)
-        lse_c, target_c, correct_c, weight_c, dlogits = process_chunk(
-            logits, labels_c, lambda loss, ok: weigh(c0, c1, rows_c, loss, ok), want_grad)
-        lse[c0:c1], target[c0:c1], correct[c0:c1], weight_rows[c0:c1] = lse_c, target_c, correct_c, weight_c
+        out = process_chunk(logits, labels_c, lambda nll_c, ok: weigh(c0, c1, rows_c, nll_c, ok), want_grad, options)
+        lse[c0:c1], nll[c0:c1], loss[c0:c1] = out.lse, out.nll, out.loss
+        best_other[c0:c1], correct[c0:c1], weight_rows[c0:c1] = out.best_other, out.correct, out.weight
         if want_grad:
-            _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias,
-                              out_rows=slice(c0, c1) if rows is None else None)
-        del dlogits
-    return ChunkLoopResult(lse, target, correct, weight_rows, grad_hidden, grad_weight, grad_bias)
+            _accumulate_grads(out.grad, out.weight, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias,
+                              out_rows=slice(c0, c1) if rows is None else None, dense=dense_weights)
+        del out
+    return ChunkLoopResult(lse, nll, loss, best_other, correct, weight_rows, grad_hidden, grad_weight, grad_bias)
 
 
-def _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias, out_rows):
-    """The second GEMM pass of a chunk, over its rows with w != 0 only."""
-    active = weight_c != 0
-    n_active = int(active.sum())
-    if n_active == 0:
-        return
-    if n_active < dlogits.shape[0]:
-        keep = active.nonzero().squeeze(1)
-        dlogits, hidden_c, rows_c = dlogits.index_select(0, keep), hidden_c.index_select(0, keep), rows_c[keep]
-        out_rows = None
+def _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias, out_rows,
+                      dense):
+    """The second GEMM pass of a chunk, over its rows with w != 0 only.
+
+    Counting the active rows is this chunk's one host sync (the GEMM's row count depends on
+    it); with `dense` (every w known non-zero) there is none.
+    """
+    if not dense:
+        keep = (weight_c != 0).nonzero().squeeze(1)
+        n_active = keep.numel()
+        if n_active == 0:
+            return
+        if n_active < dlogits.shape[0]:
+            dlogits, hidden_c, rows_c = dlogits.index_select(0, keep), hidden_c.index_select(0, keep), rows_c[keep]
+            out_rows = None
     dlogits = dlogits.to(hidden_c.dtype)
     if grad_hidden is not None:
         if out_rows is not None:

@@ -3,12 +3,15 @@ cross_entropy_torch.process_chunk.
 
 The logits come from the cuBLAS GEMM of the chunk loop (cross_entropy_chunked.run_chunks);
 two custom ops then read the chunk once for the stats and once more, only for rows with a
-non-zero weight, to overwrite it with `w (softmax - onehot)` (formed in fp32, rounded once):
+non-zero weight, to overwrite it with `w dloss/dz` (formed in fp32, rounded once):
 
-    torch.ops.fastmem_cuda.ce_row_stats(logits [C, V], labels [C] int64)
-        -> (row_max, log_sum, target, best_other)  [C] fp32 (fp64 for fp64 logits)
+    torch.ops.fastmem_cuda.ce_row_stats(logits [C, V], labels [C] int64, softcap)
+        -> (row_max, log_sum, target, best_other, sum_z)  [C] fp32 (fp64 for fp64 logits)
     torch.ops.fastmem_cuda.ce_softmax_grad_(logits [C, V] (mutated), labels, row_max, log_sum,
-                                            weight [C]) -> ()
+                                            weight [C], softcap, label_smoothing, lse_square_scale) -> ()
+
+softcap (0: off) replaces z by softcap tanh(z / softcap) on load; the options' gradient terms
+are those of fastmem.ops.cross_entropy_options.
 
 The log-sum-exp is row_max + log_sum; the gradient kernel takes the two apart (and the
 target column through expm1) because an fp32 lse of magnitude ~20 is off by up to 1e-6, 1% of
@@ -26,13 +29,15 @@ from typing import Callable
 import torch
 
 from fastmem._cuda_build import OPS_NAMESPACE, cuda_ops_namespace
+from fastmem.ops.cross_entropy_options import NO_OPTIONS, ChunkStats, LogitOptions, row_losses
 from fastmem.ops.cross_entropy_torch import Weigh
 
 # Exactly the strings csrc/bindings.cpp passes to m.def (tests/csrc checks they agree).
 SCHEMAS = {
-    "ce_row_stats": "ce_row_stats(Tensor logits, Tensor labels) -> (Tensor, Tensor, Tensor, Tensor)",
+    "ce_row_stats": "ce_row_stats(Tensor logits, Tensor labels, float softcap) -> (Tensor, Tensor, Tensor, Tensor, "
+                    "Tensor)",
     "ce_softmax_grad_": "ce_softmax_grad_(Tensor(a!) logits, Tensor labels, Tensor row_max, Tensor log_sum, "
-                        "Tensor weight) -> ()",
+                        "Tensor weight, float softcap, float label_smoothing, float lse_square_scale) -> ()",
 }
 
 
@@ -40,13 +45,13 @@ def _accum_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _fake_row_stats(logits: torch.Tensor, labels: torch.Tensor):
+def _fake_row_stats(logits: torch.Tensor, labels: torch.Tensor, softcap: float):
     rows = logits.shape[0]
-    return tuple(logits.new_empty(rows, dtype=_accum_dtype(logits)) for _ in range(4))
+    return tuple(logits.new_empty(rows, dtype=_accum_dtype(logits)) for _ in range(5))
 
 
 def _fake_softmax_grad_(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor,
-                        weight: torch.Tensor) -> None:
+                        weight: torch.Tensor, softcap: float, label_smoothing: float, lse_square_scale: float) -> None:
     return None
 
 
@@ -65,37 +70,41 @@ def cuda_ops():
 
 
 def run_chunk_kernels(row_stats: Callable, softmax_grad_: Callable, logits: torch.Tensor, labels: torch.Tensor,
-                      weigh: Weigh, want_grad: bool):
+                      weigh: Weigh, want_grad: bool, options: LogitOptions = NO_OPTIONS) -> ChunkStats:
     """The chunk contract over a pair of row kernels (the CUDA ops, or their host build in tests)."""
     if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
         raise ValueError(f"logits must be a [C, V] chunk with column stride 1, got shape {tuple(logits.shape)} "
                          f"and strides {logits.stride()}")
     labels = labels.contiguous()
-    row_max, log_sum, target, best_other = row_stats(logits, labels)
-    lse = row_max + log_sum
+    cap = float(options.softcap)
+    row_max, log_sum, target, best_other, sum_z = row_stats(logits, labels, cap)
     correct = target > best_other
-    weight = weigh(lse - target, correct)
+    lse, nll, loss = row_losses(row_max, log_sum, target, sum_z, logits.shape[1], options)
+    weight = weigh(nll, correct)
     grad = None
     if want_grad:
-        softmax_grad_(logits, labels, row_max, log_sum, weight.to(lse.dtype).contiguous())
+        softmax_grad_(logits, labels, row_max, log_sum, weight.to(lse.dtype).contiguous(), cap,
+                      float(options.label_smoothing), float(options.lse_square_scale))
         grad = logits
-    return lse, target, correct, weight, grad
+    return ChunkStats(lse, nll, loss, target, best_other, correct, weight, grad)
 
 
-def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool):
+def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool,
+                  options: LogitOptions = NO_OPTIONS) -> ChunkStats:
     """See fastmem.ops.cross_entropy_torch.process_chunk; the gradient overwrites `logits`.
 
     Args:
         logits: `[C, V]` CUDA tensor, fp16 / bf16 / fp32 / fp64, column stride 1.
         labels: `[C]` int64, every entry in [0, V).
-        weigh: `(loss [C], correct [C]) -> weight [C]`.
-        want_grad: overwrite the rows with non-zero weight by `w (softmax - onehot)`.
+        weigh: `(nll [C], correct [C]) -> weight [C]`.
+        want_grad: overwrite the rows with non-zero weight by `w dloss/dz`.
+        options: softcap, label smoothing, z-loss.
 
     Returns:
-        lse, target_logit, correct, weight (`[C]`; fp32, fp64 for fp64 logits) and the
-        gradient (the `logits` buffer itself; rows with w = 0 are left unchanged) or None.
+        ChunkStats (fp32, fp64 for fp64 logits); the gradient is the `logits` buffer itself
+        (rows with w = 0 are left unchanged).
     """
     if not logits.is_cuda:
         raise ValueError(f"backend='cuda' needs CUDA tensors, got logits on {logits.device}")
     ops = cuda_ops()
-    return run_chunk_kernels(ops.ce_row_stats, ops.ce_softmax_grad_, logits, labels, weigh, want_grad)
+    return run_chunk_kernels(ops.ce_row_stats, ops.ce_softmax_grad_, logits, labels, weigh, want_grad, options)

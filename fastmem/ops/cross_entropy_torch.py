@@ -1,8 +1,12 @@
 """Pure-PyTorch chunk kernel of the fused cross-entropy (the reference backend, CPU path).
 
 One chunk of logits `[C, V]` in, per-row stats and (optionally) the weighted logit gradient
-`w_t (softmax_t - onehot_t)` out, written over the logits buffer: one max pass, one exp pass,
-one sum, one scale; never an extra `[C, V]` tensor beyond the fp32 working copy.
+`w dloss/dz` out, written over the fp32 working copy: one max pass, one exp pass, one sum,
+one scale; no extra `[C, V]` tensor beyond that copy (and, with softcap, its derivative).
+
+Numerics (see cross_entropy_options): the sum of exp(z - max) is kept as `rest`, the sum
+without one element at the max, so log_sum = log1p(rest), 1 - p_max = rest / (1 + rest) and
+p_y - 1 = expm1(log p_y) keep fp32's relative precision however confident the target.
 """
 
 from __future__ import annotations
@@ -11,43 +15,66 @@ from typing import Callable
 
 import torch
 
+from fastmem.ops.cross_entropy_options import NO_OPTIONS, ChunkStats, LogitOptions, row_losses, target_grad
+
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool):
+def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool,
+                  options: LogitOptions = NO_OPTIONS) -> ChunkStats:
     """Stats, weights and gradient of one chunk.
 
     Args:
         logits: `[C, V]` from the GEMM; fp32/fp64 is worked on in place, bf16/fp16 is
             upcast once (softmax - onehot must be formed in fp32: the target column's
-            gradient p_y - 1 vanishes when p_y is rounded to bf16 first).
+            gradient p_y - 1 vanishes when p_y is rounded to bf16 first). With softcap an
+            fp32 copy is taken, and `logits` keeps z for the softcap derivative.
         labels: `[C]` int64, all valid.
-        weigh: `(loss [C], correct [C]) -> weight [C]` fp32.
+        weigh: `(nll [C], correct [C]) -> weight [C]` in the accumulation dtype.
         want_grad: form the gradient.
+        options: softcap, label smoothing, z-loss.
 
     Returns:
-        lse, target_logit, weight (`[C]`, fp64 for fp64 logits, else fp32), correct (bool
-        `[C]`), and the gradient `[C, V]` in the same float type, or None.
+        ChunkStats (fp64 for fp64 logits, else fp32).
     """
-    work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    n_cols = logits.shape[1]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cap = options.softcap
+    if cap:
+        work = logits.to(acc, copy=True).div_(cap).tanh_().mul_(cap)
+    else:
+        work = logits if logits.dtype == acc else logits.to(acc)
     col = labels.unsqueeze(1)
     target = work.gather(1, col)
     # Greedy correctness with ties counting as wrong: the target must beat every other
     # logit strictly, so take the max with the target column masked out.
     work.scatter_(1, col, float("-inf"))
-    best_other = work.amax(dim=1, keepdim=True)
+    best_other, best_col = work.max(dim=1, keepdim=True)
     work.scatter_(1, col, target)
     correct = target > best_other
     row_max = torch.maximum(best_other, target)
+    max_col = torch.where(target >= best_other, col, best_col)  # one column at the row max
+    sum_z = work.sum(dim=1, keepdim=True) if options.label_smoothing else None
     work.sub_(row_max).exp_()
-    sum_exp = work.sum(dim=1, keepdim=True)
-    lse = row_max + sum_exp.log()
-    loss = (lse - target).squeeze(1)
-    weight = weigh(loss, correct.squeeze(1))
+    work.scatter_(1, max_col, 0.0)
+    rest = work.sum(dim=1, keepdim=True)
+    log_sum = torch.log1p(rest)
+    lse, nll, loss = row_losses(row_max, log_sum, target, sum_z, n_cols, options)
+    weight = weigh(nll.squeeze(1), correct.squeeze(1))
     grad = None
     if want_grad:
-        scale = weight.to(work.dtype).unsqueeze(1)
-        work.mul_(scale / sum_exp)
-        work.scatter_add_(1, col, -scale)
+        w = weight.to(acc).unsqueeze(1)
+        scale = w / (1.0 + rest)  # w p_c = w exp(z_c - max) / (1 + rest)
+        if options.lse_square_scale:
+            scale = scale * (1.0 + 2.0 * options.lse_square_scale * lse)
+        shift = w * (options.label_smoothing / n_cols)
+        work.mul_(scale)
+        if options.label_smoothing:
+            work.sub_(shift)
+        work.scatter_(1, max_col, scale - shift)  # exp(0) = 1 at the max
+        work.scatter_(1, col, target_grad(w, row_max, log_sum, target, n_cols, options))
+        if cap:
+            work.mul_(logits.to(acc).div_(cap).tanh_().square_().neg_().add_(1.0))
         grad = work
-    return lse.squeeze(1), target.squeeze(1), correct.squeeze(1), weight, grad
+    return ChunkStats(lse.squeeze(1), nll.squeeze(1), loss.squeeze(1), target.squeeze(1), best_other.squeeze(1),
+                      correct.squeeze(1), weight, grad)

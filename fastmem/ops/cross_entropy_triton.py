@@ -6,6 +6,7 @@ import torch
 import triton
 
 from fastmem.kernels.triton.cross_entropy import row_stats_kernel, softmax_grad_kernel
+from fastmem.ops.cross_entropy_options import NO_OPTIONS, ChunkStats, LogitOptions, row_losses, target_grad
 from fastmem.ops.cross_entropy_torch import Weigh
 
 
@@ -13,22 +14,27 @@ def _block_v(n_cols: int) -> int:
     return min(4096, triton.next_power_of_2(n_cols))
 
 
-def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool):
+def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool,
+                  options: LogitOptions = NO_OPTIONS) -> ChunkStats:
     """See fastmem.ops.cross_entropy_torch.process_chunk; the gradient overwrites `logits`."""
     rows, n_cols = logits.shape
     assert logits.stride(1) == 1, "the chunk buffer is made contiguous by the driver"
-    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    target = torch.empty_like(lse)
-    best_other = torch.empty_like(lse)
+    row_max, log_sum, target, best_other, sum_z = (torch.empty(rows, dtype=torch.float32, device=logits.device)
+                                                   for _ in range(5))
     block_v = _block_v(n_cols)
     num_warps = 16 if block_v >= 4096 else 4
-    row_stats_kernel[(rows,)](logits, logits.stride(0), labels, lse, target, best_other, n_cols,
-                              BLOCK_V=block_v, num_warps=num_warps)
+    cap = float(options.softcap)
+    row_stats_kernel[(rows,)](logits, logits.stride(0), labels, row_max, log_sum, target, best_other, sum_z,
+                              n_cols, cap or 1.0, SOFTCAP=bool(cap), BLOCK_V=block_v, num_warps=num_warps)
     correct = target > best_other
-    weight = weigh(lse - target, correct)
+    lse, nll, loss = row_losses(row_max, log_sum, target, sum_z, n_cols, options)
+    weight = weigh(nll, correct)
     grad = None
     if want_grad:
-        softmax_grad_kernel[(rows,)](logits, logits.stride(0), labels, lse, weight.contiguous(),
-                                     n_cols, BLOCK_V=block_v, num_warps=num_warps)
+        weight = weight.contiguous()
+        tgrad = target_grad(weight, row_max, log_sum, target, n_cols, options).contiguous()
+        softmax_grad_kernel[(rows,)](logits, logits.stride(0), labels, row_max, log_sum, weight, tgrad, n_cols,
+                                     float(options.lse_square_scale), float(options.label_smoothing) / n_cols,
+                                     cap or 1.0, SOFTCAP=bool(cap), BLOCK_V=block_v, num_warps=num_warps)
         grad = logits
-    return lse, target, correct, weight, grad
+    return ChunkStats(lse, nll, loss, target, best_other, correct, weight, grad)

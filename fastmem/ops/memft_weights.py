@@ -55,9 +55,9 @@ class ChunkWeigher:
         cfg = self.config
         sample = torch.div(rows, self.seq_len, rounding_mode="floor")
         position = rows - sample * self.seq_len
-        wrong = ~correct
-        if bool(wrong.any()):
-            self._first_error.scatter_reduce_(0, sample[wrong], position[wrong], reduce="amin")
+        # No host sync: correct positions propose seq_len (= "no error"), which amin ignores.
+        proposed = torch.where(correct, torch.full_like(position, self.seq_len), position)
+        self._first_error.scatter_reduce_(0, sample, proposed, reduce="amin")
         if cfg.objective == "sft":
             weight = torch.ones_like(loss)
         elif cfg.objective == "ot":

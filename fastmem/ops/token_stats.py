@@ -9,6 +9,10 @@ import torch
 from fastmem.constants import L_CRIT
 
 
+# The per-call statistics in the order the op returns them (first_error last: it is per sample).
+STAT_FIELDS = ("loss", "prob", "correct", "lse", "weight", "valid", "first_error")
+
+
 @dataclass
 class TokenStats:
     """Statistics of one fused cross-entropy call.
@@ -17,10 +21,11 @@ class TokenStats:
     lse 0, weight 0, correct False and valid False.
 
     Attributes:
-        loss: per-token cross-entropy L_t (fp32).
+        loss: per-token cross-entropy L_t = -log p_y (fp32), of the soft-capped logits,
+            without label smoothing or z-loss (what recall and the MemFT weights read).
         prob: p_t = exp(-L_t), the probability of the target (fp32).
         correct: greedy argmax == target; a tie with another logit counts as wrong (bool).
-        lse: log-sum-exp of the token's logits (fp32).
+        lse: log-sum-exp of the token's (soft-capped) logits (fp32); the z-loss is s lse^2.
         weight: the (detached) MemFT weight w_t the loss used (fp32).
         valid: label != ignore_index (bool).
         first_error: per sample (leading dims of `labels`, `[]` for 1-D labels) the position

@@ -42,21 +42,30 @@ def make_chunk(dtype, rows, n_cols, offset, pad, seed=0):
     return storage, logits, labels
 
 
-def reference(logits, labels, weight):
-    """float64 row max, log sum exp(z - max), target, best non-target logit and w (p - onehot),
-    with p_y - 1 through log1p / expm1 (plain softmax - 1 cancels to ~1e-12 even in float64)."""
-    z = logits.double()
+def reference(logits, labels, weight, softcap=0.0, label_smoothing=0.0, lse_square_scale=0.0):
+    """float64 row max, log sum exp(z - max), target, best non-target logit, sum of z and
+    w dloss/dz of the (capped) logits, with p_y - 1 through log1p / expm1 (plain softmax - 1
+    cancels to ~1e-12 even in float64)."""
+    raw = logits.double()
+    z = softcap * torch.tanh(raw / softcap) if softcap else raw
     row_max = z.max(dim=1, keepdim=True).values
     shifted = torch.exp(z - row_max)
     shifted.scatter_(1, z.argmax(dim=1, keepdim=True), 0.0)  # every term but one 1
     log_sum = torch.log1p(shifted.sum(dim=1, keepdim=True))
+    lse = row_max + log_sum
     log_p = z - row_max - log_sum
     rows, col = torch.arange(len(labels)), labels[:, None]
-    grad = torch.exp(log_p)
-    grad[rows, labels] = torch.expm1(log_p.gather(1, col).squeeze(1))
+    n_cols = z.shape[1]
+    grad = torch.exp(log_p) * (1 + 2 * lse_square_scale * lse) - label_smoothing / n_cols
+    log_p_y = log_p.gather(1, col).squeeze(1)
+    grad[rows, labels] = (torch.expm1(log_p_y) + 2 * lse_square_scale * lse.squeeze(1) * torch.exp(log_p_y)
+                          + label_smoothing * (1 - 1 / n_cols))
+    if softcap:
+        grad = grad * (1 - torch.tanh(raw / softcap) ** 2)
     target = z.gather(1, col).squeeze(1)
     best_other = z.scatter(1, col, float("-inf")).max(dim=1).values
-    return (row_max + log_sum).squeeze(1), log_sum.squeeze(1), target, best_other, grad * weight.double()[:, None]
+    return (lse.squeeze(1), log_sum.squeeze(1), target, best_other, grad * weight.double()[:, None],
+            z.sum(dim=1))
 
 
 CASES = [  # n_cols, storage offset (elements), row padding, threads per block (0: the kernels' choice)
@@ -71,12 +80,13 @@ def check_chunk_kernels(ops, dtype, n_cols, offset, pad, device, rows=6):
     storage, logits, labels = make_chunk(dtype, rows, n_cols, offset, pad)
     accum = torch.float64 if dtype == torch.float64 else torch.float32
     weight = torch.tensor([0.5, 0.0, 1.0, 2.0, 1.5, 0.25], dtype=accum)  # row 1 is inactive
-    ref_lse, ref_log_sum, ref_target, ref_best, ref_grad = reference(logits, labels, weight)
+    ref_lse, ref_log_sum, ref_target, ref_best, ref_grad, ref_sum = reference(logits, labels, weight)
     storage = storage.to(device)
     logits = storage.as_strided(logits.shape, logits.stride(), offset)
 
-    row_max, log_sum, target, best_other = (t.cpu() for t in ops.ce_row_stats(logits, labels.to(device)))
-    assert row_max.dtype == log_sum.dtype == target.dtype == best_other.dtype == accum
+    row_max, log_sum, target, best_other, sum_z = (t.cpu() for t in ops.ce_row_stats(logits, labels.to(device), 0.0))
+    assert row_max.dtype == log_sum.dtype == target.dtype == best_other.dtype == sum_z.dtype == accum
+    torch.testing.assert_close(sum_z.double(), ref_sum, rtol=1e-5, atol=1e-4 * math.sqrt(n_cols))
     assert torch.equal(row_max.double(), logits.double().max(dim=1).values.cpu())
     torch.testing.assert_close(log_sum.double(), ref_log_sum, rtol=LSE_TOL[dtype], atol=0)
     torch.testing.assert_close((row_max + log_sum).double(), ref_lse, rtol=LSE_TOL[dtype], atol=LSE_TOL[dtype])
@@ -89,7 +99,8 @@ def check_chunk_kernels(ops, dtype, n_cols, offset, pad, device, rows=6):
     assert bool(correct[3])
 
     before = storage.clone()
-    ops.ce_softmax_grad_(logits, labels.to(device), row_max.to(device), log_sum.to(device), weight.to(device))
+    ops.ce_softmax_grad_(logits, labels.to(device), row_max.to(device), log_sum.to(device), weight.to(device),
+                         0.0, 0.0, 0.0)
     grad, storage, before = logits.cpu(), storage.cpu(), before.cpu()
     active = weight != 0
     torch.testing.assert_close(grad[active].double(), ref_grad[active].to(dtype).double(),

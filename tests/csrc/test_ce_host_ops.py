@@ -42,17 +42,18 @@ def _chunk(dtype, rows=5, vocab=37, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_opcheck_schemas_and_fakes(host_ops, dtype):
     logits, labels = _chunk(dtype)
-    torch.library.opcheck(host_ops.ce_row_stats, (logits, labels))
-    row_max, log_sum, _, _ = host_ops.ce_row_stats(logits, labels)
+    torch.library.opcheck(host_ops.ce_row_stats, (logits, labels, 3.0))
+    row_max, log_sum, *_ = host_ops.ce_row_stats(logits, labels, 0.0)
     weight = torch.linspace(0.0, 1.0, logits.shape[0], dtype=row_max.dtype)
-    torch.library.opcheck(host_ops.ce_softmax_grad_, (logits.clone(), labels, row_max, log_sum, weight))
+    torch.library.opcheck(host_ops.ce_softmax_grad_, (logits.clone(), labels, row_max, log_sum, weight, 0.0, 0.1,
+                                                      1e-3))
 
 
 def test_ops_trace_whole_under_torch_compile(host_ops):
     def chunk_step(logits, labels):
-        row_max, log_sum, target, best_other = host_ops.ce_row_stats(logits, labels)
+        row_max, log_sum, target, best_other, _ = host_ops.ce_row_stats(logits, labels, 0.0)
         weight = ((row_max + log_sum - target) > 0.5).to(row_max.dtype)
-        host_ops.ce_softmax_grad_(logits, labels, row_max, log_sum, weight)
+        host_ops.ce_softmax_grad_(logits, labels, row_max, log_sum, weight, 0.0, 0.0, 0.0)
         return row_max + log_sum, target > best_other
 
     logits, labels = _chunk(torch.float32, rows=8, vocab=50, seed=1)
@@ -70,10 +71,10 @@ def chunks_on_host_kernels(host_ops):
     host ops (the CUDA path minus the device), counting the chunks."""
     calls = []
 
-    def process_chunk(logits, labels, weigh, want_grad):
+    def process_chunk(logits, labels, weigh, want_grad, options):
         calls.append(logits.shape)
         return cross_entropy_cuda.run_chunk_kernels(host_ops.ce_row_stats, host_ops.ce_softmax_grad_, logits,
-                                                    labels, weigh, want_grad)
+                                                    labels, weigh, want_grad, options)
 
     with backends.override_implementation(lce_op.OP_NAME, "torch", SimpleNamespace(process_chunk=process_chunk)):
         yield calls

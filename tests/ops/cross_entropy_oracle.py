@@ -14,7 +14,7 @@ import torch
 
 def oracle_loss(hidden, weight, labels, bias=None, *, objective="sft", threshold=math.log(2), eps=0.01,
                 token_weights=None, kappa=10.0, tau=20.0, window=50, floor=0.01, ignore_index=-100,
-                reduction="mean", first_error=None):
+                reduction="mean", first_error=None, softcap=None, label_smoothing=0.0, lse_square_scale=0.0):
     """Return (loss, per-token dict, first_error) in float64; loss carries autograd.
 
     `first_error` overrides the anchors (used where low-precision rounding can flip a near tie).
@@ -24,12 +24,18 @@ def oracle_loss(hidden, weight, labels, bias=None, *, objective="sft", threshold
     logits = h @ weight.t()
     if bias is not None:
         logits = logits + bias
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     flat = labels.reshape(-1)
     valid = flat != ignore_index
     safe = torch.where(valid, flat, torch.zeros_like(flat))
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(1, safe[:, None]).squeeze(1)
-    loss_tok = torch.where(valid, lse - target, torch.zeros_like(lse))
+    nll_tok = torch.where(valid, lse - target, torch.zeros_like(lse))
+    # F.cross_entropy's label smoothing: (1 - e) nll + e * mean_c(-log p_c); z-loss: + s lse^2
+    smooth = lse - logits.mean(dim=-1)
+    objective_tok = (1 - label_smoothing) * (lse - target) + label_smoothing * smooth + lse_square_scale * lse ** 2
+    loss_tok = torch.where(valid, objective_tok, torch.zeros_like(lse))
     others = logits.detach().clone()
     others.scatter_(1, safe[:, None], float("-inf"))
     correct = (target.detach() > others.max(dim=1).values) & valid
@@ -45,7 +51,7 @@ def oracle_loss(hidden, weight, labels, bias=None, *, objective="sft", threshold
                 first_error[s] = position[wrong[0]]
     first_error = first_error.reshape(-1)
 
-    L = loss_tok.detach()
+    L = nll_tok.detach()
     if objective == "sft":
         w = torch.ones_like(L)
     elif objective == "ot":

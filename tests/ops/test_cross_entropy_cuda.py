@@ -129,17 +129,18 @@ def test_auto_picks_cuda_on_a_gpu():
 def test_opcheck(cuda_ops, dtype):
     logits = (torch.randn(5, 40, device="cuda") * 3).to(dtype)[:, 1:38]
     labels = torch.randint(0, 37, (5,), device="cuda")
-    torch.library.opcheck(cuda_ops.ce_row_stats, (logits, labels))
-    row_max, log_sum, _, _ = cuda_ops.ce_row_stats(logits, labels)
+    torch.library.opcheck(cuda_ops.ce_row_stats, (logits, labels, 3.0))
+    row_max, log_sum, *_ = cuda_ops.ce_row_stats(logits, labels, 0.0)
     weight = torch.linspace(0.0, 1.0, 5, device="cuda", dtype=row_max.dtype)
-    torch.library.opcheck(cuda_ops.ce_softmax_grad_, (logits.clone(), labels, row_max, log_sum, weight))
+    torch.library.opcheck(cuda_ops.ce_softmax_grad_, (logits.clone(), labels, row_max, log_sum, weight, 0.0, 0.1,
+                                                      1e-3))
 
 
 def test_ops_compile_with_inductor(cuda_ops):
     def chunk_step(logits, labels):
-        row_max, log_sum, target, best_other = cuda_ops.ce_row_stats(logits, labels)
+        row_max, log_sum, target, best_other, _ = cuda_ops.ce_row_stats(logits, labels, 0.0)
         weight = ((row_max + log_sum - target) > 0.5).float()
-        cuda_ops.ce_softmax_grad_(logits, labels, row_max, log_sum, weight)
+        cuda_ops.ce_softmax_grad_(logits, labels, row_max, log_sum, weight, 0.0, 0.0, 0.0)
         return row_max + log_sum, target > best_other
 
     logits = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16) * 3
@@ -154,12 +155,14 @@ def test_ops_compile_with_inductor(cuda_ops):
 def test_binding_rejects_bad_tensors_clearly(cuda_ops):
     logits = torch.randn(4, 10, device="cuda")
     with pytest.raises(RuntimeError, match="labels must be int64"):
-        cuda_ops.ce_row_stats(logits, torch.zeros(4, dtype=torch.int32, device="cuda"))
+        cuda_ops.ce_row_stats(logits, torch.zeros(4, dtype=torch.int32, device="cuda"), 0.0)
     with pytest.raises(RuntimeError, match="column stride 1"):
         cuda_ops.ce_row_stats(torch.randn(4, 20, device="cuda")[:, ::2], torch.zeros(4, dtype=torch.long,
-                                                                                       device="cuda"))
+                                                                                       device="cuda"), 0.0)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        cuda_ops.ce_row_stats(torch.randn(4, 10), torch.zeros(4, dtype=torch.long))
+        cuda_ops.ce_row_stats(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), 0.0)
+    with pytest.raises(RuntimeError, match="softcap must be >= 0"):
+        cuda_ops.ce_row_stats(logits, torch.zeros(4, dtype=torch.long, device="cuda"), -1.0)
 
 
 @pytest.mark.slow

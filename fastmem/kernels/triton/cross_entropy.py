@@ -3,14 +3,20 @@
 The GEMMs around them (logits = h W^T, grad_hidden = dlogits W) run on cuBLAS; these two
 kernels do the memory-bound part in two reads and one write of the chunk:
 
-* `row_stats_kernel`: one pass over a row in vocabulary tiles with an online log-sum-exp,
-  the target logit and the best non-target logit (greedy correctness, ties count as wrong).
-* `softmax_grad_kernel`: overwrites the row with `w (softmax - onehot)`, formed in fp32 and
-  rounded once (p_y - 1 of a confident target is lost if p_y is rounded to bf16 first).
-  Rows with w = 0 are skipped: they never reach the gradient GEMM.
+* `row_stats_kernel`: one pass over a row in vocabulary tiles with an online log-sum-exp kept
+  as (row max, rest = sum of exp(z - max) without one element at the max), the target logit,
+  the best non-target logit (greedy correctness, ties count as wrong) and the sum of the
+  logits (label smoothing).
+* `softmax_grad_kernel`: overwrites the row with `w dloss/dz`, formed in fp32 and rounded once.
+  The target column takes expm1(log p_y), so a confident target's p_y - 1 keeps fp32's
+  relative precision (exp(z - lse) - 1 loses it once ulp(lse) nears 1 - p_y). Rows with
+  w = 0 are skipped: they never reach the gradient GEMM.
 
-Padded columns of the last tile are masked out of the max, the lse, the argmax and the
-target match. Row offsets are int64: C * V passes 2^31 at long vocabularies.
+softcap (SOFTCAP, CAP) replaces z by CAP tanh(z / CAP) on load; its derivative multiplies the
+gradient. Padded columns of the last tile are masked out of the max, the sums, the argmax and
+the target match; a tile (or a whole row but the target) of -inf is exact: exp(-inf - max) = 0
+and a row that is -inf so far keeps an empty state instead of forming exp(-inf + inf).
+Row offsets are int64: C * V passes 2^31 at long vocabularies.
 """
 
 import triton
@@ -18,41 +24,88 @@ import triton.language as tl
 
 
 @triton.jit
-def row_stats_kernel(logits_ptr, stride_row, labels_ptr, lse_ptr, target_ptr, best_other_ptr,
-                     n_cols, BLOCK_V: tl.constexpr):
+def _tanh(x):
+    # tanh from one exp (tl has no tanh on every backend the interpreter included):
+    # (1 - e) / (1 + e) with e = exp(-2|x|) <= 1, so it never overflows.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def row_stats_kernel(logits_ptr, stride_row, labels_ptr, row_max_ptr, log_sum_ptr, target_ptr, best_other_ptr,
+                     sum_z_ptr, n_cols, cap, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row)
     target = tl.load(row_ptr + label).to(tl.float32)
+    if SOFTCAP:
+        target = cap * _tanh(target / cap)
     running_max = tl.full((), float("-inf"), tl.float32)
-    running_sum = tl.full((), 0.0, tl.float32)
+    rest = tl.full((), -1.0, tl.float32)  # empty: sum - 1 = -1
     best_other = tl.full((), float("-inf"), tl.float32)
+    sum_z = tl.full((), 0.0, tl.float32)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < n_cols
         z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        if SOFTCAP:
+            z = tl.where(in_row, cap * _tanh(z / cap), float("-inf"))
+        sum_z += tl.sum(tl.where(in_row, z, 0.0), axis=0)
+        tile_max = tl.max(z, axis=0)
+        new_max = tl.maximum(running_max, tile_max)
+        # A row still all -inf has no finite max: shift by 0 (every exp is 0) instead of NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        e = tl.exp(z - shift)
+        # When this tile holds the new max, one element at it is the implicit 1 of the sum.
+        holds_max = tile_max > running_max
+        first_max = tl.argmax(z, axis=0)
+        local = cols - start
+        kept = tl.where(holds_max, 0.0, e)  # the slot at the first max: excluded only if it is the new max
+        tile_rest = tl.sum(tl.where(local == first_max, kept, e), axis=0)
+        # exp(NaN) is NaN, but a NaN at the excluded slot must still reach the sum
+        tile_rest += tl.sum(tl.where(z != z, z, 0.0), axis=0)
+        rescaled = (1.0 + rest) * tl.exp(running_max - shift)
+        rest = tl.where(holds_max, rescaled + tile_rest, rest + tile_rest)
         running_max = new_max
         other = tl.where(cols == label, float("-inf"), z)
         best_other = tl.maximum(best_other, tl.max(other, axis=0))
-    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
+    # log1p(rest) without a libdevice call: log(1 + rest) loses rest below 2^-24, so use
+    # the classic correction u = 1 + rest; log(u) * rest / (u - 1).
+    u = 1.0 + rest
+    log_sum = tl.where(u == 1.0, rest, tl.log(u) * rest / (u - 1.0))
+    tl.store(row_max_ptr + row, running_max)
+    tl.store(log_sum_ptr + row, log_sum)
     tl.store(target_ptr + row, target)
     tl.store(best_other_ptr + row, best_other)
+    tl.store(sum_z_ptr + row, sum_z)
 
 
 @triton.jit
-def softmax_grad_kernel(logits_ptr, stride_row, labels_ptr, lse_ptr, weight_ptr, n_cols,
+def softmax_grad_kernel(logits_ptr, stride_row, labels_ptr, row_max_ptr, log_sum_ptr, weight_ptr, target_grad_ptr,
+                        n_cols, lse_square_scale, smooth_per_col, cap, SOFTCAP: tl.constexpr,
                         BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     weight = tl.load(weight_ptr + row)
     if weight != 0.0:
         row_ptr = logits_ptr + row * stride_row
         label = tl.load(labels_ptr + row)
-        lse = tl.load(lse_ptr + row)
+        row_max = tl.load(row_max_ptr + row)
+        log_sum = tl.load(log_sum_ptr + row)
+        # w p_c (1 + 2 s lse) - w eps / V off the target; the target's value comes precomputed
+        # (cross_entropy_options.target_grad: expm1 of log p_y and the option terms)
+        scale = weight * (1.0 + 2.0 * lse_square_scale * (row_max + log_sum))
+        shift = weight * smooth_per_col
+        target_value = tl.load(target_grad_ptr + row)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < n_cols
             z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-            grad = weight * (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0))
+            if SOFTCAP:
+                t = _tanh(z / cap)
+                z = cap * t
+            grad = scale * tl.exp((z - row_max) - log_sum) - shift
+            grad = tl.where(cols == label, target_value, grad)
+            if SOFTCAP:
+                grad = grad * (1.0 - t * t)
             tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
