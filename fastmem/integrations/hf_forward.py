@@ -131,11 +131,6 @@ def _return_dict(model, kwargs: dict) -> bool:
     return default if passed is None else bool(passed)
 
 
-def op_supports_softcap() -> bool:
-    """True once fastmem.linear_cross_entropy takes `softcap=` (Gemma 2 / 3 final-logit capping)."""
-    return "softcap" in inspect.signature(linear_cross_entropy).parameters
-
-
 def check_softcap_supported(model) -> None:
     """Raise unless the fused loss can reproduce this model's final-logit soft cap."""
     cap = families.softcap(model)
@@ -148,11 +143,6 @@ def check_softcap_supported(model) -> None:
             f"fastmem: {name} has final_logit_softcapping={cap} but is not a family whose capped head "
             f"apply_fastmem knows ({sorted(k for k, f in families.FAMILIES.items() if f.softcap)}); "
             "leave the model unpatched")
-    if not op_supports_softcap():
-        raise NotImplementedError(
-            f"fastmem: {name} has final_logit_softcapping={cap}, and this fastmem.linear_cross_entropy "
-            "has no softcap option; set model.config.final_logit_softcapping = None (this changes the model) "
-            "or train without apply_fastmem")
 
 
 def _head_operands(model, hidden: torch.Tensor):

@@ -36,7 +36,8 @@ FAMILY_CLASSES = {model_type: family.class_name for model_type, family in FAMILI
 # Names accepted by apply_fastmem_to besides the model_types.
 FAMILY_ALIASES = ALIASES
 # linear_cross_entropy keywords a patch may fix (reduction / stats / per-call tensors are the patch's).
-LOSS_OPTIONS = ("threshold", "eps", "kappa", "tau", "window", "floor", "ignore_index", "chunk_size")
+LOSS_OPTIONS = ("threshold", "eps", "kappa", "tau", "window", "floor", "ignore_index", "chunk_size", "label_smoothing",
+                "lse_square_scale", "max_chunk_bytes")
 PREVIOUS_FORWARD_ATTR = "_fastmem_previous_forward"
 
 
@@ -133,8 +134,9 @@ def apply_fastmem(model: nn.Module, *, objective: str = "sft", backend: str = "a
         return_logits: with labels, build `[B, S, V]` logits too: True / False, or None (default)
             for "only when autograd is off" (evaluation loops that want predictions). A call can
             override it with `model(..., return_logits=...)`.
-        **loss_options: threshold, eps, kappa, tau, window, floor, ignore_index, chunk_size of
-            fastmem.linear_cross_entropy.
+        **loss_options: threshold, eps, kappa, tau, window, floor, ignore_index, chunk_size,
+            label_smoothing, lse_square_scale (z-loss), max_chunk_bytes of fastmem.linear_cross_entropy.
+            `softcap` is not one: it comes from the model's config (final_logit_softcapping).
 
     After it, `model(input_ids, attention_mask=..., labels=labels [B, S] int64)` returns the
     fp32 loss, `logits=None` (in training), and `last_stats(model)` holds the TokenStats of

@@ -7,7 +7,6 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmem import linear_cross_entropy
-from fastmem.integrations.hf_forward import op_supports_softcap
 from fastmem.integrations.transformers import (apply_fastmem, apply_fastmem_to, is_patched, last_stats,
                                                unapply_fastmem, unapply_fastmem_to)
 
@@ -31,6 +30,7 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=None)),
     "gemma2_softcap": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=3.0)),
     "gemma3_text": ("Gemma3TextConfig", dict(head_dim=8)),
+    "gemma3_text_softcap": ("Gemma3TextConfig", dict(head_dim=8, final_logit_softcapping=2.0)),
     "olmo2": ("Olmo2Config", {}),
     "olmo3": ("Olmo3Config", {}),
     "granite": ("GraniteConfig", dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5)),
@@ -38,8 +38,6 @@ FAMILIES = {
     "glm4": ("Glm4Config", dict(head_dim=8)),
     "gpt_neox (generic path)": ("GPTNeoXConfig", dict(num_hidden_layers=2, use_parallel_residual=True)),
 }
-# Families whose head caps the logits: parity once the fused op has softcap=, a clear refusal before.
-SOFTCAPPED = {"gemma2_softcap"}
 
 
 def make_model(family: str, seed: int = 0, **overrides):
@@ -89,10 +87,6 @@ def test_sft_loss_and_grads_match_transformers(family, num_items):
     if num_items is not None:
         inputs["num_items_in_batch"] = torch.tensor(num_items)
     ref, ref_grads = loss_and_grads(model, **inputs)
-    if family in SOFTCAPPED and not op_supports_softcap():
-        with pytest.raises(NotImplementedError, match="final_logit_softcapping=3.0.*no softcap option"):
-            apply_fastmem(model)
-        return
     apply_fastmem(model)
     out, grads = loss_and_grads(model, **inputs)
     assert out.logits is None and ref.logits is not None
@@ -136,8 +130,6 @@ class MaxLogitRows(TorchDispatchMode):
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
 def test_training_forward_never_builds_full_logits(family):
-    if family in SOFTCAPPED and not op_supports_softcap():
-        pytest.skip("the fused op has no softcap yet: the family is refused (tested above)")
     model = make_model(family)
     input_ids, attention_mask, labels = batch(b=2, s=40)
     with MaxLogitRows(model) as unpatched:
@@ -189,11 +181,9 @@ def test_logits_when_asked_and_in_evaluation():
     torch.testing.assert_close(train_out.logits, ref.logits)
 
 
-@pytest.mark.parametrize("family", ["granite", "gemma2_softcap", "mixtral"])
+@pytest.mark.parametrize("family", ["granite", "gemma2_softcap", "gemma3_text_softcap", "mixtral"])
 def test_logits_of_transformed_heads_match(family):
     """Scaled / capped heads and MoE outputs: the logits built on request are the model's own."""
-    if family in SOFTCAPPED and not op_supports_softcap():
-        pytest.skip("the fused op has no softcap yet: the family is refused (tested above)")
     model = make_model(family)
     input_ids, attention_mask, labels = batch()
     with torch.no_grad():
