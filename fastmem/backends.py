@@ -34,16 +34,23 @@ def triton_installed() -> bool:
 
 
 def cuda_extension_loaded() -> bool:
-    """True when the csrc/ extension loads: prebuilt by setup.py, or JIT-built on first use
-    with a CUDA torch + nvcc + ninja (fastmem/_cuda_build.py; the outcome is cached)."""
-    from fastmem._cuda_build import load_cuda_extension
+    """True when the csrc/ extension is usable without compiling anything: prebuilt by setup.py,
+    or a cached JIT build of the current sources (fastmem/_cuda_build.py). What `auto` asks: it
+    never starts a minutes-long nvcc build inside a training step (the log says how to build)."""
+    from fastmem._cuda_build import cuda_extension_ready
 
-    return load_cuda_extension().module is not None
+    return cuda_extension_ready()
 
 
-def _backend_runs(backend: str, device: torch.device) -> bool:
+def _backend_runs(backend: str, device: torch.device, explicit: bool = False) -> bool:
     if backend == "cuda":
-        return device.type == "cuda" and cuda_extension_loaded()
+        if device.type != "cuda":
+            return False
+        if explicit:  # backend="cuda" asks for it: JIT-build on first use when needed
+            from fastmem import _cuda_build
+
+            return _cuda_build.load_cuda_extension().module is not None
+        return cuda_extension_loaded()
     if backend == "triton":
         return triton_installed() and (device.type == "cuda" or triton_interpreting())
     return True
@@ -88,7 +95,7 @@ def resolve_backend(op: str, requested: str, device: torch.device, supported: tu
         return chosen
     if requested not in supported:
         raise ValueError(f"backend={requested!r} is not implemented for {op}; use one of {supported}")
-    if not _backend_runs(requested, device):
+    if not _backend_runs(requested, device, explicit=True):
         raise RuntimeError(f"backend={requested!r} cannot run {op} on {device.type} tensors: "
                            f"{_unavailable_reason(requested, device)}")
     return requested
