@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from fastmem.backends import choose_backend, implementation, register_op
-from fastmem.ops.lora_linear_checks import (DropoutSpec, check_backend_limits, check_inputs,
-                                            resolve_dropout)
+from fastmem.ops.lora_linear_checks import (DropoutSpec, check_backend_limits, check_dropout, check_inputs,
+                                            draw_seed, resolve_dropout)
 
 OP_NAME = "lora_linear"
 # Preference order for `auto`: the CUDA LoRA kernels run on CUDA cores (no tensor cores, no
@@ -22,8 +22,9 @@ def _implementation(backend: str):
     return implementation(OP_NAME, backend)
 
 
-def _dropout(p: float, seed: int) -> DropoutSpec | None:
-    return DropoutSpec(p, seed) if p > 0.0 else None
+def _dropout(p: float, seed: torch.Tensor) -> DropoutSpec | None:
+    # Inside the op (opaque to torch.compile), so reading the 0-d seed tensor breaks no graph.
+    return DropoutSpec(p, int(seed)) if p > 0.0 else None
 
 
 # The op is two torch custom ops (forward, backward) joined by register_autograd, so that
@@ -32,7 +33,7 @@ def _dropout(p: float, seed: int) -> DropoutSpec | None:
 # copy), `x A^T` `[N, r]` and the parameters; the dropout mask is regenerated from the seed.
 @torch.library.custom_op("fastmem::lora_linear_forward", mutates_args=())
 def _forward_op(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                bias: torch.Tensor | None, scaling: float, dropout_p: float, seed: int,
+                bias: torch.Tensor | None, scaling: float, dropout_p: float, seed: torch.Tensor,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`x [N, I]` -> `(y [N, O], xa [N, r])` on `backend`."""
     return _implementation(backend).forward(x, weight, lora_A, lora_B, bias, scaling, _dropout(dropout_p, seed))
@@ -45,7 +46,7 @@ def _forward_fake(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, bac
 
 @torch.library.custom_op("fastmem::lora_linear_backward", mutates_args=())
 def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                 lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float, seed: int,
+                 lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
                  backend: str, want_x: bool, want_A: bool,
                  want_B: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(dx, dA, dB)`; a gradient not wanted is an empty tensor (never computed)."""
@@ -63,16 +64,16 @@ def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, se
 
 def _setup_context(ctx, inputs, output):
     x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
-    ctx.call = (scaling, dropout_p, seed, backend)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.call = (scaling, dropout_p, backend)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _unused_grad_xa):
     """The backward op has no autograd of its own: a double backward raises instead of being
     silently wrong (what once_differentiable did for the autograd.Function before)."""
-    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
-    scaling, dropout_p, seed, backend = ctx.call
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    scaling, dropout_p, backend = ctx.call
     want_x, want_w, want_A, want_B, want_bias = ctx.needs_input_grad[:5]
     grad_x = grad_w = grad_A = grad_B = grad_bias = None
     if want_x or want_A or want_B:
@@ -122,18 +123,33 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
 
     torch.compile: the op is the custom ops `torch.ops.fastmem.lora_linear_forward` / `_backward`
     with fake impls and registered autograd, so `torch.compile(fullgraph=True)` traces the forward
-    and the backward without a graph break. With dropout, pass `seed=` there: drawing one
-    (`seed=None`) reads a random number on the host, which breaks the graph.
+    and the backward without a graph break, dropout included. A seed drawn in a compiled graph
+    comes from the compiler's random stream (still seeded by `torch.manual_seed`), so it differs
+    from the eager draw; pass `seed=` for the same mask in both. `generator=` is eager-only.
     """
     check_inputs(x, weight, lora_A, lora_B, scaling, bias)
-    spec = resolve_dropout(dropout, seed, generator)
+    check_dropout(dropout, seed, generator)
+    if dropout == 0.0:
+        seed_tensor = torch.zeros((), dtype=torch.int64)
+    elif seed is None:
+        seed_tensor = draw_seed(generator)
+    else:
+        seed_tensor = torch.tensor(seed, dtype=torch.int64)
     # auto never picks a backend whose limits this call exceeds
     over_limits = tuple(b for b in SUPPORTED_BACKENDS if not _within_limits(b, x, lora_A.shape[0]))
-    chosen = choose_backend(OP_NAME, backend, x.device, exclude=over_limits)
+    chosen = _choose_backend(backend, x.device, over_limits)
     check_backend_limits(chosen, x, lora_A.shape[0])
-    y, _ = _forward_op(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias, float(scaling),
-                       spec.p if spec is not None else 0.0, spec.seed if spec is not None else 0, chosen)
+    y, _ = _forward_op(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias, float(scaling), float(dropout),
+                       seed_tensor, chosen)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.compiler.assume_constant_result
+def _choose_backend(requested: str, device: torch.device, exclude: tuple[str, ...]) -> str:
+    """The registry's choice. Choosing probes the installation (imports, the CUDA extension,
+    a log line): under torch.compile it runs once while tracing and its answer is a constant of
+    the graph, instead of Python the compiler would have to trace (or break the graph on)."""
+    return choose_backend(OP_NAME, requested, device, exclude=exclude)
 
 
 def _within_limits(backend: str, x: torch.Tensor, rank: int) -> bool:

@@ -62,16 +62,65 @@ def test_compile_sees_one_graph_with_the_custom_ops(device):
     assert "fastmem.lora_linear_forward.default" in graph_ops
 
 
+def test_backend_choice_is_a_trace_time_constant(device, monkeypatch):
+    """Choosing a backend probes the installation with code the compiler cannot trace (here
+    os.stat, as a stand-in for imports and the CUDA extension cache): it runs at trace time."""
+    import os
+
+    import fastmem.backends as backends
+
+    probes = []
+    real = backends._backend_runs
+
+    def probing(backend, device, explicit=False):
+        probes.append(os.stat(__file__).st_size)
+        return real(backend, device, explicit)
+
+    monkeypatch.setattr(backends, "_backend_runs", probing)
+    x, weight, lora_A, lora_B, _ = make_inputs((4,), 8, 8, 2, torch.float32, None, False, device)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: lora_linear(x, weight, lora_A, lora_B, 1.0, backend="triton"), fullgraph=True,
+                             backend="aot_eager")
+    compiled(x).sum().backward()
+    assert probes  # it did run, in Python, once per trace
+    assert rel_err(compiled(x), lora_linear(x, weight, lora_A, lora_B, 1.0, backend="triton")) < 1e-6
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_opcheck(dropout, device):
     """Schema, fake impl, autograd registration and aliasing, checked by torch itself."""
     x, weight, lora_A, lora_B, bias = make_inputs((5,), 6, 7, 3, torch.float32, "frozen", False, device)
-    torch.library.opcheck(lora_op._forward_op, (x.reshape(-1, 6), weight, lora_A, lora_B, bias, 1.5, dropout, 11,
+    seed = torch.tensor(11)
+    torch.library.opcheck(lora_op._forward_op, (x.reshape(-1, 6), weight, lora_A, lora_B, bias, 1.5, dropout, seed,
                                                 "torch"))
     grad_y = torch.randn(5, 7, device=device)
     xa = x.detach() @ lora_A.detach().t()
     torch.library.opcheck(lora_op._backward_op, (grad_y, x.detach(), weight, lora_A.detach(), lora_B.detach(), xa,
-                                                 1.5, dropout, 11, "torch", True, False, True))
+                                                 1.5, dropout, seed, "torch", True, False, True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_seedless_dropout_compiles_whole(backend, device):
+    """A LoRA layer in training draws a fresh seed per call: that draw stays inside the graph
+    (no host read), and forward and backward still apply one and the same mask."""
+    n_rows, width, p = 32, 16, 0.25
+    x = (torch.rand(n_rows, width, device=device) + 0.5).requires_grad_()
+    eye = torch.eye(width, device=device).requires_grad_()
+
+    def fn(x, lora_A):  # W = 0, A = B = I, s = 1: y = drop(x), dx = drop'(dy)
+        return lora_linear(x, torch.zeros(width, width, device=device), lora_A, eye.detach(), 1.0, dropout=p,
+                           backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    y = compiled(x, eye)
+    (grad_x,) = torch.autograd.grad(y.sum(), x)
+    kept = y != 0
+    assert 0.5 < kept.double().mean().item() < 0.95
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p))
+    torch.testing.assert_close(grad_x, kept.to(grad_x.dtype) / (1 - p))  # the forward's mask, regenerated
+    assert not torch.equal(compiled(x, eye) != 0, kept)  # a new seed per call
 
 
 def test_double_backward_raises(device):
