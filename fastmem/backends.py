@@ -89,7 +89,7 @@ def resolve_backend(op: str, requested: str, device: torch.device, supported: tu
         # On the CPU the Triton interpreter is correct but far slower than torch.
         chosen = available_backends(device, supported)[0] if device.type == "cuda" else "torch"
         key = (op, device.type, chosen)
-        if key not in _announced:
+        if key not in _announced and not torch.compiler.is_compiling():  # logging breaks a compiled graph
             _announced.add(key)
             log.info("fastmem: %s runs on the %r backend (%s device)", op, chosen, device.type)
         return chosen

@@ -33,8 +33,11 @@ def oracle_loss(hidden, weight, labels, bias=None, *, objective="sft", threshold
     target = logits.gather(1, safe[:, None]).squeeze(1)
     nll_tok = torch.where(valid, lse - target, torch.zeros_like(lse))
     # F.cross_entropy's label smoothing: (1 - e) nll + e * mean_c(-log p_c); z-loss: + s lse^2
-    smooth = lse - logits.mean(dim=-1)
-    objective_tok = (1 - label_smoothing) * (lse - target) + label_smoothing * smooth + lse_square_scale * lse ** 2
+    objective_tok = lse - target
+    if label_smoothing:
+        objective_tok = (1 - label_smoothing) * objective_tok + label_smoothing * (lse - logits.mean(dim=-1))
+    if lse_square_scale:
+        objective_tok = objective_tok + lse_square_scale * lse ** 2
     loss_tok = torch.where(valid, objective_tok, torch.zeros_like(lse))
     others = logits.detach().clone()
     others.scatter_(1, safe[:, None], float("-inf"))

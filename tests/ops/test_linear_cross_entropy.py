@@ -366,6 +366,18 @@ def _bad_calls():
     yield "backend must be one of", dict(backend="cuDNN")
     yield "hidden must be a torch.Tensor", dict(hidden=[[1.0]])
     yield "chunk_size must be", dict(chunk_size=0)
+    yield "max_chunk_bytes must be", dict(max_chunk_bytes=0)
+    yield "max_chunk_bytes=8 is below one row", dict(max_chunk_bytes=8)
+    nan, inf = float("nan"), float("inf")
+    for name, values in (("threshold", (nan, inf, 0.0, -1.0)), ("eps", (nan, inf, 0.0, -0.1)),
+                         ("kappa", (nan, -inf, 0.0)), ("tau", (nan, inf, -2.0)), ("floor", (nan, -0.5, 1.5)),
+                         ("softcap", (nan, inf, -30.0)), ("label_smoothing", (nan, -0.1, 1.01)),
+                         ("lse_square_scale", (nan, inf, -1e-4))):
+        for value in values:
+            yield f"{name} must be", {name: value}
+    yield "threshold must be a number", dict(threshold="0.5")
+    yield "window must be > 0", dict(window=torch.tensor([3.0, float("nan")]))
+    yield "window must be a positive", dict(window=float("nan"))
 
 
 @pytest.mark.parametrize("message,override", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
