@@ -42,18 +42,27 @@ def cuda_extension_loaded() -> bool:
     return cuda_extension_ready()
 
 
-def _backend_runs(backend: str, device: torch.device, explicit: bool = False) -> bool:
+# Probing imports modules and reads caches: under torch.compile it runs once while tracing and
+# its answer is a constant of the graph, instead of Python the compiler cannot trace.
+@torch.compiler.assume_constant_result
+def _backend_runs(backend: str, device: torch.device) -> bool:
+    """Whether `backend` runs on `device` as things are (what `auto` asks: nothing is built)."""
     if backend == "cuda":
-        if device.type != "cuda":
-            return False
-        if explicit:  # backend="cuda" asks for it: JIT-build on first use when needed
-            from fastmem import _cuda_build
-
-            return _cuda_build.load_cuda_extension().module is not None
-        return cuda_extension_loaded()
+        return device.type == "cuda" and cuda_extension_loaded()
     if backend == "triton":
         return triton_installed() and (device.type == "cuda" or triton_interpreting())
     return True
+
+
+@torch.compiler.assume_constant_result
+def _backend_runs_when_asked(backend: str, device: torch.device) -> bool:
+    """As _backend_runs, for a backend asked for by name: backend="cuda" JIT-builds the extension
+    on first use when needed (minutes, once; cached)."""
+    if backend == "cuda" and device.type == "cuda":
+        from fastmem import _cuda_build
+
+        return _cuda_build.load_cuda_extension().module is not None
+    return _backend_runs(backend, device)
 
 
 def _unavailable_reason(backend: str, device: torch.device) -> str:
@@ -95,7 +104,7 @@ def resolve_backend(op: str, requested: str, device: torch.device, supported: tu
         return chosen
     if requested not in supported:
         raise ValueError(f"backend={requested!r} is not implemented for {op}; use one of {supported}")
-    if not _backend_runs(requested, device, explicit=True):
+    if not _backend_runs_when_asked(requested, device):
         raise RuntimeError(f"backend={requested!r} cannot run {op} on {device.type} tensors: "
                            f"{_unavailable_reason(requested, device)}")
     return requested

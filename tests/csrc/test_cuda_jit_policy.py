@@ -108,3 +108,17 @@ def test_audit_build_cuda_says_why_it_cannot(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "fastmem audit --build-cuda: the fastmem CUDA extension is unavailable" in out
     assert "is not a CUDA build" in out
+
+
+def test_auto_on_a_gpu_device_traces_whole_under_compile(buildable):
+    """Under torch.compile(fullgraph=True) on a GPU, the probe (imports, extension caches, the
+    log line) runs once at trace time as a constant; it neither breaks the graph nor builds."""
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x):
+        chosen = backends.resolve_backend("op", "auto", CUDA, PREFERENCE)
+        return x * (2.0 if chosen == "triton" else 3.0)
+
+    torch._dynamo.reset()
+    assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
+    assert buildable == []

@@ -72,9 +72,9 @@ def test_backend_choice_is_a_trace_time_constant(device, monkeypatch):
     probes = []
     real = backends._backend_runs
 
-    def probing(backend, device, explicit=False):
+    def probing(backend, device):
         probes.append(os.stat(__file__).st_size)
-        return real(backend, device, explicit)
+        return real(backend, device)
 
     monkeypatch.setattr(backends, "_backend_runs", probing)
     x, weight, lora_A, lora_B, _ = make_inputs((4,), 8, 8, 2, torch.float32, None, False, device)
