@@ -37,7 +37,10 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("MixtralForCausalLM", router_aux_loss=True),
     "qwen2": Family("Qwen2ForCausalLM"),
     "qwen3": Family("Qwen3ForCausalLM"),
+    "qwen2_moe": Family("Qwen2MoeForCausalLM", router_aux_loss=True),
     "qwen3_moe": Family("Qwen3MoeForCausalLM", router_aux_loss=True),
+    "olmoe": Family("OlmoeForCausalLM", router_aux_loss=True),
+    "gpt_oss": Family("GptOssForCausalLM", router_aux_loss=True),
     "phi3": Family("Phi3ForCausalLM"),
     "gemma": Family("GemmaForCausalLM"),
     "gemma2": Family("Gemma2ForCausalLM", softcap="final_logit_softcapping"),
@@ -50,6 +53,14 @@ FAMILIES: dict[str, Family] = {
 }
 # Names accepted by apply_fastmem_to besides the model_types.
 ALIASES = {"gemma3": "gemma3_text"}
+
+
+def router_logits_requested(model, passed) -> bool:
+    """Whether this forward returns router logits (and so adds the router loss), as MoE forwards
+    decide it: the argument when given, else `config.output_router_logits`."""
+    if passed is not None:
+        return bool(passed)
+    return bool(getattr(getattr(model, "config", None), "output_router_logits", False))
 
 
 def family_of(model) -> Family | None:

@@ -254,6 +254,14 @@ def trl_fused_output(loss: torch.Tensor, stats, *, num_items_in_batch, shifted: 
     return TRLFusedOutput(loss=loss, **fields)
 
 
+def unknown_router_loss_message(model) -> str:
+    return (f"fastmem: {type(model).__name__} (model_type={model.config.model_type!r}) returns router logits "
+            "(output_router_logits=True), and its router loss is not one apply_fastmem knows how to add: the fused "
+            f"loss would drop it. Families with a router loss: "
+            f"{sorted(k for k, f in families.FAMILIES.items() if f.router_aux_loss)}; or set "
+            "config.output_router_logits = False")
+
+
 def router_load_balancing_loss(model, outputs, attention_mask) -> torch.Tensor:
     """The MoE router loss the original forward adds, from the module that defines the model."""
     for cls in type(model).__mro__:
@@ -298,8 +306,10 @@ def make_fused_forward(original):
         family = families.family_of(self)
         router_aux = family is not None and family.router_aux_loss
         if router_aux:  # as the original: the argument, else the config, decides
-            if arguments.get("output_router_logits") is None:
-                arguments["output_router_logits"] = bool(getattr(self.config, "output_router_logits", False))
+            arguments["output_router_logits"] = families.router_logits_requested(
+                self, arguments.get("output_router_logits"))
+        elif families.router_logits_requested(self, arguments.get("output_router_logits")):
+            raise NotImplementedError(unknown_router_loss_message(self))
         # As in the original, every remaining kwarg (num_items_in_batch too) reaches the decoder.
         outputs = decoder(**arguments, **extra)
         last_hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]

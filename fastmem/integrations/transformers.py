@@ -11,9 +11,9 @@ those of transformers' ForCausalLMLoss; see hf_forward.py for the details and ho
 objectives combine with gradient accumulation.
 
 Families (fastmem/integrations/families.py, found from `config.model_type`): llama (SmolLM2,
-Llama 2/3), mistral, mixtral, qwen2, qwen3, qwen3_moe, phi3, gemma, gemma2 and gemma3 (text; final
-logit soft-capping), olmo2, olmo3, granite (logit scaling), smollm3, glm4; MoE families add the
-router loss as the original does. Any other `*ForCausalLM` is accepted when its forward is checked to
+Llama 2/3), mistral, mixtral, qwen2, qwen3, qwen2_moe, qwen3_moe, olmoe, gpt_oss, phi3, gemma,
+gemma2 and gemma3 (text; final logit soft-capping), olmo2, olmo3, granite (logit scaling), smollm3,
+glm4; MoE families add the router loss as the original does. Any other `*ForCausalLM` is accepted when its forward is checked to
 be "decoder -> last hidden state -> lm_head" (one tiny no-grad probe forward at apply time).
 """
 
@@ -24,10 +24,11 @@ import types
 import torch
 from torch import nn
 
+from fastmem.integrations import families
 from fastmem.integrations.families import ALIASES, FAMILIES
 from fastmem.integrations.hf_forward import (CONFIG_ATTR, ORIGINAL_ATTR, STATS_ATTR, FusedLossConfig,
                                              check_softcap_supported, head_weight_and_bias, is_fused_forward,
-                                             make_fused_forward)
+                                             make_fused_forward, unknown_router_loss_message)
 from fastmem.ops.linear_cross_entropy import linear_cross_entropy
 from fastmem.ops.token_stats import TokenStats
 
@@ -87,6 +88,8 @@ def _check_family(model) -> None:
     check_softcap_supported(model)
     head_weight_and_bias(model)  # raises for a head the fused op cannot read
     if expected is None:
+        if families.router_logits_requested(model, None):
+            raise NotImplementedError(unknown_router_loss_message(model))
         _probe_generic_forward(model, model_type)
 
 

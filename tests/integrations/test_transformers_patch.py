@@ -25,6 +25,10 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", dict(head_dim=8)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=8, num_experts=4, moe_intermediate_size=16, **MOE)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                         **MOE)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, **MOE)),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, head_dim=8, **MOE)),
     "phi3": ("Phi3Config", {}),
     "gemma": ("GemmaConfig", dict(head_dim=8)),
     "gemma2": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=None)),
@@ -334,6 +338,17 @@ def test_unsupported_models_get_a_clear_error():
     cohere = transformers.CohereForCausalLM(transformers.CohereConfig(**SMALL, logit_scale=0.5))
     with pytest.raises(NotImplementedError, match="CohereForCausalLM.*cohere.*lm_head"):
         apply_fastmem(cohere)
+    # A MoE outside the families whose router loss is on: refused, never dropped (and at
+    # forward time when a call turns it on).
+    moe = transformers.AutoModelForCausalLM.from_config(transformers.FlexOlmoConfig(**SMALL, num_experts=4, **MOE))
+    with pytest.raises(NotImplementedError, match="FlexOlmoForCausalLM.*router loss"):
+        apply_fastmem(moe)
+    moe.config.output_router_logits = False
+    apply_fastmem(moe)
+    input_ids, _, labels = batch()
+    assert model_loss_is_finite(moe, input_ids, labels)
+    with pytest.raises(NotImplementedError, match="router loss"):
+        moe(input_ids=input_ids, labels=labels, output_router_logits=True)
     # A soft cap on a model outside the capped families is refused, never dropped.
     capped = make_model("llama")
     capped.config.final_logit_softcapping = 30.0
@@ -341,6 +356,10 @@ def test_unsupported_models_get_a_clear_error():
         apply_fastmem(capped)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         apply_fastmem(torch.nn.Linear(2, 2))
+
+
+def model_loss_is_finite(model, input_ids, labels) -> bool:
+    return bool(torch.isfinite(model(input_ids=input_ids, labels=labels).loss))
 
 
 def test_bad_options_fail_before_patching():
