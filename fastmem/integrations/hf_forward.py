@@ -270,8 +270,7 @@ def router_load_balancing_loss(model, outputs, attention_mask) -> torch.Tensor:
             break
     else:
         raise NotImplementedError(f"fastmem: no load_balancing_loss_func beside {type(model).__name__}")
-    return function(outputs.router_logits, model.num_experts, model.num_experts_per_tok,
-                                           attention_mask)
+    return function(outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
 def make_fused_forward(original):
@@ -319,13 +318,16 @@ def make_fused_forward(original):
         aux_loss = None
         if router_aux and arguments["output_router_logits"]:
             aux_loss = router_load_balancing_loss(self, outputs, arguments.get("attention_mask"))
-            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         self.__dict__[STATS_ATTR] = stats
         if trl_protocol:
+            # TRL reduces -log_probs itself and adds coef * aux_loss on its own (as with its own
+            # fused head): log_probs carry the token loss only.
             result = trl_fused_output(loss, stats, num_items_in_batch=extra.get("num_items_in_batch"),
                                       shifted="shift_labels" in extra and extra["shift_labels"] is not None)
             result.aux_loss = aux_loss
             return result
+        if aux_loss is not None:  # as the original forward: loss += coef * router loss
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         if return_logits is None:
             return_logits = config.return_logits
         if return_logits is None:

@@ -408,3 +408,16 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(monkeypatch):
     seen.clear()
     _, _ = loss_and_grads(model, **inputs)  # autocast off: the head's own dtype
     assert seen == [(torch.float32, torch.float32)]
+
+
+def test_trl_protocol_on_a_moe_reports_the_router_loss_apart():
+    """TRL reduces -log_probs itself and adds coef * aux_loss from the output: the router loss is
+    reported in aux_loss and kept out of log_probs, so the total is HF's loss, counted once."""
+    model = make_model("mixtral")
+    input_ids, attention_mask, labels = batch()
+    ref = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    apply_fastmem(model)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss)
+    total = -out.log_probs.sum() / out.label_mask.sum() + model.router_aux_loss_coef * out.aux_loss
+    torch.testing.assert_close(total, ref.loss, rtol=1e-5, atol=1e-6)
