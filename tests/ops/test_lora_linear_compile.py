@@ -3,6 +3,7 @@ backward equal eager; the op passes torch.library.opcheck; a double backward rai
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 from fastmem.ops import lora_linear as lora_op
 from fastmem.ops.lora_linear import lora_linear
@@ -129,3 +130,24 @@ def test_double_backward_raises(device):
     (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="autograd"):
         torch.autograd.grad(grad_x.sum(), lora_A)
+
+
+def test_lora_linear_module_in_training_compiles_whole(device):
+    """fastmem.nn.LoRALinear with dropout, in training mode, under fullgraph compile: one graph,
+    a fresh mask per step, eval mode equal to eager."""
+    from fastmem.nn.lora_linear import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(12, 10, r=4, lora_alpha=8, lora_dropout=0.2, backend="torch").to(device)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    torch._dynamo.reset()
+    counts = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=counts)
+    x = torch.randn(6, 12, device=device)
+    first = compiled(x)
+    first.square().sum().backward()
+    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+    assert not torch.equal(compiled(x), first)  # dropout: a new mask per call
+    layer.eval()
+    torch.testing.assert_close(compiled(x), layer(x))
+    assert counts.frame_count <= 2  # train and eval each trace once, no graph breaks
