@@ -1,8 +1,12 @@
 """Fused linear cross-entropy: forward+backward time and peak memory against the anchors.
 
 Contenders: fastmem on every backend available here, torch eager (F.linear + F.cross_entropy),
-torch.compile of the same (GPU, or --compile on CPU), and Liger-Kernel / Cut Cross-Entropy
-when installed. On a GPU it also times the GEMM floor (logits GEMM + grad_hidden GEMM at
+torch 2.13's native chunked F.linear_cross_entropy(..., options=LinearCrossEntropyOptions()),
+torch.compile of eager (GPU, or --compile on CPU), and Liger-Kernel / Cut Cross-Entropy when
+installed. On the CPU target, fastmem also runs at 256 and 1024 rows per chunk beside its
+default (512), the evidence for the default. Contenders are timed interleaved (one step of
+each per round, median over rounds), so a load that drifts during the run hits all alike; the
+load average before and after is written beside the table. On a GPU it also times the GEMM floor (logits GEMM + grad_hidden GEMM at
 this shape) and MemFT-OT with 5% of tokens active (threshold at the 95th loss percentile).
 
     python benchmarks/bench_cross_entropy.py                 # GPU: Llama3.1-8B / Qwen3-8B shapes
@@ -47,10 +51,25 @@ def eager_loss(hidden, weight, labels, **_):
     return F.cross_entropy(F.linear(hidden, weight).float(), labels)
 
 
+def native_loss(hidden, weight, labels, **_):
+    """torch's own chunked op (2.13: F.linear_cross_entropy with options=LinearCrossEntropyOptions())."""
+    return F.linear_cross_entropy(hidden, weight, labels, options=torch.nn.LinearCrossEntropyOptions())
+
+
+CPU_CHUNK_SWEEP = (256, 1024)
+
+
 def contenders(device, compile_too):
     found = {f"fastmem[{b}]": (lambda b: lambda h, w, y, **kw: fastmem.linear_cross_entropy(h, w, y, backend=b, **kw))(b)
              for b in available_backends(device)}
+    if device.type == "cpu":
+        for rows in CPU_CHUNK_SWEEP:
+            found[f"fastmem[torch] chunk={rows}"] = (
+                lambda rows: lambda h, w, y, **kw: fastmem.linear_cross_entropy(h, w, y, backend="torch",
+                                                                                chunk_size=rows, **kw))(rows)
     found["torch eager"] = eager_loss
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        found["torch native chunked"] = native_loss
     if compile_too:
         found["torch.compile"] = torch.compile(eager_loss)
     try:
@@ -81,6 +100,30 @@ def time_fwd_bwd(fn, hidden, weight, labels, reps, **options):
         step()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def time_interleaved(fns, hidden, weight, labels, reps):
+    """CPU: median ms of each fn over `reps` rounds, one step of every fn per round."""
+    def step(fn):
+        h = hidden.detach().requires_grad_(True)
+        start = time.perf_counter()
+        fn(h, weight, labels).backward()
+        return (time.perf_counter() - start) * 1e3
+
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():  # warm-up
+        step(fn)
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(step(fn))
+    return {name: (statistics.median(t), t) for name, t in times.items()}
+
+
+def load_average():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
 
 
 def gpu_peak_extra_mib(fn, hidden, weight, labels, **options):
@@ -170,6 +213,7 @@ def device_name(device):
 
 def run(args):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_target and not args.smoke else "cpu")
+    args.load_before = load_average()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.smoke:
         cases, dtype = [("smoke", 256, 64, 1000)], torch.float32
@@ -182,16 +226,20 @@ def run(args):
     for case, n_rows, hidden_size, vocab in cases:
         hidden, weight, labels = make_inputs(n_rows, hidden_size, vocab, dtype, device)
         eager_ms = None
-        for name, fn in contenders(device, compile_too).items():
+        found = contenders(device, compile_too)
+        cpu_times = time_interleaved(found, hidden, weight, labels, args.reps) if device.type == "cpu" else {}
+        for name, fn in found.items():
             try:
-                ms = time_fwd_bwd(fn, hidden, weight, labels, args.reps)
+                ms, all_ms = cpu_times[name] if name in cpu_times else (time_fwd_bwd(fn, hidden, weight, labels,
+                                                                                     args.reps), None)
                 mem = (gpu_peak_extra_mib(fn, hidden, weight, labels) if device.type == "cuda"
                        else cpu_peak_extra_mib(name, n_rows, hidden_size, vocab, dtype, compile_too))
             except (RuntimeError, torch.OutOfMemoryError) as err:  # an anchor OOM is a result too
                 rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender=name, error=str(err)[:80]))
                 continue
             eager_ms = ms if name == "torch eager" else eager_ms
-            rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender=name, ms=ms, extra_mib=mem))
+            rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender=name, ms=ms, extra_mib=mem,
+                             all_ms=all_ms))
         rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender="GEMM floor (1 pass + 1 pass)",
                          ms=gemm_floor_ms(hidden, weight, reps=args.reps), extra_mib=None))
         # MemFT-OT with 5% of the tokens above the threshold: only those rows reach the second GEMM.
@@ -215,7 +263,12 @@ def write_table(device, dtype, rows, args):
     stamp = dt.datetime.now(dt.timezone.utc)
     lines = [f"# fused linear cross-entropy, fwd+bwd, frozen head, {str(dtype).replace('torch.', '')}",
              "", f"- date: {stamp:%Y-%m-%d %H:%M} UTC", f"- device: {device_name(device)}",
-             f"- versions: {json.dumps(versions())}", f"- command: `python {' '.join(sys.argv)}`", "",
+             f"- versions: {json.dumps(versions())}", f"- command: `python {' '.join(sys.argv)}`",
+             f"- ms: median of {args.reps} rounds" + (", contenders interleaved" if device.type == "cpu" else ""),
+             f"- load average (1, 5, 15 min) before: {args.load_before}, after: {load_average()}"
+             f" on {os.cpu_count()} cores" + (" -- NOT a quiet machine: compare ratios within this run only"
+                                              if args.load_before and args.load_before[0] > 0.5 * (os.cpu_count() or 1)
+                                              else ""), "",
              "| case | N | H | V | contender | ms | × eager | extra MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -224,6 +277,10 @@ def write_table(device, dtype, rows, args):
         mem = "" if r.get("extra_mib") is None else f"{r['extra_mib']:.0f}"
         ratio = f"{r['vs_eager']:.2f}" if r.get("vs_eager") else ""
         lines.append(f"| {r['case']} | {r['N']} | {r['H']} | {r['V']} | {r['contender']} | {r['ms']:.1f} | {ratio} | {mem} |")
+    per_round = [f"- {r['contender']}: " + ", ".join(f"{t:.0f}" for t in r["all_ms"])
+                 for r in rows if r.get("all_ms")]
+    if per_round:
+        lines += ["", "Every round (ms):", *per_round]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

@@ -21,8 +21,12 @@ class FusedLinearMemFTLoss(nn.Module):
     def __init__(self, objective: str = "sft", *, threshold: float = L_CRIT, eps: float = MEMFT_EPS,
                  kappa: float = SW_KAPPA, tau: float = SW_TAU, window: int | float = SW_WINDOW,
                  floor: float = SW_FLOOR, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                 return_stats: bool = False, backend: str = "auto", chunk_size: int | None = None):
+                 return_stats: bool = False, backend: str = "auto", chunk_size: int | None = None,
+                 softcap: float | None = None, label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                 max_chunk_bytes: int | None = None):
         super().__init__()
+        self.softcap, self.label_smoothing, self.lse_square_scale = softcap, label_smoothing, lse_square_scale
+        self.max_chunk_bytes = max_chunk_bytes
         self.objective, self.threshold, self.eps = objective, threshold, eps
         self.kappa, self.tau, self.window, self.floor = kappa, tau, window, floor
         self.ignore_index, self.reduction, self.return_stats = ignore_index, reduction, return_stats
@@ -36,7 +40,9 @@ class FusedLinearMemFTLoss(nn.Module):
             eps=self.eps, token_weights=token_weights, kappa=self.kappa, tau=self.tau,
             window=self.window if window is None else window, floor=self.floor,
             ignore_index=self.ignore_index, reduction=self.reduction,
-            return_stats=self.return_stats, backend=self.backend, chunk_size=self.chunk_size)
+            return_stats=self.return_stats, backend=self.backend, chunk_size=self.chunk_size,
+            softcap=self.softcap, label_smoothing=self.label_smoothing, lse_square_scale=self.lse_square_scale,
+            max_chunk_bytes=self.max_chunk_bytes)
 
     def extra_repr(self) -> str:
         return (f"objective={self.objective!r}, threshold={self.threshold:.4g}, reduction={self.reduction!r}, "

@@ -17,6 +17,8 @@ from fastmem import backends
 from fastmem.ops import cross_entropy_cuda
 from tests.csrc.ce_host_kernels import CeHostKernels
 from tests.csrc.cuda_toolchain import register_host_ops
+from tests.ops import test_cross_entropy_numerics as numerics_suite
+from tests.ops import test_cross_entropy_options as options_suite
 from tests.ops import test_linear_cross_entropy as op_suite
 
 HOST_NAMESPACE = "fastmem_cuda_host"
@@ -109,3 +111,25 @@ def test_run_chunk_kernels_rejects_a_strided_vocabulary(host_ops):
         cross_entropy_cuda.run_chunk_kernels(host_ops.ce_row_stats, host_ops.ce_softmax_grad_, logits,
                                              torch.zeros(4, dtype=torch.long), functools.partial(torch.ones_like),
                                              True)
+
+
+@pytest.mark.parametrize("offset", [0.0, 20.0])
+@pytest.mark.parametrize("dtype", numerics_suite.CONFIDENT_DTYPES, ids=str)
+def test_confident_targets_through_the_host_kernels(chunks_on_host_kernels, dtype, offset):
+    numerics_suite.test_confident_targets_keep_their_gradient("torch", dtype, offset)
+    assert chunks_on_host_kernels
+
+
+def test_minus_inf_columns_through_the_host_kernels(chunks_on_host_kernels, monkeypatch):
+    numerics_suite.test_every_column_but_the_target_minus_inf("torch", monkeypatch)
+    for masked in (slice(0, 256), slice(64, 299)):
+        numerics_suite.test_vocabulary_tiles_of_minus_inf("torch", masked, monkeypatch)
+    assert chunks_on_host_kernels
+
+
+@pytest.mark.parametrize("name", list(options_suite.OPTION_SETS))
+def test_options_through_the_host_kernels(chunks_on_host_kernels, name):
+    for objective, reduction in (("sft", "mean"), ("sw", "none")):
+        options_suite.test_options_match_oracle("torch", name, objective, reduction)
+    options_suite.test_options_in_half_precision("torch", torch.bfloat16)
+    assert chunks_on_host_kernels

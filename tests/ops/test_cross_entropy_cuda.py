@@ -176,3 +176,27 @@ def test_more_than_2_pow_31_logits_elements():
     ref = sum(F.cross_entropy(hidden[i:i + 1024].float() @ weight.float().t(), labels[i:i + 1024], reduction="sum")
               for i in range(0, n_rows, 1024)) / n_rows
     torch.testing.assert_close(ours, ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("offset", [0.0, 20.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_confident_targets(dtype, offset):
+    from tests.ops import test_cross_entropy_numerics as numerics_suite
+
+    numerics_suite.test_confident_targets_keep_their_gradient("cuda", dtype, offset)
+
+
+def test_minus_inf_columns(monkeypatch):
+    from tests.ops import test_cross_entropy_numerics as numerics_suite
+
+    numerics_suite.test_every_column_but_the_target_minus_inf("cuda", monkeypatch)
+    numerics_suite.test_vocabulary_tiles_of_minus_inf("cuda", slice(0, 256), monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["softcap", "smoothing", "zloss", "all"])
+def test_options(name):
+    from tests.ops import test_cross_entropy_options as options_suite
+
+    for objective, reduction in (("sft", "mean"), ("ot", "mean"), ("sw", "none")):
+        options_suite.test_options_match_oracle("cuda", name, objective, reduction)
+    options_suite.test_options_in_half_precision("cuda", torch.bfloat16)

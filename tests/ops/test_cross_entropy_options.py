@@ -77,3 +77,13 @@ def test_softcap_zero_or_none_is_off():
     plain = fastmem.linear_cross_entropy(hidden, weight, labels)
     assert torch.equal(fastmem.linear_cross_entropy(hidden, weight, labels, softcap=None), plain)
     assert torch.equal(fastmem.linear_cross_entropy(hidden, weight, labels, softcap=0.0), plain)
+
+
+def test_module_wrapper_passes_the_options():
+    from fastmem.nn import FusedLinearMemFTLoss
+
+    hidden, weight, _, labels = make_case(torch.float32, seed=26)
+    options = dict(softcap=4.0, label_smoothing=0.2, lse_square_scale=1e-3)
+    module = FusedLinearMemFTLoss("sw", **options)
+    assert torch.equal(module(hidden, weight, labels),
+                       fastmem.linear_cross_entropy(hidden, weight, labels, objective="sw", **options))

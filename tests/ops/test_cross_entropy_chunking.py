@@ -1,0 +1,108 @@
+"""The chunk rule of the fused cross-entropy (cross_entropy_chunked.chunk_rows_for) at the
+shapes users run, the max_chunk_bytes knob, and the host syncs per chunk."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import fastmem
+from fastmem.ops.cross_entropy_chunked import bytes_per_logit, chunk_rows_for, ridge_rows
+from tests.ops.test_linear_cross_entropy import make_case
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on CUDA here
+LLAMA3_V, QWEN_V, SMOLLM2_V = 128256, 151936, 49152
+lce_op = importlib.import_module("fastmem.ops.linear_cross_entropy")
+
+
+def test_ridge_rows_from_the_gpu_arithmetic_intensity():
+    # 2 M / elem FLOP per byte of W must pass ~300 (H100 bf16): 512 rows in 16-bit, 1024 in fp32
+    assert ridge_rows(torch.bfloat16) == ridge_rows(torch.float16) == 512
+    assert ridge_rows(torch.float32) == 1024
+    for dtype in (torch.bfloat16, torch.float32):
+        elem = torch.empty((), dtype=dtype).element_size()
+        assert 2 * ridge_rows(dtype) / elem >= 300
+
+
+@pytest.mark.parametrize("vocab", [LLAMA3_V, QWEN_V], ids=["llama3", "qwen"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_gpu_chunks_reach_the_ridge_at_llama_and_qwen_shapes(vocab, backend):
+    rows = chunk_rows_for(16384, vocab, torch.bfloat16, CUDA, backend)
+    assert rows >= 512 and rows % 128 == 0
+    # the logits buffer is counted in its own dtype (+ fp32 copy on the torch backend)
+    assert rows * vocab * bytes_per_logit(torch.bfloat16, backend) <= max(256 * 2**20,
+                                                                          512 * vocab * 6)
+    # W [V, 4096] bf16 is re-read once per chunk: at N=16k that is at most 32 times, not ~340
+    assert math.ceil(16384 / rows) <= 32
+
+
+def test_gpu_rule_examples():
+    assert chunk_rows_for(16384, LLAMA3_V, torch.bfloat16, CUDA, "triton") == 1024  # 256 MiB of bf16 logits
+    assert chunk_rows_for(16384, QWEN_V, torch.bfloat16, CUDA, "triton") == 768
+    assert chunk_rows_for(16384, QWEN_V, torch.bfloat16, CUDA, "torch") == 512  # + fp32 copy: the ridge floor
+    assert chunk_rows_for(300, QWEN_V, torch.bfloat16, CUDA, "triton") == 300  # fewer rows: all of them
+    assert chunk_rows_for(0, QWEN_V, torch.bfloat16, CUDA, "triton") == 1
+
+
+def test_max_chunk_bytes_is_a_hard_cap_in_the_logits_dtype():
+    cap = 64 * 2**20
+    bf16 = chunk_rows_for(16384, QWEN_V, torch.bfloat16, CUDA, "triton", max_chunk_bytes=cap)
+    fp32 = chunk_rows_for(16384, QWEN_V, torch.float32, CUDA, "triton", max_chunk_bytes=cap)
+    assert bf16 == cap // (QWEN_V * 2) == 220 and fp32 == cap // (QWEN_V * 4) == 110
+    big = chunk_rows_for(16384, QWEN_V, torch.bfloat16, CUDA, "triton", max_chunk_bytes=2**31)
+    assert big == 2**31 // (QWEN_V * 2) // 128 * 128 and big * QWEN_V * 2 <= 2**31
+    with pytest.raises(ValueError, match="below one row of logits"):
+        chunk_rows_for(10, QWEN_V, torch.bfloat16, CUDA, "triton", max_chunk_bytes=1000)
+
+
+def test_cpu_default_is_the_measured_512_rows_at_the_smollm2_head():
+    assert chunk_rows_for(2048, SMOLLM2_V, torch.float32, CPU, "torch") == 512  # 96 MiB of fp32 logits
+
+
+def test_the_op_runs_the_rule_and_chunk_size_overrides_it(monkeypatch):
+    seen = []
+    real = lce_op.run_chunks
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["chunk_rows"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lce_op, "run_chunks", spy)
+    hidden, weight, _, labels = make_case(torch.float32, seed=41)
+    n_rows, vocab = labels.numel(), weight.shape[0]
+    fastmem.linear_cross_entropy(hidden, weight, labels)
+    fastmem.linear_cross_entropy(hidden, weight, labels, chunk_size=5)
+    fastmem.linear_cross_entropy(hidden, weight, labels, max_chunk_bytes=vocab * 4 * 3)
+    assert seen == [min(n_rows, chunk_rows_for(n_rows, vocab, torch.float32, CPU, "torch")), 5, 3]
+
+
+class CountSyncs(TorchFunctionMode):
+    """Counts the calls that make the host wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("nonzero", "item", "__bool__", "__int__", "__float__", "tolist"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("objective", ["sft", "ot"])
+def test_at_most_one_host_sync_per_chunk(objective):
+    """Per call: the label-range check and the valid-row index; per chunk: none for SFT, the
+    active-row count for OT (the gradient GEMM's size)."""
+    hidden, weight, _, labels = make_case(torch.float32, seed=42, ignore="some")
+    n_chunks = math.ceil(int((labels != -100).sum()) / 8)
+    h = hidden.clone().requires_grad_(True)
+    with CountSyncs() as syncs:
+        loss = fastmem.linear_cross_entropy(h, weight, labels, objective=objective, threshold=1.0,
+                                            backend="triton", chunk_size=8)
+    per_call = 2
+    assert syncs.count <= per_call + (n_chunks if objective == "ot" else 0), syncs.count
+    loss.backward()
