@@ -15,8 +15,9 @@ Run WITHOUT TRITON_INTERPRET (the kernels must be real `JITFunction`s). Two phas
    constexprs, divisibility attributes) for a target `GPUTarget("cuda", arch, 32)`, and
    `JITFunction.warmup` compiles it to a cubin through the regular compile path (ttir -> ttgir ->
    llir -> ptx -> cubin with ptxas). By default a greedy cover keeps a subset of launches in
-   which every (kernel, argument, specialization) value of the recorded set appears at least once
-   per target (every dtype, every constexpr value); `--full` compiles every distinct key.
+   which, per kernel and dtype signature, every argument specialization (each constexpr value,
+   divisibility) and every autotune options set appears at least once per target; `--full`
+   compiles every distinct key (the full product: ~800-1100 per target, ~30 min).
 
 Every kernel defined in fastmem/kernels/triton must be launched at least once in phase 1, or
 the run fails: a kernel the grid never reaches would otherwise pass unchecked.
@@ -62,19 +63,19 @@ class Launch:
     args: tuple
     kwargs: dict
     origin: str  # which call of the grid made it (for messages)
-    autotuned: bool  # one config of an autotuned kernel (the autotuner skips a config that does not fit)
+    config: tuple | None  # the autotune config (None when not autotuned); one that does not fit is skipped
 
 
 @dataclass
 class Recorder:
     launches: list[Launch] = field(default_factory=list)
     origin: str = ""
-    in_autotuner: bool = False
+    config: tuple | None = None
 
 
 def _record_jit(recorder: Recorder):
     def run(self, *args, grid, warmup, **kwargs):
-        recorder.launches.append(Launch(self, args, dict(kwargs), recorder.origin, recorder.in_autotuner))
+        recorder.launches.append(Launch(self, args, dict(kwargs), recorder.origin, recorder.config))
         return None
 
     return run
@@ -82,12 +83,16 @@ def _record_jit(recorder: Recorder):
 
 def _record_autotuner(recorder: Recorder):
     def run(self, *args, grid, warmup=False, **kwargs):
-        # Every config the autotuner may pick on a GPU, heuristics applied on the way down.
-        recorder.in_autotuner = True
+        # Every config the autotuner may pick on a GPU (as Autotuner.warmup walks them), heuristics
+        # applied on the way down.
+        self.nargs = dict(zip(self.arg_names, args))
         try:
-            return self.warmup(*args, grid=grid, **kwargs)
+            for config in self.prune_configs(kwargs):
+                recorder.config = tuple(sorted(config.all_kwargs().items()))
+                self.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
         finally:
-            recorder.in_autotuner = False
+            self.nargs = None
+            recorder.config = None
 
     return run
 
@@ -206,20 +211,29 @@ def kernel_name(kernel: JITFunction) -> str:
 
 def compile_key(launch: Launch) -> tuple:
     """Triton's own specialization of this launch (the part of the compile key that depends on
-    the arguments): per parameter its type ("*bf16", "i32", "constexpr") and attribute / value."""
+    the arguments): per parameter its type ("*bf16", "i32", "constexpr") and attribute / value;
+    then the options (warps, stages) and the autotune config it came from."""
     _, _, _, _, binder = launch.kernel.device_caches[triton_driver.active.get_current_device()]
     _, specialization, options = binder(*launch.args, **launch.kwargs)
     names = [p.name for p in launch.kernel.params]
     spec = tuple((name, str(kind), repr(value)) for name, (kind, value) in zip(names, specialization))
-    return (kernel_name(launch.kernel), spec, repr(sorted(dict(options).items())))
+    return (kernel_name(launch.kernel), spec, repr(sorted(dict(options).items())), repr(launch.config))
+
+
+def _dtypes(spec) -> tuple:
+    """The pointer element types of a launch ("*bf16", ...): its dtype signature."""
+    return tuple(kind for _, kind, _ in spec if kind.startswith("*"))
 
 
 def cover(keys: dict[tuple, Launch]) -> list[tuple]:
-    """A small subset of keys in which every (kernel, parameter, specialization) and every
-    kernel's options appear at least once (greedy set cover)."""
+    """A small subset of keys in which, for every dtype signature of a kernel, every
+    (parameter, specialization) and every options set (warps, stages) appears at least once
+    (greedy set cover): each constexpr value and autotune config is compiled at each dtype."""
     def features(key):
-        name, spec, options = key
-        return {(name, "options", options)} | {(name,) + item for item in spec}
+        name, spec, options, config = key
+        dtypes = _dtypes(spec)
+        return ({(name, dtypes, "options", options), (name, dtypes, "config", config)}
+                | {(name, dtypes) + item for item in spec})
 
     todo = set().union(*(features(k) for k in keys)) if keys else set()
     chosen = []
@@ -252,6 +266,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--full", action="store_true", help="compile every distinct launch, not a cover")
     parser.add_argument("--json", help="write the summary here")
+    parser.add_argument("--dry-run", action="store_true", help="record and select, compile nothing")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -274,10 +289,15 @@ def main(argv=None) -> int:
             for launch in recorder.launches:
                 keys.setdefault(compile_key(launch), launch)
             selected = list(keys) if args.full else cover(keys)
+            if args.dry_run:
+                summary["targets"][f"sm_{arch}"] = {"distinct_keys": len(keys), "selected": len(selected),
+                                                    "per_kernel": {k[0]: sum(1 for s in selected if s[0] == k[0])
+                                                                   for k in selected}}
+                continue
             t0 = time.perf_counter()
             per_kernel: dict[str, int] = {}
             too_big: list[str] = []  # autotune configs this arch cannot launch (the autotuner skips them)
-            fitting_autotuned: set[str] = set()
+            fitting_autotuned: set[tuple] = set()  # (kernel, dtypes) with at least one config that fits
             for key in selected:
                 launch = keys[key]
                 per_kernel[key[0]] = per_kernel.get(key[0], 0) + 1
@@ -289,15 +309,15 @@ def main(argv=None) -> int:
                     continue
                 shared = compiled.metadata.shared
                 if shared <= SHARED_MEMORY_LIMIT[arch]:
-                    if launch.autotuned:
-                        fitting_autotuned.add(key[0])
-                elif launch.autotuned:
-                    too_big.append(f"{key[0]} {dict(launch.kwargs)}: {shared} B")
+                    if launch.config is not None:
+                        fitting_autotuned.add((key[0], _dtypes(key[1])))
+                elif launch.config is not None:
+                    too_big.append(f"{key[0]} {_dtypes(key[1])} {dict(launch.config)}: {shared} B")
                 else:  # a plain launch would fail with "out of resource: shared memory"
                     failures.append(f"sm_{arch} {key[0]} ({launch.origin}): needs {shared} B of shared memory, "
                                     f"the limit is {SHARED_MEMORY_LIMIT[arch]} B")
-            for name in {k[0] for k in selected if keys[k].autotuned} - fitting_autotuned:
-                failures.append(f"sm_{arch} {name}: no compiled autotune config fits in shared memory")
+            for name, dtypes in {(k[0], _dtypes(k[1])) for k in selected if keys[k].config} - fitting_autotuned:
+                failures.append(f"sm_{arch} {name} {dtypes}: no autotune config fits in shared memory")
             summary["targets"][f"sm_{arch}"] = {"distinct_keys": len(keys), "compiled": len(selected),
                                                 "per_kernel": per_kernel, "autotune_configs_too_big": too_big,
                                                 "compile_s": round(time.perf_counter() - t0, 1)}
