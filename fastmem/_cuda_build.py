@@ -6,12 +6,19 @@ sources with ninja through `torch.utils.cpp_extension.load`; torch caches the bu
 TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and rebuilds only when a source or
 flag changes. FASTMEM_CUDA=0 turns both off. When nothing loads, `reason` says why, and
 `backend="cuda"` raises it; `backend="auto"` falls back to triton, then torch.
+
+A JIT build takes minutes, so it starts only when asked: `backend="cuda"`, `fastmem audit
+--build-cuda`, `fastmem.build_cuda_extension()`, or FASTMEM_CUDA=1 (build on first use).
+`backend="auto"` uses the extension when it is prebuilt or a build of the current sources is
+already cached (`cuda_extension_ready`), and otherwise says once in the log how to build it.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -77,13 +84,45 @@ def jit_build_blocker() -> str | None:
     return None
 
 
+STAMP_NAME = "fastmem_sources.sha256"
+
+
+def sources_digest(csrc_dir: Path = CSRC_DIR) -> str:
+    """Hash of everything a JIT build depends on: sources, headers, flags, torch version."""
+    digest = hashlib.sha256()
+    for path in sorted(csrc_dir.glob("*.cu")) + sorted(csrc_dir.glob("*.cpp")) + sorted(csrc_dir.glob("*.h")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(repr((NVCC_FLAGS, CXX_FLAGS, torch.__version__, torch.version.cuda)).encode())
+    return digest.hexdigest()
+
+
+def _stamp_path() -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(JIT_MODULE_NAME, verbose=False)) / STAMP_NAME
+
+
+def jit_build_is_current() -> bool:
+    """True when a JIT build of exactly these sources is cached (loading it compiles nothing)."""
+    try:
+        return _stamp_path().read_text().strip() == sources_digest()
+    except (OSError, RuntimeError):
+        return False
+
+
 def _jit_build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
-    log.warning("fastmem: compiling the CUDA extension from %s (first use; cached afterwards)", CSRC_DIR)
-    return load(name=JIT_MODULE_NAME, sources=[str(p) for p in cuda_sources()],
-                extra_include_paths=[str(CSRC_DIR)], extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS,
-                verbose=os.environ.get("FASTMEM_CUDA_VERBOSE", "0") not in ("", "0"))
+    log.warning("fastmem: compiling the CUDA extension from %s (takes minutes once; cached afterwards)", CSRC_DIR)
+    module = load(name=JIT_MODULE_NAME, sources=[str(p) for p in cuda_sources()],
+                  extra_include_paths=[str(CSRC_DIR)], extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS,
+                  verbose=os.environ.get("FASTMEM_CUDA_VERBOSE", "0") not in ("", "0"))
+    stamp = _stamp_path()
+    tmp = stamp.with_suffix(".tmp")
+    tmp.write_text(sources_digest())
+    tmp.replace(stamp)  # atomic: a half-written stamp never claims a build
+    return module
 
 
 @functools.cache
@@ -105,6 +144,45 @@ def load_cuda_extension() -> CudaExtension:
         log.warning("fastmem: the CUDA extension failed to build; falling back (%s)", exc)
         return CudaExtension(None, f"{prebuilt}, and the JIT build failed: {exc}")
     return CudaExtension(module, "")
+
+
+BUILD_HOWTO = ("build it once with `fastmem audit --build-cuda` or `fastmem.build_cuda_extension()` "
+               "(minutes; cached afterwards), or set FASTMEM_CUDA=1 to build on first use")
+_said_not_built = False
+
+
+def cuda_extension_ready() -> bool:
+    """Whether the extension is usable WITHOUT starting a compiler: already loaded, prebuilt, or
+    a cached JIT build of the current sources. What `backend="auto"` asks; never builds unless
+    FASTMEM_CUDA=1. The first time a buildable-but-unbuilt extension is skipped, the log says how
+    to build it."""
+    global _said_not_built
+    if load_cuda_extension.cache_info().currsize:  # already decided in this process
+        return load_cuda_extension().module is not None
+    mode = os.environ.get("FASTMEM_CUDA", "auto").strip().lower()
+    if mode == "0":
+        return False
+    if importlib.util.find_spec("fastmem._cuda_ext") is not None or mode == "1":
+        return load_cuda_extension().module is not None
+    if jit_build_blocker() is not None:
+        return False
+    if jit_build_is_current():
+        return load_cuda_extension().module is not None
+    if not _said_not_built:
+        _said_not_built = True
+        log.warning("fastmem: backend='auto' does not use the CUDA kernels: the extension is not built, and a "
+                    "build takes minutes, so it never starts inside a training step unasked; %s", BUILD_HOWTO)
+    return False
+
+
+def build_cuda_extension() -> ModuleType:
+    """Build (or load the cached build of) the CUDA extension now; raises with the reason when it
+    cannot. Afterwards `backend="auto"` uses it, in this process and in later ones."""
+    load_cuda_extension.cache_clear()
+    extension = load_cuda_extension()
+    if extension.module is None:
+        raise RuntimeError(f"the fastmem CUDA extension is unavailable: {extension.reason}")
+    return extension.module
 
 
 OPS_NAMESPACE = "fastmem_cuda"

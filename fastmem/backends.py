@@ -34,19 +34,35 @@ def triton_installed() -> bool:
 
 
 def cuda_extension_loaded() -> bool:
-    """True when the csrc/ extension loads: prebuilt by setup.py, or JIT-built on first use
-    with a CUDA torch + nvcc + ninja (fastmem/_cuda_build.py; the outcome is cached)."""
-    from fastmem._cuda_build import load_cuda_extension
+    """True when the csrc/ extension is usable without compiling anything: prebuilt by setup.py,
+    or a cached JIT build of the current sources (fastmem/_cuda_build.py). What `auto` asks: it
+    never starts a minutes-long nvcc build inside a training step (the log says how to build)."""
+    from fastmem._cuda_build import cuda_extension_ready
 
-    return load_cuda_extension().module is not None
+    return cuda_extension_ready()
 
 
+# Probing imports modules and reads caches: under torch.compile it runs once while tracing and
+# its answer is a constant of the graph, instead of Python the compiler cannot trace.
+@torch.compiler.assume_constant_result
 def _backend_runs(backend: str, device: torch.device) -> bool:
+    """Whether `backend` runs on `device` as things are (what `auto` asks: nothing is built)."""
     if backend == "cuda":
         return device.type == "cuda" and cuda_extension_loaded()
     if backend == "triton":
         return triton_installed() and (device.type == "cuda" or triton_interpreting())
     return True
+
+
+@torch.compiler.assume_constant_result
+def _backend_runs_when_asked(backend: str, device: torch.device) -> bool:
+    """As _backend_runs, for a backend asked for by name: backend="cuda" JIT-builds the extension
+    on first use when needed (minutes, once; cached)."""
+    if backend == "cuda" and device.type == "cuda":
+        from fastmem import _cuda_build
+
+        return _cuda_build.load_cuda_extension().module is not None
+    return _backend_runs(backend, device)
 
 
 def _unavailable_reason(backend: str, device: torch.device) -> str:
@@ -88,7 +104,7 @@ def resolve_backend(op: str, requested: str, device: torch.device, supported: tu
         return chosen
     if requested not in supported:
         raise ValueError(f"backend={requested!r} is not implemented for {op}; use one of {supported}")
-    if not _backend_runs(requested, device):
+    if not _backend_runs_when_asked(requested, device):
         raise RuntimeError(f"backend={requested!r} cannot run {op} on {device.type} tensors: "
                            f"{_unavailable_reason(requested, device)}")
     return requested

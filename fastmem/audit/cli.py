@@ -16,10 +16,14 @@ def register(subparsers) -> None:
                     "every fused op on every available backend against the float64 torch reference. "
                     "Exit code 1 if any check fails.",
         epilog="examples:\n  fastmem audit\n  fastmem audit --device cuda --json audit.json\n"
-               "  TRITON_INTERPRET=1 fastmem audit   # also checks the Triton kernels on the CPU",
+               "  TRITON_INTERPRET=1 fastmem audit   # also checks the Triton kernels on the CPU\n"
+               "  fastmem audit --build-cuda         # compile the CUDA extension once (JIT, cached)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    parser.add_argument("--build-cuda", action="store_true",
+                        help="build the CUDA extension now if it is not built (minutes, once; cached). backend='auto' "
+                             "never starts that build inside a training step")
     parser.set_defaults(func=run)
 
 
@@ -28,6 +32,15 @@ def run(args) -> int:
         import torch
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible to torch")
+    if args.build_cuda:
+        from fastmem._cuda_build import build_cuda_extension
+
+        try:
+            build_cuda_extension()
+        except RuntimeError as exc:
+            print(f"fastmem audit --build-cuda: {exc}")
+            return 1
+        print("fastmem audit --build-cuda: the CUDA extension is built and cached; backend='auto' will use it")
     env = environment_report()
     for key, value in env.items():
         print(f"{key:>18}: {value}")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from fastmem.integrations import families
 from fastmem.ops.linear_cross_entropy import linear_cross_entropy
 
 CONFIG_ATTR = "_fastmem_config"
@@ -130,19 +131,59 @@ def _return_dict(model, kwargs: dict) -> bool:
     return default if passed is None else bool(passed)
 
 
+def check_softcap_supported(model) -> None:
+    """Raise unless the fused loss can reproduce this model's final-logit soft cap."""
+    cap = families.softcap(model)
+    if cap is None:
+        return
+    family = families.family_of(model)
+    name = type(model).__name__
+    if family is None or family.softcap is None:
+        raise NotImplementedError(
+            f"fastmem: {name} has final_logit_softcapping={cap} but is not a family whose capped head "
+            f"apply_fastmem knows ({sorted(k for k, f in families.FAMILIES.items() if f.softcap)}); "
+            "leave the model unpatched")
+
+
+def _head_operands(model, hidden: torch.Tensor):
+    """`(hidden, weight, bias)` for the fused op: one dtype, the family's logit scaling folded in.
+
+    Under autocast the original lm_head would run its GEMM in the autocast dtype (bf16 / fp16):
+    so does the fused op (it still accumulates in fp32), instead of an fp32 `[N, V]` GEMM. Without
+    autocast, hidden states follow the head's dtype.
+    """
+    weight, bias = head_weight_and_bias(model)
+    device_type = hidden.device.type
+    dtype = weight.dtype
+    if torch.is_autocast_enabled(device_type) and weight.is_floating_point():
+        dtype = torch.get_autocast_dtype(device_type)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    scale = families.logits_scaling(model)
+    if scale is not None:  # (h W^T + b) / s == (h / s) W^T + b / s: the [N, V] division never happens
+        hidden = hidden / scale
+        bias = bias / scale if bias is not None else None
+    return hidden, weight, bias
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits the original forward returns for `hidden` (lm_head, then the family's scaling / cap)."""
+    logits = model.get_output_embeddings()(hidden)
+    scale = families.logits_scaling(model)
+    if scale is not None:
+        logits = logits / scale
+    cap = families.softcap(model)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def fused_loss(model, hidden: torch.Tensor, labels: torch.Tensor, config: FusedLossConfig, *,
                shift_labels: torch.Tensor | None = None, num_items_in_batch=None):
     """Loss of `hidden [B, S, H]` against `labels [B, S]` through the fused op, and its TokenStats.
 
     The stats are shaped like the shifted labels: position t scores token t + 1.
     """
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap is not None:
-        raise NotImplementedError(
-            f"fastmem: {type(model).__name__} has final_logit_softcapping={softcap}; "
-            "fastmem.linear_cross_entropy has no soft-capping, so the fused loss would differ from "
-            "the model's. Set model.config.final_logit_softcapping = None (this changes the model) "
-            "or train without apply_fastmem")
     ignore_index = config.ignore_index
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -151,18 +192,19 @@ def fused_loss(model, hidden: torch.Tensor, labels: torch.Tensor, config: FusedL
         raise ValueError(f"fastmem: labels of shape {tuple(shift_labels.shape)} do not match the "
                          f"{tuple(hidden.shape[:-1])} hidden positions kept for the loss "
                          "(logits_to_keep with labels must keep every position)")
-    weight, bias = head_weight_and_bias(model)
-    if hidden.dtype != weight.dtype:
-        # Under autocast the original lm_head would run in the autocast dtype; the fused op needs
-        # one dtype and accumulates in fp32 either way.
-        hidden = hidden.to(weight.dtype)
+    hidden, weight, bias = _head_operands(model, hidden)
+    options = dict(config.options)
+    cap = families.softcap(model)
+    if cap is not None:
+        check_softcap_supported(model)
+        options["softcap"] = cap
     sum_then_divide = num_items_in_batch is not None and config.objective == "sft"
-    # The op picks its own precisions (fp32 accumulation); autocast (Accelerate wraps the forward
-    # in it under bf16/fp16 training) would recast its inner matmuls behind its back.
+    # The operands are already in the autocast dtype (see _head_operands); inside, the op picks its
+    # own precisions (fp32 accumulation), which autocast must not recast behind its back.
     with torch.autocast(hidden.device.type, enabled=False):
         loss, stats = linear_cross_entropy(hidden, weight, shift_labels, bias, objective=config.objective,
                                            reduction="sum" if sum_then_divide else "mean",
-                                           return_stats=True, backend=config.backend, **config.options)
+                                           return_stats=True, backend=config.backend, **options)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -212,6 +254,25 @@ def trl_fused_output(loss: torch.Tensor, stats, *, num_items_in_batch, shifted: 
     return TRLFusedOutput(loss=loss, **fields)
 
 
+def unknown_router_loss_message(model) -> str:
+    return (f"fastmem: {type(model).__name__} (model_type={model.config.model_type!r}) returns router logits "
+            "(output_router_logits=True), and its router loss is not one apply_fastmem knows how to add: the fused "
+            f"loss would drop it. Families with a router loss: "
+            f"{sorted(k for k, f in families.FAMILIES.items() if f.router_aux_loss)}; or set "
+            "config.output_router_logits = False")
+
+
+def router_load_balancing_loss(model, outputs, attention_mask) -> torch.Tensor:
+    """The MoE router loss the original forward adds, from the module that defines the model."""
+    for cls in type(model).__mro__:
+        function = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if function is not None:
+            break
+    else:
+        raise NotImplementedError(f"fastmem: no load_balancing_loss_func beside {type(model).__name__}")
+    return function(outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
+
+
 def make_fused_forward(original):
     """Wrap the class's original `forward` function: labels go through the fused loss.
 
@@ -241,25 +302,43 @@ def make_fused_forward(original):
         labels = arguments.pop("labels")
         logits_to_keep = arguments.pop("logits_to_keep", 0)
         decoder = getattr(self, self.base_model_prefix)
+        family = families.family_of(self)
+        router_aux = family is not None and family.router_aux_loss
+        if router_aux:  # as the original: the argument, else the config, decides
+            arguments["output_router_logits"] = families.router_logits_requested(
+                self, arguments.get("output_router_logits"))
+        elif families.router_logits_requested(self, arguments.get("output_router_logits")):
+            raise NotImplementedError(unknown_router_loss_message(self))
         # As in the original, every remaining kwarg (num_items_in_batch too) reaches the decoder.
         outputs = decoder(**arguments, **extra)
         last_hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
         hidden = slice_kept_positions(last_hidden, logits_to_keep)
         loss, stats = fused_loss(self, hidden, labels, config, shift_labels=extra.get("shift_labels"),
                                  num_items_in_batch=extra.get("num_items_in_batch"))
+        aux_loss = None
+        if router_aux and arguments["output_router_logits"]:
+            aux_loss = router_load_balancing_loss(self, outputs, arguments.get("attention_mask"))
         self.__dict__[STATS_ATTR] = stats
         if trl_protocol:
-            return trl_fused_output(loss, stats, num_items_in_batch=extra.get("num_items_in_batch"),
-                                    shifted="shift_labels" in extra and extra["shift_labels"] is not None)
+            # TRL reduces -log_probs itself and adds coef * aux_loss on its own (as with its own
+            # fused head): log_probs carry the token loss only.
+            result = trl_fused_output(loss, stats, num_items_in_batch=extra.get("num_items_in_batch"),
+                                      shifted="shift_labels" in extra and extra["shift_labels"] is not None)
+            result.aux_loss = aux_loss
+            return result
+        if aux_loss is not None:  # as the original forward: loss += coef * router loss
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         if return_logits is None:
             return_logits = config.return_logits
         if return_logits is None:
             return_logits = not torch.is_grad_enabled()
-        logits = self.get_output_embeddings()(hidden) if return_logits else None
+        logits = head_logits(self, hidden) if return_logits else None
 
         names = {f.name for f in dataclasses.fields(output_class)} - {"loss", "logits"}
-        result = output_class(loss=loss, logits=logits,
-                              **{name: getattr(outputs, name) for name in names if hasattr(outputs, name)})
+        fields = {name: getattr(outputs, name) for name in names if hasattr(outputs, name)}
+        if "aux_loss" in names:
+            fields["aux_loss"] = aux_loss
+        result = output_class(loss=loss, logits=logits, **fields)
         return result if return_dict else result.to_tuple()
 
     setattr(forward, ORIGINAL_ATTR, original)

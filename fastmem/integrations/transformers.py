@@ -10,8 +10,10 @@ semantics (label shift, ignore_index, num_items_in_batch, logits_to_keep, return
 those of transformers' ForCausalLMLoss; see hf_forward.py for the details and how MemFT
 objectives combine with gradient accumulation.
 
-Families: llama (SmolLM2, Llama 2/3), mistral, qwen2, qwen3, gemma2, gemma3 (text model), found
-from `config.model_type`. Any other `*ForCausalLM` is accepted when its forward is checked to
+Families (fastmem/integrations/families.py, found from `config.model_type`): llama (SmolLM2,
+Llama 2/3), mistral, mixtral, qwen2, qwen3, qwen2_moe, qwen3_moe, olmoe, gpt_oss, phi3, gemma,
+gemma2 and gemma3 (text; final logit soft-capping), olmo2, olmo3, granite (logit scaling), smollm3,
+glm4; MoE families add the router loss as the original does. Any other `*ForCausalLM` is accepted when its forward is checked to
 be "decoder -> last hidden state -> lm_head" (one tiny no-grad probe forward at apply time).
 """
 
@@ -22,24 +24,21 @@ import types
 import torch
 from torch import nn
 
+from fastmem.integrations import families
+from fastmem.integrations.families import ALIASES, FAMILIES
 from fastmem.integrations.hf_forward import (CONFIG_ATTR, ORIGINAL_ATTR, STATS_ATTR, FusedLossConfig,
-                                             head_weight_and_bias, is_fused_forward, make_fused_forward)
+                                             check_softcap_supported, head_weight_and_bias, is_fused_forward,
+                                             make_fused_forward, unknown_router_loss_message)
 from fastmem.ops.linear_cross_entropy import linear_cross_entropy
 from fastmem.ops.token_stats import TokenStats
 
 # config.model_type -> the transformers class whose forward the family patch is tested on.
-FAMILY_CLASSES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-}
+FAMILY_CLASSES = {model_type: family.class_name for model_type, family in FAMILIES.items()}
 # Names accepted by apply_fastmem_to besides the model_types.
-FAMILY_ALIASES = {"gemma3": "gemma3_text"}
+FAMILY_ALIASES = ALIASES
 # linear_cross_entropy keywords a patch may fix (reduction / stats / per-call tensors are the patch's).
-LOSS_OPTIONS = ("threshold", "eps", "kappa", "tau", "window", "floor", "ignore_index", "chunk_size")
+LOSS_OPTIONS = ("threshold", "eps", "kappa", "tau", "window", "floor", "ignore_index", "chunk_size", "label_smoothing",
+                "lse_square_scale", "max_chunk_bytes")
 PREVIOUS_FORWARD_ATTR = "_fastmem_previous_forward"
 
 
@@ -86,14 +85,11 @@ def _check_family(model) -> None:
     if model.loss_function is not ForCausalLMLoss:
         raise NotImplementedError(f"fastmem: {name} computes its loss with {model.loss_function!r}, not "
                                   "transformers' ForCausalLMLoss; the fused loss would replace it")
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap is not None:
-        raise NotImplementedError(
-            f"fastmem: {name} (model_type={model_type!r}) has final_logit_softcapping={softcap}, which the fused "
-            "loss does not implement; set model.config.final_logit_softcapping = None first (this changes the "
-            "model's outputs) or leave the model unpatched")
+    check_softcap_supported(model)
     head_weight_and_bias(model)  # raises for a head the fused op cannot read
     if expected is None:
+        if families.router_logits_requested(model, None):
+            raise NotImplementedError(unknown_router_loss_message(model))
         _probe_generic_forward(model, model_type)
 
 
@@ -132,7 +128,7 @@ def apply_fastmem(model: nn.Module, *, objective: str = "sft", backend: str = "a
     """Route the model's labelled forward through `fastmem.linear_cross_entropy`.
 
     Args:
-        model: a transformers causal LM (llama, mistral, qwen2, qwen3, gemma2, gemma3 text, or a
+        model: a transformers causal LM (a family in fastmem.integrations.families.FAMILIES, or a
             generic `*ForCausalLM` that passes the decoder -> lm_head probe), or a PEFT model around
             one. Patched in place (its instance `forward`); returned for chaining. Call it after
             building a TRL trainer: TRL's SFTTrainer installs its own fused LM head at init.
@@ -141,8 +137,9 @@ def apply_fastmem(model: nn.Module, *, objective: str = "sft", backend: str = "a
         return_logits: with labels, build `[B, S, V]` logits too: True / False, or None (default)
             for "only when autograd is off" (evaluation loops that want predictions). A call can
             override it with `model(..., return_logits=...)`.
-        **loss_options: threshold, eps, kappa, tau, window, floor, ignore_index, chunk_size of
-            fastmem.linear_cross_entropy.
+        **loss_options: threshold, eps, kappa, tau, window, floor, ignore_index, chunk_size,
+            label_smoothing, lse_square_scale (z-loss), max_chunk_bytes of fastmem.linear_cross_entropy.
+            `softcap` is not one: it comes from the model's config (final_logit_softcapping).
 
     After it, `model(input_ids, attention_mask=..., labels=labels [B, S] int64)` returns the
     fp32 loss, `logits=None` (in training), and `last_stats(model)` holds the TokenStats of
@@ -203,10 +200,9 @@ def apply_fastmem_to(family: str, *, objective: str = "sft", backend: str = "aut
                      return_logits: bool | None = None, **loss_options) -> type:
     """Patch a family's `*ForCausalLM` class so that models loaded later use the fused loss.
 
-    `family` is a model_type ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3").
+    `family` is a model_type of FAMILIES ("llama", "mixtral", "gemma2", ...; "gemma3" for gemma3_text).
     Options as in apply_fastmem; an instance patched with apply_fastmem keeps its own options.
-    Returns the patched class. A gemma2 model with final_logit_softcapping set raises at its
-    first labelled forward.
+    Returns the patched class.
     """
     cls = _family_class(family)
     config = _loss_config(objective, backend, return_logits, loss_options, torch.device("cpu"))

@@ -1,6 +1,7 @@
 """Input checks of lora_linear: a clear error naming the argument, before any kernel launch.
 
-Also turns `dropout` / `seed` / `generator` into the `DropoutSpec` every backend receives.
+Also checks `dropout` / `seed` / `generator` and turns them into the `DropoutSpec` every backend
+receives.
 """
 
 from __future__ import annotations
@@ -89,9 +90,8 @@ def check_backend_limits(backend: str, x: torch.Tensor, rank: int) -> None:
                              "use backend='torch'")
 
 
-def resolve_dropout(dropout, seed, generator) -> DropoutSpec | None:
-    """None when dropout is off; otherwise the spec, drawing a seed from `generator` (or torch's
-    default CPU generator, so `torch.manual_seed` makes runs repeatable) when none is given."""
+def check_dropout(dropout, seed, generator) -> None:
+    """Validate the dropout probability, seed and generator of a call (nothing is drawn)."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
         raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__}")
     if not 0.0 <= dropout < 1.0:
@@ -103,9 +103,22 @@ def resolve_dropout(dropout, seed, generator) -> DropoutSpec | None:
             raise ValueError("pass either seed or generator, not both")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def draw_seed(generator: torch.Generator | None) -> torch.Tensor:
+    """A fresh seed as a 0-d int64 tensor, from `generator` (or torch's default CPU generator, so
+    `torch.manual_seed` makes runs repeatable). A tensor, not an int: under torch.compile the
+    draw stays in the graph instead of reading a number back to the host."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(0, SEED_LIMIT, (), generator=generator, device=device, dtype=torch.int64)
+
+
+def resolve_dropout(dropout, seed, generator) -> DropoutSpec | None:
+    """None when dropout is off; otherwise the spec, drawing a seed from `generator` (or torch's
+    default CPU generator) when none is given."""
+    check_dropout(dropout, seed, generator)
     if dropout == 0.0:
         return None
     if seed is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-        seed = int(torch.randint(0, SEED_LIMIT, (), generator=generator, device=device))
+        seed = int(draw_seed(generator))
     return DropoutSpec(float(dropout), seed)

@@ -34,6 +34,14 @@ class _Launch:
         self.keep_scale = dropout.keep_scale if dropout is not None else 1.0
 
 
+def _multiprocessors(device: torch.device) -> int | None:
+    """SM count of a CUDA device (None elsewhere): the launch shapes below fill the GPU with it.
+    One seam, so the ahead-of-time compile test can ask for the tiles a GPU run would get."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
@@ -53,8 +61,9 @@ def _project(big: torch.Tensor, small_kr: torch.Tensor, launch: _Launch, apply_d
     # memory at r = 256 and in fp32 (an H100 has 227 KiB, an A100 163 KiB).
     block_m = 16 if launch.interpreting else (64 if block_r <= 64 else 32)
     block_k = 32 if launch.interpreting else (128 if block_r <= 64 else 64) * 2 // big.element_size()
-    if big.device.type == "cuda":  # short inputs: smaller row tiles so every SM gets a program
-        programs = 2 * torch.cuda.get_device_properties(big.device).multi_processor_count
+    sms = _multiprocessors(big.device)
+    if sms is not None:  # short inputs: smaller row tiles so every SM gets a program
+        programs = 2 * sms
         while block_m > 16 and triton.cdiv(n_rows, block_m) < programs:
             block_m //= 2
     grid = (triton.cdiv(n_rows, block_m),)
@@ -92,8 +101,9 @@ def _row_slices(n_rows: int, n_col_blocks: int, block_n: int, device: torch.devi
     the GPU (the output has only cdiv(K, BLOCK_K) column blocks), at least 2 in the interpreter
     so the host-side sum is exercised by the CPU tests."""
     row_blocks = triton.cdiv(n_rows, block_n)
-    if device.type == "cuda":
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device)
+    if sms is not None:
+        programs = 4 * sms
         return max(1, min(row_blocks, triton.cdiv(programs, n_col_blocks)))
     return min(row_blocks, 2)
 

@@ -1,6 +1,8 @@
 """patch_peft_model / unpatch_peft_model on PEFT models, and the LoRALinear module against
 PEFT's lora.Linear (outputs, adapter gradients, dropout through the fused op, state-dict keys)."""
 
+import logging
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -234,3 +236,50 @@ def test_lora_linear_module_dropout_only_in_training():
     lora_A, lora_B = module.lora_A.weight, module.lora_B.weight
     want = eager_lora_linear(x, module.weight, lora_A, lora_B, module.scaling, module.bias, keep, 0.5)
     assert max_rel(y_train, want) < 1e-5 and not torch.allclose(y_train, y_eval)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_fused_in_the_autocast_dtype(tiny_llama, backend, device, monkeypatch):
+    """Under autocast the patched layers stay on the fused op, with every GEMM in bf16 as
+    autocast runs PEFT's layer; logits, loss and the fp32 adapter gradients follow PEFT's."""
+    model = peft_llama(tiny_llama.to(device), lora_dropout=0.0)
+    input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6)).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        logits0, loss0, grads0 = step(model, input_ids)
+    patch_peft_model(model, backend=backend)
+    seen = []
+    real = peft_integration.lora_linear
+
+    def spy(x, weight, lora_A, lora_B, *args, **kwargs):
+        seen.append({x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype})
+        return real(x, weight, lora_A, lora_B, *args, **kwargs)
+
+    monkeypatch.setattr(peft_integration, "lora_linear", spy)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        logits1, loss1, grads1 = step(model, input_ids)
+    assert seen == [{torch.bfloat16}] * (4 * len(TARGETS))
+    assert logits1.dtype == logits0.dtype
+    assert max_rel(logits1, logits0) < 3e-2 and abs(loss1 - loss0) < 3e-2
+    for name in grads0:
+        assert grads1[name].dtype == torch.float32
+        assert max_rel(grads1[name], grads0[name]) < 6e-2, name
+
+
+def test_fallback_is_logged_once_per_reason(tiny_llama, monkeypatch, caplog):
+    monkeypatch.setattr(peft_integration, "_logged_fallbacks", set())
+    model = peft_llama(tiny_llama).eval()
+    patch_peft_model(model, backend="torch")
+    input_ids = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(5))
+    base_layer = next(m for m in model.modules() if type(m) is PeftLoraLinear)
+    with caplog.at_level(logging.INFO, logger="fastmem"), torch.no_grad():
+        for _ in range(2):
+            with model.disable_adapter():
+                model(input_ids=input_ids)
+        base_layer.fan_in_fan_out = True  # a capability gap: a warning, once
+        for _ in range(2):
+            base_layer(torch.randn(3, base_layer.in_features).t().contiguous().t())
+        base_layer.fan_in_fan_out = False
+        model(input_ids=input_ids)  # fused again: nothing logged
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if "PEFT's own forward" in r.getMessage()]
+    assert [level for level, _ in records] == [logging.INFO, logging.WARNING]
+    assert "adapters are disabled" in records[0][1] and "fan_in_fan_out" in records[1][1]

@@ -13,15 +13,34 @@ from fastmem.integrations.transformers import (apply_fastmem, apply_fastmem_to, 
 VOCAB = 97
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1)
+# One tiny random config per supported family (fastmem.integrations.families.FAMILIES), plus the
+# variants whose head differs: untied, capped, scaled, a MoE without the router loss.
 FAMILIES = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
     "llama_untied": ("LlamaConfig", dict(tie_word_embeddings=False)),
     "mistral": ("MistralConfig", {}),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, **MOE)),
+    "mixtral_no_router_loss": ("MixtralConfig", dict(num_local_experts=4, **{**MOE, "output_router_logits": False})),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", dict(head_dim=8)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=8, num_experts=4, moe_intermediate_size=16, **MOE)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                         **MOE)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, **MOE)),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, head_dim=8, **MOE)),
+    "phi3": ("Phi3Config", {}),
+    "gemma": ("GemmaConfig", dict(head_dim=8)),
     "gemma2": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=None)),
+    "gemma2_softcap": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=3.0)),
     "gemma3_text": ("Gemma3TextConfig", dict(head_dim=8)),
-    "phi3 (generic path)": ("Phi3Config", {}),
+    "gemma3_text_softcap": ("Gemma3TextConfig", dict(head_dim=8, final_logit_softcapping=2.0)),
+    "olmo2": ("Olmo2Config", {}),
+    "olmo3": ("Olmo3Config", {}),
+    "granite": ("GraniteConfig", dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5)),
+    "smollm3": ("SmolLM3Config", {}),
+    "glm4": ("Glm4Config", dict(head_dim=8)),
+    "gpt_neox (generic path)": ("GPTNeoXConfig", dict(num_hidden_layers=2, use_parallel_residual=True)),
 }
 
 
@@ -77,6 +96,9 @@ def test_sft_loss_and_grads_match_transformers(family, num_items):
     assert out.logits is None and ref.logits is not None
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     assert_same_grads(grads, ref_grads)
+    if getattr(model.config, "output_router_logits", False):  # MoE: the router loss is in both, and reported
+        torch.testing.assert_close(out.aux_loss, ref.aux_loss)
+        assert ref.aux_loss.item() > 0
     stats = last_stats(model)
     assert stats.prob.shape == labels.shape  # aligned with the shifted labels
     assert torch.equal(stats.valid, torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:] != -100)
@@ -110,8 +132,9 @@ class MaxLogitRows(TorchDispatchMode):
         return out
 
 
-def test_training_forward_never_builds_full_logits():
-    model = make_model("llama_untied")
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_training_forward_never_builds_full_logits(family):
+    model = make_model(family)
     input_ids, attention_mask, labels = batch(b=2, s=40)
     with MaxLogitRows(model) as unpatched:
         model(input_ids=input_ids, labels=labels).loss.backward()
@@ -119,7 +142,7 @@ def test_training_forward_never_builds_full_logits():
 
     apply_fastmem(model, chunk_size=8)
     head_calls = []
-    model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
     with MaxLogitRows(model) as patched:
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         out.loss.backward()
@@ -160,6 +183,19 @@ def test_logits_when_asked_and_in_evaluation():
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     train_out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_logits=True)
     torch.testing.assert_close(train_out.logits, ref.logits)
+
+
+@pytest.mark.parametrize("family", ["granite", "gemma2_softcap", "gemma3_text_softcap", "mixtral"])
+def test_logits_of_transformed_heads_match(family):
+    """Scaled / capped heads and MoE outputs: the logits built on request are the model's own."""
+    model = make_model(family)
+    input_ids, attention_mask, labels = batch()
+    with torch.no_grad():
+        ref = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        apply_fastmem(model)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
 
 
 def test_return_dict_false_and_shift_labels():
@@ -298,14 +334,32 @@ def test_unsupported_models_get_a_clear_error():
                                                                 num_attention_heads=2, intermediate_size=64))
     with pytest.raises(NotImplementedError, match="BertForMaskedLM"):
         apply_fastmem(bert)
-    granite = transformers.GraniteForCausalLM(transformers.GraniteConfig(**SMALL, logits_scaling=2.0))
-    with pytest.raises(NotImplementedError, match="GraniteForCausalLM.*granite"):
-        apply_fastmem(granite)
-    gemma2 = make_model("gemma2", final_logit_softcapping=30.0)
+    # A model outside the family table whose head rescales its logits fails the generic probe.
+    cohere = transformers.CohereForCausalLM(transformers.CohereConfig(**SMALL, logit_scale=0.5))
+    with pytest.raises(NotImplementedError, match="CohereForCausalLM.*cohere.*lm_head"):
+        apply_fastmem(cohere)
+    # A MoE outside the families whose router loss is on: refused, never dropped (and at
+    # forward time when a call turns it on).
+    moe = transformers.AutoModelForCausalLM.from_config(transformers.FlexOlmoConfig(**SMALL, num_experts=4, **MOE))
+    with pytest.raises(NotImplementedError, match="FlexOlmoForCausalLM.*router loss"):
+        apply_fastmem(moe)
+    moe.config.output_router_logits = False
+    apply_fastmem(moe)
+    input_ids, _, labels = batch()
+    assert model_loss_is_finite(moe, input_ids, labels)
+    with pytest.raises(NotImplementedError, match="router loss"):
+        moe(input_ids=input_ids, labels=labels, output_router_logits=True)
+    # A soft cap on a model outside the capped families is refused, never dropped.
+    capped = make_model("llama")
+    capped.config.final_logit_softcapping = 30.0
     with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
-        apply_fastmem(gemma2)
+        apply_fastmem(capped)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         apply_fastmem(torch.nn.Linear(2, 2))
+
+
+def model_loss_is_finite(model, input_ids, labels) -> bool:
+    return bool(torch.isfinite(model(input_ids=input_ids, labels=labels).loss))
 
 
 def test_bad_options_fail_before_patching():
@@ -321,3 +375,49 @@ def test_bad_options_fail_before_patching():
     assert not is_patched(model)
     with pytest.raises(ValueError, match="apply_fastmem"):
         last_stats(model)
+
+
+def test_autocast_runs_the_head_in_the_autocast_dtype(monkeypatch):
+    """Under autocast the original lm_head GEMM runs in bf16; the fused op gets bf16 operands too
+    (no fp32 [N, V] GEMM), accumulates in fp32, and the loss and gradients follow HF's."""
+    import fastmem.integrations.hf_forward as hf_forward
+
+    model = make_model("llama_untied")
+    input_ids, attention_mask, labels = batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, ref_grads = loss_and_grads(model, **inputs)
+    seen = []
+    real = hf_forward.linear_cross_entropy
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(hf_forward, "linear_cross_entropy", spy)
+    apply_fastmem(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = loss_and_grads(model, **inputs)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-2, atol=2e-2)
+    assert grads.keys() == ref_grads.keys() and grads["lm_head.weight"].dtype == torch.float32
+    for name in ref_grads:  # both sides round the head GEMM to bf16; neither is exact
+        cosine = torch.nn.functional.cosine_similarity(grads[name].flatten(), ref_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine.item())
+    seen.clear()
+    _, _ = loss_and_grads(model, **inputs)  # autocast off: the head's own dtype
+    assert seen == [(torch.float32, torch.float32)]
+
+
+def test_trl_protocol_on_a_moe_reports_the_router_loss_apart():
+    """TRL reduces -log_probs itself and adds coef * aux_loss from the output: the router loss is
+    reported in aux_loss and kept out of log_probs, so the total is HF's loss, counted once."""
+    model = make_model("mixtral")
+    input_ids, attention_mask, labels = batch()
+    ref = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    apply_fastmem(model)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss)
+    total = -out.log_probs.sum() / out.label_mask.sum() + model.router_aux_loss_coef * out.aux_loss
+    torch.testing.assert_close(total, ref.loss, rtol=1e-5, atol=1e-6)
