@@ -40,6 +40,7 @@ class ChunkLoopResult:
     grad_hidden: torch.Tensor | None
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None
+    best_other: torch.Tensor  # the largest logit other than the target's (top-1 margin = target - best_other)
 
 
 def default_chunk_rows(n_cols: int, device: torch.device) -> int:
@@ -72,6 +73,7 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     lse = torch.empty(n_valid, dtype=acc_dtype, device=device)
     target = torch.empty_like(lse)
     weight_rows = torch.empty_like(lse)
+    best_other = torch.empty_like(lse)
     correct = torch.empty(n_valid, dtype=torch.bool, device=device)
     grad_hidden = (torch.zeros(n_rows, hidden_size, dtype=hidden.dtype, device=device)
                    if want_grad_hidden else None)
@@ -93,14 +95,14 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             torch.addmm(bias, hidden_c, weight.t(), out=logits)
         else:
             torch.mm(hidden_c, weight.t(), out=logits)
-        lse_c, target_c, correct_c, weight_c, dlogits = process_chunk(
+        lse_c, target_c, correct_c, weight_c, dlogits, best_other[c0:c1] = process_chunk(
             logits, labels_c, lambda loss, ok: weigh(c0, c1, rows_c, loss, ok), want_grad)
         lse[c0:c1], target[c0:c1], correct[c0:c1], weight_rows[c0:c1] = lse_c, target_c, correct_c, weight_c
         if want_grad:
             _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias,
                               out_rows=slice(c0, c1) if rows is None else None)
         del dlogits
-    return ChunkLoopResult(lse, target, correct, weight_rows, grad_hidden, grad_weight, grad_bias)
+    return ChunkLoopResult(lse, target, correct, weight_rows, grad_hidden, grad_weight, grad_bias, best_other)
 
 
 def _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias, out_rows):

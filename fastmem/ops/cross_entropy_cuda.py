@@ -79,7 +79,7 @@ def run_chunk_kernels(row_stats: Callable, softmax_grad_: Callable, logits: torc
     if want_grad:
         softmax_grad_(logits, labels, row_max, log_sum, weight.to(lse.dtype).contiguous())
         grad = logits
-    return lse, target, correct, weight, grad
+    return lse, target, correct, weight, grad, best_other
 
 
 def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool):
@@ -93,7 +93,8 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
 
     Returns:
         lse, target_logit, correct, weight (`[C]`; fp32, fp64 for fp64 logits) and the
-        gradient (the `logits` buffer itself; rows with w = 0 are left unchanged) or None.
+        gradient (the `logits` buffer itself; rows with w = 0 are left unchanged) or None, and
+        the best logit other than the target (`[C]`).
     """
     if not logits.is_cuda:
         raise ValueError(f"backend='cuda' needs CUDA tensors, got logits on {logits.device}")

@@ -27,7 +27,8 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
 
     Returns:
         lse, target_logit, weight (`[C]`, fp64 for fp64 logits, else fp32), correct (bool
-        `[C]`), and the gradient `[C, V]` in the same float type, or None.
+        `[C]`), the gradient `[C, V]` in the same float type or None, and the best logit
+        other than the target (`[C]`, like lse; -inf when V == 1).
     """
     work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     col = labels.unsqueeze(1)
@@ -50,4 +51,4 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
         work.mul_(scale / sum_exp)
         work.scatter_add_(1, col, -scale)
         grad = work
-    return lse.squeeze(1), target.squeeze(1), correct.squeeze(1), weight, grad
+    return lse.squeeze(1), target.squeeze(1), correct.squeeze(1), weight, grad, best_other.squeeze(1)

@@ -31,4 +31,4 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
         softmax_grad_kernel[(rows,)](logits, logits.stride(0), labels, lse, weight.contiguous(),
                                      n_cols, BLOCK_V=block_v, num_warps=num_warps)
         grad = logits
-    return lse, target, correct, weight, grad
+    return lse, target, correct, weight, grad, best_other

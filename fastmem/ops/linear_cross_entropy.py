@@ -98,7 +98,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         weight_tok = _scatter_rows(result.weight, rows, n_rows)
         stats = (_scatter_rows(loss_rows, rows, n_rows), _scatter_rows(torch.exp(-loss_rows), rows, n_rows),
                  _scatter_rows(result.correct, rows, n_rows), _scatter_rows(result.lse, rows, n_rows),
-                 weight_tok, valid, weigher.first_error())
+                 weight_tok, valid, weigher.first_error(),
+                 _scatter_rows((result.target - result.best_other).float(), rows, n_rows))
         ctx.mark_non_differentiable(*stats)
         ctx.plan = plan
         ctx.param_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -229,4 +230,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return loss
     per_token = [t.reshape(label_shape) for t in stat_tensors[:6]]
     first_error = stat_tensors[6].reshape(label_shape[:-1]) if labels.dim() >= 2 else stat_tensors[6].reshape(())
-    return loss, TokenStats(*per_token, first_error=first_error)
+    return loss, TokenStats(*per_token, first_error=first_error, margin=stat_tensors[7].reshape(label_shape))
