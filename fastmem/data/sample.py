@@ -50,10 +50,10 @@ def check_samples(samples, vocab_size: int | None = None, max_positions: int | N
         if not sample.answer_ids:
             raise ValueError(f"{label} has an empty answer (nothing to memorize or score)")
         if max_positions is not None and len(sample.input_ids) > max_positions:
-            raise ValueError(f"{label}: prompt + answer = {len(sample.input_ids)} tokens exceed the model's "
-                             f"context ({max_positions} positions)")
+            raise ValueError(f"{label}: prompt + answer = {len(sample.input_ids)} tokens, longer than the "
+                             f"model's context ({max_positions} positions)")
         if vocab_size is not None:
             bad = next((t for t in sample.input_ids if not 0 <= t < vocab_size), None)
             if bad is not None:
-                raise ValueError(f"{label} holds token id {bad}, outside the model's vocabulary "
-                                 f"[0, {vocab_size}) (tokenized for another model?)")
+                raise ValueError(f"{label} holds token id {bad}, outside the vocabulary [0, {vocab_size}) "
+                                 "of the model (tokenized for another model?)")

@@ -1,4 +1,4 @@
-"""Per-step metrics (metrics.jsonl), the summary, peak memory, and input checks."""
+"""Per-step metrics (metrics.jsonl), the summary and peak memory."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from fastmem.data.sample import check_samples  # noqa: F401 (the one sample check; imported from here too)
 
 
 def peak_mem_bytes(device: torch.device) -> int:
