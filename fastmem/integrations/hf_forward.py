@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers.utils import ModelOutput
 
 from fastmem.integrations.heads import head_weight_and_bias  # noqa: F401 (re-exported)
