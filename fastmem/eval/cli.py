@@ -8,14 +8,21 @@ from pathlib import Path
 
 EPILOG = """examples:
   fastmem eval --data book.jsonl --adapter run/adapter --out eval/
-  fastmem eval --data book.jsonl --model path/to/hf_checkpoint --no-greedy --out eval/
+  fastmem eval --data book.jsonl --adapter run/adapter --decode --out eval/
   fastmem eval --data book.jsonl --adapter run/adapter --metrics run/metrics.jsonl --out eval/
 
-Writes OUT/report.json as {"records": [...], "totals": {...}}: per record exact_match
-(greedy decoding reproduces the answer; null with --no-greedy), token_acc (teacher-forced
-argmax matches / answer length), first_error (i*, -1 if none), min_prob and the stubborn
-tokens (p <= 0.5) with position and text; a probability-grid PNG per record (the first
---grids records), and training_curves.png when --metrics is given.
+Exact match and i* come from one teacher-forced pass: greedy decoding reproduces the answer
+iff every teacher-forced argmax is its target (ties count as wrong), and the first wrong
+position is the greedy first divergence i*. A sample whose top-1 margin (target logit minus
+the best other) comes within the dtype's numerical noise at a deciding position is decoded to
+confirm; --decode decodes every sample (one step per answer token) as an independent check.
+
+Writes OUT/report.json as {"records": [...], "totals": {...}}: per record exact_match,
+first_error (i*, -1 if none), decided_by ("teacher_forcing" | "decoding"),
+confirmed_by_decoding, the teacher-forced verdict and the decode's where one ran
+(decode_agrees), token_acc, min_prob, min_margin, the per-token margins, the near ties and the
+stubborn tokens (p <= 0.5) with position and text; a probability-grid PNG per record (the
+first --grids records), and training_curves.png when --metrics is given.
 """
 
 
@@ -28,9 +35,15 @@ def register(subparsers) -> None:
     parser.add_argument("--adapter", help="a PEFT adapter directory to apply to the model")
     parser.add_argument("--out", required=True, help="output directory (report.json, PNGs)")
     parser.add_argument("--batch-size", type=int, default=4, help="samples per forward")
-    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy-decoding exact-match check")
+    decode = parser.add_mutually_exclusive_group()
+    decode.add_argument("--decode", dest="decode", action="store_const", const="all", default="auto",
+                        help="greedy-decode every sample too (an independent check; one step per answer token)")
+    decode.add_argument("--no-decode", dest="decode", action="store_const", const="none",
+                        help="never decode, not even to confirm a near tie (reported as unconfirmed)")
+    decode.add_argument("--no-greedy", dest="decode", action="store_const", const="none",
+                        help=argparse.SUPPRESS)  # the old name of --no-decode
     parser.add_argument("--no-fast-fail", action="store_true",
-                        help="decode every answer token even after the first divergence")
+                        help="when decoding, decode every answer token even after the first divergence")
     parser.add_argument("--grids", type=int, default=16, help="probability-grid PNGs for the first N records")
     parser.add_argument("--grid-width", type=int, default=50, help="tokens per row of a probability grid")
     parser.add_argument("--metrics", help="a trainer metrics.jsonl to plot as training_curves.png")
@@ -73,7 +86,7 @@ def run(args) -> int:
     model, tokenizer = _load(args)
     max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     samples = load_jsonl(args.data, tokenizer, max_length=max_length)
-    report = evaluate(model, samples, tokenizer, batch_size=args.batch_size, greedy=not args.no_greedy,
+    report = evaluate(model, samples, tokenizer, batch_size=args.batch_size, decode=args.decode,
                       fast_fail=not args.no_fast_fail)
     out = Path(args.out)
     path = report.write(out, grids=args.grids, grid_width=args.grid_width)
@@ -81,15 +94,23 @@ def run(args) -> int:
         plot_training_curves(args.metrics, out / "training_curves.png")
 
     totals = report.totals()
-    em = "not run" if totals["exact_match"] is None else (
-        f"{totals['n_exact_match']}/{totals['records']} ({100 * totals['exact_match']:.1f}%)")
+    em = f"{totals['n_exact_match']}/{totals['records']} ({100 * totals['exact_match']:.1f}%)"
     print(f"{totals['records']} records, {totals['tokens']} answer tokens: exact match {em}, "
           f"token acc {100 * totals['token_acc']:.2f}%, {totals['n_stubborn']} stubborn tokens "
-          f"(p <= 0.5), min p {totals['min_prob']:.4f}")
+          f"(p <= 0.5), min p {totals['min_prob']:.4f}, min margin {totals['min_margin']:.4f}")
+    print(f"decided by one teacher-forced pass ({report.timing['teacher_forcing_s']:.1f} s); decoded "
+          f"{totals['decoded']} in {report.timing['decoding_s']:.1f} s "
+          f"({'every sample, --decode' if args.decode == 'all' else 'near ties only'}): "
+          f"confirmed by decoding: {', '.join(totals['confirmed_by_decoding']) or 'none'}"
+          + (f"; near ties NOT confirmed (--no-decode): {', '.join(totals['near_tie_unconfirmed'])}"
+             if totals["near_tie_unconfirmed"] else "")
+          + (f"; decode differs from teacher forcing: {', '.join(totals['decode_disagreements'])}"
+             if totals["decode_disagreements"] else ""))
     for record in report.records[:10]:
-        status = "" if record.exact_match is None else ("EM, " if record.exact_match else "no EM, ")
-        print(f"  {record.name or '-'}: {status}token acc {record.token_acc:.3f}, i* {record.first_error}, "
-              f"min p {record.min_prob:.3f}, {len(record.stubborn)} stubborn")
+        decoded = {"near_tie": ", confirmed by decoding", "requested": ", decoded"}.get(record.decode_reason, "")
+        print(f"  {record.name or '-'}: {'EM' if record.exact_match else 'no EM'}{decoded}, token acc "
+              f"{record.token_acc:.3f}, i* {record.first_error}, min p {record.min_prob:.3f}, "
+              f"min margin {record.min_margin:.3f}, {len(record.stubborn)} stubborn")
     if len(report.records) > 10:
         print(f"  ... {len(report.records) - 10} more in {path}")
     print(f"wrote {path}")

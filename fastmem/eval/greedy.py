@@ -49,7 +49,7 @@ def _left_padded_prompts(batch: Sequence[MemorySample], device, pad_id: int):
 
 
 def _decode_batch(model, batch: Sequence[MemorySample], fast_fail: bool, pad_token_id: int,
-                  cache_arg: str) -> list[GreedyResult]:
+                  cache_arg: str, bar=None) -> list[GreedyResult]:
     device = next(model.parameters()).device
     answer_len = torch.tensor([s.answer_len for s in batch], device=device)
     targets = torch.full((len(batch), int(answer_len.max())), -1, dtype=torch.int64, device=device)
@@ -74,6 +74,8 @@ def _decode_batch(model, batch: Sequence[MemorySample], fast_fail: bool, pad_tok
         finished = step + 1 >= answer_len
         if fast_fail:
             finished = finished | (divergence >= 0)
+        if bar is not None and (step % 32 == 31 or bool(finished.all())):
+            bar.set_postfix_str(f"token {step + 1}/{targets.shape[1]}", refresh=True)
         if bool(finished.all()):
             break
         input_ids = token[:, None]
@@ -102,10 +104,13 @@ def greedy_check(model, samples: Sequence[MemorySample], *, batch_size: int = 4,
     check_samples(samples, unwrap_model(model).get_input_embeddings().num_embeddings)
     cache_arg = _cache_argument(model)
     results: list[GreedyResult | None] = [None] * len(samples)
-    with eval_mode(model):
-        for indices in tqdm(length_batches(samples, batch_size), desc="greedy decoding", unit="batch",
-                            disable=not progress):
-            decoded = _decode_batch(model, [samples[i] for i in indices], fast_fail, pad_token_id, cache_arg)
+    # One tick per sample; the postfix counts decode steps, since a long answer takes minutes.
+    with eval_mode(model), tqdm(total=len(samples), desc="greedy decoding", unit="sample",
+                                disable=not progress) as bar:
+        for indices in length_batches(samples, batch_size):
+            decoded = _decode_batch(model, [samples[i] for i in indices], fast_fail, pad_token_id, cache_arg,
+                                    bar if progress else None)
             for i, result in zip(indices, decoded):
                 results[i] = result
+            bar.update(len(indices))
     return results

@@ -1,8 +1,10 @@
 """Teacher-forced per-token scores of the answer tokens, without `[N, V]` logits for the answer.
 
 One decoder forward per batch gives the final hidden states; the answer rows go through
-`fastmem.linear_cross_entropy(..., return_stats=True)` for loss, p, greedy-argmax correctness
-and the first error, and through a chunked head GEMM for the rank of the target.
+`fastmem.linear_cross_entropy(..., return_stats=True)` for loss, p, greedy-argmax correctness,
+the top-1 margin and the first error (i*). The rank of the target is 0 wherever the argmax is
+right, so the extra head GEMM that ranks targets runs only over the wrong rows: on a
+memorized answer it costs nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastmem.constants import IGNORE_INDEX
-from fastmem.data.sample import MemorySample
+from fastmem.data.sample import MemorySample, check_samples
+from fastmem.integrations.heads import causal_lm_of, plain_head
 from fastmem.ops import linear_cross_entropy
 
 # Logits held at once by the rank computation (elements): 64 MiB of fp32 on a CPU; 256 MiB on
@@ -31,7 +34,9 @@ class TokenScores:
     loss: fp32 L_t; prob: fp32 p_t = exp(-L_t); correct: bool, greedy argmax == target (a tie
     counts as wrong); target_rank: int64, how many vocabulary logits are strictly above the
     target's (0: the target is an argmax); first_error: first position with correct False, -1
-    if none.
+    if none (the greedy first divergence i*); margin: fp32 top-1 margin, target logit minus the
+    best other logit (> 0 exactly where correct); lse: fp32 log-sum-exp of the logits (their
+    scale, for the margin's noise tolerance); dtype: the dtype the head ran in.
     """
 
     loss: torch.Tensor
@@ -39,11 +44,19 @@ class TokenScores:
     correct: torch.Tensor
     target_rank: torch.Tensor
     first_error: int
+    margin: torch.Tensor
+    lse: torch.Tensor
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def exact_match(self) -> bool:
+        """Greedy decoding reproduces the answer iff every teacher-forced argmax is right."""
+        return self.first_error < 0
 
 
 def unwrap_model(model):
     """The transformers causal LM under a PEFT wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm_of(model)
 
 
 @contextlib.contextmanager
@@ -62,20 +75,12 @@ def eval_mode(model) -> Iterator[None]:
 def decoder_and_head(model) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
     """`(decoder, head_weight [V, H], head_bias [V] | None)` of a causal LM.
 
-    hidden @ weight.T (+ bias) must be the model's logits: heads that rescale or soft-cap their
-    logits, or carry their own adapter, are refused rather than silently mis-scored.
+    The head comes from the one resolver (fastmem.integrations.heads.plain_head): a plain,
+    tied, LoRA (folded, exact in eval mode) or modules_to_save head; heads that rescale or
+    soft-cap their logits are refused rather than silently mis-scored.
     """
-    causal_lm = unwrap_model(model)
-    config = getattr(causal_lm, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"the model's config sets {attr}={getattr(config, attr)}: its logits are "
-                             "not hidden @ lm_head.weight.T, which the evaluator relies on")
-    head = causal_lm.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
-        raise ValueError(f"the output head is a {type(head).__name__}, not a plain nn.Linear "
-                         "(an adapter on lm_head is not supported by the evaluator)")
-    return causal_lm.get_decoder(), head.weight, head.bias
+    weight, bias = plain_head(model)
+    return unwrap_model(model).get_decoder(), weight, bias
 
 
 def target_ranks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -116,24 +121,6 @@ def _answer_rows(hidden: torch.Tensor, batch: Sequence[MemorySample]):
     return rows, labels
 
 
-def check_samples(samples: Sequence[MemorySample], vocab_size: int | None = None) -> None:
-    """Refuse what the model cannot score, naming the sample, before any forward."""
-    if not samples:
-        raise ValueError("samples is empty: nothing to evaluate")
-    for i, sample in enumerate(samples):
-        if not isinstance(sample, MemorySample):
-            raise TypeError(f"samples[{i}] must be a MemorySample, got {type(sample).__name__}")
-        if not sample.prompt_ids:
-            raise ValueError(f"samples[{i}] ({sample.name!r}) has an empty prompt: the first answer "
-                             "token needs at least one token before it")
-        if not sample.answer_ids:
-            raise ValueError(f"samples[{i}] ({sample.name!r}) has an empty answer")
-        if vocab_size is not None and not all(0 <= t < vocab_size for t in sample.input_ids):
-            bad = next(t for t in sample.input_ids if not 0 <= t < vocab_size)
-            raise ValueError(f"samples[{i}] ({sample.name!r}) holds token id {bad}, outside the "
-                             f"model's vocabulary [0, {vocab_size}) (tokenized for another model?)")
-
-
 def length_batches(samples: Sequence[MemorySample], batch_size: int) -> list[list[int]]:
     """Indices of `samples` in batches of similar total length (less padding), longest first."""
     if batch_size < 1:
@@ -154,15 +141,18 @@ def _score_batch(decoder, weight, bias, batch: Sequence[MemorySample], chunk_siz
     rows, labels = _answer_rows(hidden.to(weight.dtype), batch)
     _, stats = linear_cross_entropy(rows, weight, labels, bias, reduction="none",
                                     return_stats=True, chunk_size=chunk_size)
-    valid = labels != IGNORE_INDEX
+    # A right argmax is rank 0: only the wrong rows need the ranking GEMM.
+    wrong = (labels != IGNORE_INDEX) & ~stats.correct
     ranks = torch.zeros_like(labels)
-    ranks[valid] = target_ranks(rows[valid], weight, labels[valid], bias)
+    if bool(wrong.any()):
+        ranks[wrong] = target_ranks(rows[wrong], weight, labels[wrong], bias)
     scores = []
     for b, sample in enumerate(batch):
         n = sample.answer_len
         scores.append(TokenScores(loss=stats.loss[b, :n].float().cpu(), prob=stats.prob[b, :n].float().cpu(),
                                   correct=stats.correct[b, :n].cpu(), target_rank=ranks[b, :n].cpu(),
-                                  first_error=int(stats.first_error[b])))
+                                  first_error=int(stats.first_error[b]), margin=stats.margin[b, :n].float().cpu(),
+                                  lse=stats.lse[b, :n].float().cpu(), dtype=weight.dtype))
     return scores
 
 
@@ -171,14 +161,22 @@ def teacher_forced_scores(model, samples: Sequence[MemorySample], *, batch_size:
                           progress: bool = True, chunk_size: int | None = None) -> list[TokenScores]:
     """Score every answer token of `samples` under teacher forcing; one TokenScores per sample,
     in the order given. Batches are right-padded (causal attention keeps the pad out of every
-    real position). The model runs in eval mode; its own mode is restored afterwards."""
-    decoder, weight, bias = decoder_and_head(model)
-    check_samples(samples, min(weight.shape[0], decoder.get_input_embeddings().num_embeddings))
-    scores: list[TokenScores | None] = [None] * len(samples)
+    real position). The model runs in eval mode (no dropout, a LoRA head folded exactly); its own
+    mode is restored afterwards."""
     with eval_mode(model):
-        for indices in tqdm(length_batches(samples, batch_size), desc="teacher forcing",
-                            unit="batch", disable=not progress):
+        decoder, weight, bias = decoder_and_head(model)
+        max_positions = getattr(getattr(unwrap_model(model), "config", None), "max_position_embeddings", None)
+        check_samples(samples, min(weight.shape[0], decoder.get_input_embeddings().num_embeddings),
+                      max_positions if isinstance(max_positions, int) else None)
+        return _score_all(decoder, weight, bias, samples, batch_size, progress, chunk_size)
+
+
+def _score_all(decoder, weight, bias, samples, batch_size, progress, chunk_size) -> list[TokenScores]:
+    scores: list[TokenScores | None] = [None] * len(samples)
+    with tqdm(total=len(samples), desc="teacher forcing", unit="sample", disable=not progress) as bar:
+        for indices in length_batches(samples, batch_size):
             for i, score in zip(indices, _score_batch(decoder, weight, bias, [samples[i] for i in indices],
                                                       chunk_size)):
                 scores[i] = score
+            bar.update(len(indices))
     return scores

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers.utils import ModelOutput
 
 from fastmem.integrations import families
+from fastmem.integrations.heads import head_weight_and_bias  # noqa: F401 (re-exported)
 from fastmem.ops.linear_cross_entropy import linear_cross_entropy
 
 CONFIG_ATTR = "_fastmem_config"
@@ -64,50 +64,6 @@ def slice_kept_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
             logits_to_keep = slice(-logits_to_keep, None)
         return hidden[:, logits_to_keep, :]
     return slice_logits_to_keep(hidden, logits_to_keep)
-
-
-def head_weight_and_bias(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output embedding as `(weight [V, H], bias [V] | None)`, differentiable where trainable.
-
-    A plain `nn.Linear` head (tied or not) gives its own parameters. A PEFT LoRA head gives
-    `W + sum_a s_a B_a A_a` over the active adapters (exact while its dropout is off); a PEFT
-    modules_to_save head gives the active copy.
-    """
-    return _head_tensors(model.get_output_embeddings(), model)
-
-
-def _head_tensors(head, model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.utils.other import ModulesToSaveWrapper
-
-    if isinstance(head, ModulesToSaveWrapper):
-        if head.disable_adapters or not head.active_adapters:
-            return _head_tensors(head.original_module, model)
-        return _head_tensors(head.modules_to_save[head.active_adapters[0]], model)
-    if isinstance(head, LoraLinear):
-        return _lora_head_tensors(head, model)
-    if type(head) is nn.Linear or (isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward):
-        return head.weight, head.bias
-    raise TypeError(f"fastmem: the output embedding of {type(model).__name__} is a {type(head).__name__}; "
-                    "the fused loss needs an nn.Linear head (or a PEFT LoRA / modules_to_save wrapper of one)")
-
-
-def _lora_head_tensors(head, model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight, bias = _head_tensors(head.get_base_layer(), model)
-    if head.disable_adapters or head.merged:
-        return weight, bias
-    for name in head.active_adapters:
-        if name not in head.lora_A:
-            continue
-        if name in getattr(head, "lora_variant", {}):
-            raise NotImplementedError(f"fastmem: the lm_head adapter {name!r} is a LoRA variant (e.g. DoRA); "
-                                      "only plain LoRA on the head can be folded into the fused loss")
-        dropout = head.lora_dropout[name]
-        if head.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0.0) > 0:
-            raise NotImplementedError(f"fastmem: lora_dropout={dropout.p} on the lm_head adapter {name!r}; "
-                                      "set lora_dropout=0 (or leave lm_head out of target_modules)")
-        weight = weight + head.get_delta_weight(name).to(weight.dtype)
-    return weight, bias
 
 
 def _output_class(original):

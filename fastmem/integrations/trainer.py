@@ -13,6 +13,14 @@ weight decay included — and sets `control.should_training_stop`. A step whose 
 all zero (no token above the weighting threshold, yet not all recalled) is skipped the same way
 without stopping.
 
+The training forward's stats carry dropout (LoRA dropout, or the model's own): "every token
+recalled" there can be luck of the mask. So when dropout is on, a candidate step is confirmed
+before stopping: the step's micro-batches (their inputs captured by a forward pre-hook) run
+once more in eval mode without grad, and the stop holds only if those stats recall every token
+too; otherwise training goes on with this step's update. The confirmation costs one forward
+per micro-batch and runs only at candidate steps. Recall is read with the same TokenStats
+definition the trainer and the evaluator use (fastmem.ops.TokenStats.all_recalled).
+
 Limits: a DeepSpeed / FSDP optimizer that keeps its own gradient copies is not covered; fp16
 GradScaler without gradient clipping asserts on a step with no gradients (bf16, fp32, and fp16
 with max_grad_norm > 0 are fine).
@@ -20,9 +28,11 @@ with max_grad_norm > 0 are fine).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
+from torch import nn
 from transformers import TrainerCallback
 
 from fastmem.constants import L_CRIT
@@ -41,20 +51,30 @@ class StopWhenMemorized(TrainerCallback):
     Args:
         threshold: recall line on the per-token loss; L_t < ln 2 is p > 0.5 (greedy recall).
         skip_idle_steps: also skip (without stopping) a step whose MemFT weights are all zero.
+        confirm: confirm a candidate stop with an eval-mode forward of the step's micro-batches:
+            None (default) when the model has dropout with p > 0, True always, False never.
 
     After training: `memorized_at_step` (1-based index of the deciding step, None if never),
-    `optimizer_steps_skipped` (the deciding step and any idle ones).
+    `optimizer_steps_skipped` (the deciding step and any idle ones), `confirmations` (one
+    `(step, confirmed)` pair per candidate step that was checked in eval mode).
     """
 
-    def __init__(self, threshold: float = L_CRIT, *, skip_idle_steps: bool = True):
+    def __init__(self, threshold: float = L_CRIT, *, skip_idle_steps: bool = True, confirm: bool | None = None):
         if not threshold > 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
+        if confirm not in (None, True, False):
+            raise ValueError(f"confirm must be None, True or False, got {confirm!r}")
         self.threshold = float(threshold)
         self.skip_idle_steps = skip_idle_steps
+        self.confirm = confirm
         self.memorized_at_step: int | None = None
         self.optimizer_steps_skipped = 0
+        self.confirmations: list[tuple[int, bool]] = []
         self._step_stats: list[TokenStats] = []
         self._last_read: TokenStats | None = None
+        self._step_inputs: list[tuple[tuple, dict]] = []
+        self._hook = None
+        self._replaying = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None or not is_patched(model):
@@ -63,10 +83,18 @@ class StopWhenMemorized(TrainerCallback):
                              "building the trainer (TRL's SFTTrainer replaces model.forward at init)")
         self.memorized_at_step = None
         self.optimizer_steps_skipped = 0
-        self._step_stats, self._last_read = [], None
+        self.confirmations = []
+        self._step_stats, self._last_read, self._step_inputs = [], None, []
+        self._remove_hook()
+        self._hook = model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_hook()
+        self._step_inputs = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_stats = []
+        self._step_inputs = []
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):
         self._collect(model)
@@ -76,6 +104,11 @@ class StopWhenMemorized(TrainerCallback):
         recalled = self._agree(all(stats.all_recalled(self.threshold) for stats in self._step_stats))
         idle = self.skip_idle_steps and self._agree(all(not bool(stats.weight.any()) for stats in self._step_stats))
         step = state.global_step + 1
+        if recalled and self._needs_confirmation(model):
+            recalled = self._agree(self._recalled_in_eval_mode(model))
+            self.confirmations.append((step, recalled))
+            if not recalled:
+                log.info("fastmem: step %d recalled every token under dropout but not in eval mode; training on", step)
         if recalled:
             self.memorized_at_step = step
             control.should_training_stop = True
@@ -85,6 +118,39 @@ class StopWhenMemorized(TrainerCallback):
             self.optimizer_steps_skipped += 1
         self._step_stats = []
         return control
+
+    def _capture_inputs(self, module, args, kwargs):
+        # References only (the batch tensors the Trainer holds anyway), dropped at the next step.
+        if not self._replaying:
+            self._step_inputs.append((args, dict(kwargs)))
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _needs_confirmation(self, model) -> bool:
+        if self.confirm is not None:
+            return self.confirm
+        return model is not None and any(isinstance(m, nn.Dropout) and m.p > 0 and m.training
+                                         for m in model.modules())
+
+    def _recalled_in_eval_mode(self, model) -> bool:
+        """Rerun the step's micro-batches in eval mode (no dropout, no grad; logits not built)
+        and read their stats with the same recall rule."""
+        if not self._step_inputs:
+            raise RuntimeError("StopWhenMemorized: no captured inputs for this step's micro-batches; "
+                               "cannot confirm the stop in eval mode")
+        self._replaying = True
+        try:
+            with _eval_mode(model), torch.no_grad():
+                for args, kwargs in self._step_inputs:
+                    model(*args, **{**kwargs, "return_logits": False})
+                    if not last_stats(model).all_recalled(self.threshold):
+                        return False
+            return True
+        finally:
+            self._replaying = False
 
     def _collect(self, model) -> None:
         stats = last_stats(model)
@@ -105,6 +171,18 @@ class StopWhenMemorized(TrainerCallback):
         value = torch.tensor(int(flag), device=device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
         return bool(value.item())
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode for the confirmation forward, then every module's own mode back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _drop_gradients(model, optimizer) -> None:

@@ -101,7 +101,8 @@ def _forward_pass(hidden, weight, bias, labels, token_weights, window, plan: _Ca
 
     stats = (_scatter_rows(result.nll, rows, n_rows), _scatter_rows(torch.exp(-result.nll), rows, n_rows),
              _scatter_rows(result.correct, rows, n_rows), _scatter_rows(result.lse, rows, n_rows),
-             _scatter_rows(result.weight, rows, n_rows), valid, weigher.first_error())
+             _scatter_rows(result.weight, rows, n_rows), valid,
+             _scatter_rows(result.target - result.best_other, rows, n_rows), weigher.first_error())
     return loss, stats, norm, result.grad_hidden, result.grad_weight, result.grad_bias
 
 
@@ -196,7 +197,8 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             weighted: bool, want_grad_hidden: bool, want_grad_weight: bool,
             want_grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor]:
+                                           torch.Tensor, torch.Tensor]:
+    # 1 + len(STAT_FIELDS) + 3 outputs (the annotation is the schema: keep the count in step)
     """(loss, *stats in STAT_FIELDS order, grad_hidden, grad_weight, grad_bias): with reduction
     mean / sum the gradients of the loss for grad_output 1, already in the parameters' dtypes
     (empty when not wanted or reduction="none")."""
@@ -223,7 +225,7 @@ def _lce_op_fake(hidden, weight, bias, labels, token_weights, window, objective,
     per_token = lambda dtype: hidden.new_empty(n_rows, dtype=dtype)  # noqa: E731
     loss = per_token(acc) if reduction == "none" else hidden.new_empty((), dtype=acc)
     stats = (per_token(acc), per_token(acc), per_token(torch.bool), per_token(acc), per_token(acc),
-             per_token(torch.bool), hidden.new_empty(num_samples, dtype=torch.int64))
+             per_token(torch.bool), per_token(acc), hidden.new_empty(num_samples, dtype=torch.int64))
     precompute = reduction != "none"
     gh = torch.empty_like(hidden) if want_grad_hidden and precompute else _empty(hidden)
     gw = torch.empty_like(weight) if want_grad_weight and precompute else _empty(weight)

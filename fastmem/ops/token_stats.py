@@ -13,7 +13,7 @@ from fastmem.constants import L_CRIT
 # TokenStats is built from them by name, so a new per-token field is: its name here, a
 # dataclass field, its tensor in linear_cross_entropy._forward_pass (the chunk loop's result
 # also carries each row's target and best non-target logit) and its shape in the op's fake.
-STAT_FIELDS = ("loss", "prob", "correct", "lse", "weight", "valid", "first_error")
+STAT_FIELDS = ("loss", "prob", "correct", "lse", "weight", "valid", "margin", "first_error")
 
 
 @dataclass
@@ -33,6 +33,9 @@ class TokenStats:
         valid: label != ignore_index (bool).
         first_error: per sample (leading dims of `labels`, `[]` for 1-D labels) the position
             of the first wrong greedy prediction among valid tokens, -1 if none (int64).
+        margin: top-1 margin, the target's logit minus the best other logit (fp32; > 0 exactly
+            where correct; 0 on ignored positions; +inf with a one-column vocabulary). None
+            when the producer had no logits pass (a stats object built by hand).
     """
 
     loss: torch.Tensor
@@ -42,6 +45,7 @@ class TokenStats:
     weight: torch.Tensor
     valid: torch.Tensor
     first_error: torch.Tensor
+    margin: torch.Tensor | None = None
 
     def stubborn_mask(self, threshold: float = L_CRIT) -> torch.Tensor:
         """Valid tokens not yet recalled: L_t >= threshold (p <= 0.5 at ln 2)."""

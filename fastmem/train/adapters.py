@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastmem.integrations.heads import plain_head
 from fastmem.train.config import TrainConfig, default_layers
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,9 @@ def model_parts(peft_model: nn.Module, layer_ids: list[int]) -> ModelParts:
     causal_lm = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     decoder, layers, norm = _decoder_layers(causal_lm)
     cfg = causal_lm.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        raise ValueError(f"{type(causal_lm).__name__} scales or soft-caps its logits: the fast engine's "
-                         "fused head does not; use --engine hf")
-    head = causal_lm.get_output_embeddings()
+    head_weight, head_bias = plain_head(causal_lm)  # the one head resolver (refuses rescaled logits)
     return ModelParts(causal_lm=causal_lm, decoder=decoder, layers=layers, norm=norm,
-                      head_weight=head.weight.detach(), head_bias=None if head.bias is None else head.bias.detach(),
+                      head_weight=head_weight.detach(), head_bias=None if head_bias is None else head_bias.detach(),
                       first_adapted=min(layer_ids),
                       max_positions=getattr(cfg, "max_position_embeddings", None))
 

@@ -64,7 +64,7 @@ class TrainConfig:
     fused_lora: bool = False  # fastmem.integrations.peft.patch_peft_model when installed
     loss_backend: str = "auto"  # fastmem.linear_cross_entropy backend
     checkpoint_every: int = 0  # steps; 0: only at the end
-    verify_greedy: bool = True
+    verify_greedy: bool = True  # final pass: greedy-decode samples whose EM hinges on a near tie (margin within noise)
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp2"
     progress: bool = True
 

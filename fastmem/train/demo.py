@@ -41,15 +41,14 @@ def _show(tokenizer, ids, width: int = 100) -> str:
 
 
 def _recall(model, tokenizer, samples, device, label: str) -> list[bool]:
-    from fastmem.train.verify import greedy_answer
+    from fastmem.eval.greedy import greedy_check
 
-    matches = []
-    model.eval()  # greedy recall without LoRA dropout
-    for sample in samples:
-        got = greedy_answer(model, sample, device)[: sample.answer_len]
-        matches.append(got == list(sample.answer_ids))
-        print(f"  {label:6s} {'OK  ' if matches[-1] else 'MISS'} {_show(tokenizer, got)}")
-    return matches
+    # Decoded in full (no fast fail) to show what the model recites; eval mode, no LoRA dropout.
+    results = greedy_check(model, samples, fast_fail=False, progress=False,
+                           pad_token_id=tokenizer.pad_token_id or 0)
+    for result in results:
+        print(f"  {label:6s} {'OK  ' if result.exact_match else 'MISS'} {_show(tokenizer, result.generated)}")
+    return [result.exact_match for result in results]
 
 
 def _memorize(title: str, samples, model, tokenizer, args, out: Path):

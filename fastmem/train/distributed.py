@@ -7,6 +7,7 @@ over ranks so that every rank runs backward (or skips it) together.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -114,3 +115,35 @@ def full_adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
                 tensor = tensor.full_tensor()
             state[name] = tensor.cpu().clone()
     return state
+
+
+def any_rank(flags: list[bool], info: DistInfo) -> list[bool]:
+    """Element-wise OR of `flags` over ranks (every rank passes a list of the same length), so
+    that all ranks take the same decision from a check each ran on its own."""
+    if not info.enabled or not flags:
+        return list(flags)
+    values = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=info.device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+@contextlib.contextmanager
+def unsharded(span: nn.Module | None, mode: str, info: DistInfo):
+    """Under FSDP2, gather the span's full parameters for the block (then shard them again): the
+    evaluator runs the model's own forward, which does not go through the span's FSDP hooks,
+    and a sharded (DTensor) weight cannot meet a plain activation. Every rank must enter."""
+    if span is None or not (info.enabled and mode == "fsdp2"):
+        yield
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:
+        from torch.distributed._composable.fsdp import FSDPModule
+    sharded = [module for module in span.modules() if isinstance(module, FSDPModule)]
+    for module in sharded:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()

@@ -5,7 +5,11 @@
                2. decide from the stats, BEFORE any update: stop / skip / train (stop_rule.py)
                3. update: backward + AdamW step (only when step 2 says so); LR decays every step
                4. bookkeeping: SW windows, metrics line, progress bar, checkpoint
-    finish     eval-mode teacher-forced pass, greedy exact match, adapter + summary.json
+    finish     the evaluator: one eval-mode teacher-forced pass gives loss, recall, exact match
+               and i* (near ties decoded to confirm); adapter + summary.json
+
+With dropout on, a stop is decided from noisy stats: at a stop candidate one eval-mode
+teacher-forced pass (the evaluator's) must confirm every recalled sample, or training goes on.
 """
 
 from __future__ import annotations
@@ -17,24 +21,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from fastmem.data.sample import MemorySample
+from fastmem.constants import L_CRIT
+from fastmem.data.sample import MemorySample, check_samples
+from fastmem.eval.evaluator import evaluate
+from fastmem.eval.teacher_forcing import teacher_forced_scores
 from fastmem.train.adapters import adapter_parameters, attach_lora, model_parts
 from fastmem.train.checkpoint import (latest_checkpoint, load_checkpoint, save_adapter_atomic, save_checkpoint,
                                       set_rng_state)
 from fastmem.train.config import TrainConfig
-from fastmem.train.distributed import (DistInfo, barrier, full_adapter_state, gather_first_errors, init_distributed,
-                                       reduce_signal, wrap_span)
+from fastmem.train.distributed import (DistInfo, any_rank, barrier, full_adapter_state, gather_first_errors,
+                                       init_distributed, reduce_signal, unsharded, wrap_span)
 from fastmem.train.engine_fast import FastEngine, stats_summary
 from fastmem.train.engine_hf import HFEngine
 from fastmem.train.interrupt import stop_requested
 from fastmem.train.prefix_cache import PrefixCache
-from fastmem.train.run_log import MetricsLog, RunFigures, check_samples, peak_mem_bytes, write_json_atomic
+from fastmem.train.run_log import MetricsLog, RunFigures, peak_mem_bytes, write_json_atomic
 from fastmem.train.schedule import build_schedule, rank_slice
 from fastmem.train.stop_rule import BatchSignal, StopRule
 from fastmem.train.sw_window import SWWindowState
-from fastmem.train.verify import exact_match
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +97,36 @@ class _Recrossings:
         return total
 
 
-def _final_pass(engine, samples: list[MemorySample], model, device) -> dict:
-    """Eval mode, no dropout, no grad: the unweighted answer loss and recall per token."""
-    model.eval()
-    loss_sum, n_tokens, n_correct, stubborn, min_p = 0.0, 0, 0, 0, 1.0
-    per_sample = []
-    with torch.no_grad():
-        for index in range(len(samples)):
-            _, stats = engine.forward([index], objective="sft")
-            row = stats_summary(stats)
-            per_sample.append(row["mean_loss"])
-            loss_sum += row["mean_loss"] * row["answer_tokens"]
-            n_tokens += row["answer_tokens"]
-            n_correct += round(row["token_acc"] * row["answer_tokens"])
-            stubborn += row["stubborn_tokens"]
-            min_p = min(min_p, row["min_p"])
-    model.train()
-    return {"final_loss": loss_sum / n_tokens, "token_acc": n_correct / n_tokens,
-            "stubborn_tokens": stubborn, "min_p": min_p, "final_loss_per_sample": per_sample}
+def _final_pass(model, samples: list[MemorySample], config: TrainConfig) -> dict:
+    """The evaluator on the trained model (eval mode, no grad): unweighted answer loss, recall,
+    and exact match / i* from the same teacher-forced pass; a sample whose verdict hinges on a
+    near tie is greedy-decoded to confirm (unless `verify_greedy` is off)."""
+    report = evaluate(model, samples, decode="auto" if config.verify_greedy else "none",
+                      batch_size=config.batch_size, progress=False)
+    totals = report.totals()
+    records = report.records
+    return {"final_loss": totals["mean_loss"], "token_acc": totals["token_acc"],
+            "stubborn_tokens": totals["n_stubborn"], "min_p": totals["min_prob"],
+            "final_loss_per_sample": [r.mean_loss for r in records],
+            "exact_match": totals["exact_match"], "exact_match_per_sample": [r.exact_match for r in records],
+            "first_error_per_sample": [r.first_error for r in records], "min_margin": totals["min_margin"],
+            "confirmed_by_decoding": [i for i, r in enumerate(records) if r.confirmed_by_decoding],
+            "near_tie_unconfirmed": [i for i, r in enumerate(records) if r.near_ties and r.greedy is None],
+            "final_pass_s": report.timing["teacher_forcing_s"] + report.timing["decoding_s"]}
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    """Does a training-mode forward of `model` drop anything (LoRA dropout, or the model's own)?"""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def _unconfirmed_recall(model, samples: list[MemorySample], indices: list[int], batch_size: int,
+                        info: DistInfo) -> set[int]:
+    """One eval-mode teacher-forced pass (the evaluator's) over `samples[indices]`: the indices
+    with a token at p <= 0.5, i.e. whose recall the noisy training forward over-stated."""
+    scores = teacher_forced_scores(model, [samples[i] for i in indices], batch_size=batch_size, progress=False)
+    flags = any_rank([bool((score.loss >= L_CRIT).any()) for score in scores], info)
+    return {i for i, flag in zip(indices, flags) if flag}
 
 
 def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenizer=None, *,
@@ -143,6 +162,7 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
     parts = model_parts(peft_model, layer_ids)
     check_samples(samples, parts.head_weight.shape[0], parts.max_positions)
     peft_model.to(device).train()
+    confirm_stop = _has_dropout(peft_model)  # training-forward stats are noisy: confirm a stop
     # The hf engine never reads the cache: there the forward only yields the base loss.
     cache = PrefixCache(peft_model, parts, samples, device,
                         enabled=config.prefix_cache and config.engine == "fast")
@@ -212,6 +232,16 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
         # 2. decide before any update (every rank decides the same from the reduced signal)
         signal = reduce_signal(BatchSignal.from_stats(stats), info)
         decision = stop_rule.decide(signal, list(scheduled.global_batch), scheduled.all_samples_active)
+        confirmation, confirm_s = None, 0.0
+        if decision.stop and confirm_stop:
+            t_confirm = time.perf_counter()
+            with unsharded(getattr(engine, "span", None), config.distributed, info):
+                unconfirmed = _unconfirmed_recall(peft_model, samples, sorted(stop_rule.recalled),
+                                                  config.batch_size, info)
+            confirm_s = time.perf_counter() - t_confirm
+            confirmation = "rejected" if unconfirmed else "confirmed"
+            if unconfirmed:
+                decision = stop_rule.reject(unconfirmed, list(scheduled.global_batch))
 
         # 3. update
         if decision.update:
@@ -231,7 +261,8 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
                "loss": float(loss.detach()),
                **stats_summary(stats), "stubborn_tokens_global": signal.stubborn_tokens,
                "active_tokens": signal.active_tokens, "recrossed": recrossings.count(indices, stats),
-               "lr": lr, "update": decision.update, "decision": decision.reason, "step_s": step_s,
+               "lr": lr, "update": decision.update, "decision": decision.reason, "confirmation": confirmation,
+               "confirm_s": confirm_s, "step_s": step_s,
                "tokens_per_s": engine.sequence_tokens(indices) / max(step_s, 1e-9)}
         if config.objective == "sw":
             row["sw_window_mean"] = float(window.mean())
@@ -264,11 +295,9 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
                "objective": config.objective, "engine": config.engine, "rank": config.rank,
                "layers": layer_ids, "modules": list(config.modules), "world_size": info.world_size}
     if not halted:
-        summary.update(_final_pass(engine, samples, peft_model, device))
+        with unsharded(getattr(engine, "span", None), config.distributed, info):
+            summary.update(_final_pass(peft_model, samples, config))
         summary["delta_loss"] = base_loss - summary["final_loss"]
-        matches = exact_match(peft_model, samples, device) if config.verify_greedy else []
-        summary["exact_match"] = (sum(matches) / len(matches)) if matches else None
-        summary["exact_match_per_sample"] = matches
     summary["wall_s"] = time.perf_counter() - wall_start
     summary["peak_mem_bytes"] = peak_mem_bytes(device)
     adapter_dir = None

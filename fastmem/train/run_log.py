@@ -1,4 +1,4 @@
-"""Per-step metrics (metrics.jsonl), the summary, peak memory, and input checks."""
+"""Per-step metrics (metrics.jsonl), the summary and peak memory."""
 
 from __future__ import annotations
 
@@ -9,29 +9,6 @@ from pathlib import Path
 
 import torch
 
-from fastmem.data.sample import MemorySample
-
-
-def check_samples(samples: list[MemorySample], vocab_size: int, max_positions: int | None) -> None:
-    """Clear errors, naming the sample, before anything runs."""
-    if not samples:
-        raise ValueError("no samples to train on (the data is empty)")
-    for index, sample in enumerate(samples):
-        label = f"sample {index} ({sample.name!r})"
-        if sample.answer_len == 0:
-            raise ValueError(f"{label}: empty answer (nothing to memorize)")
-        if len(sample.prompt_ids) == 0:
-            raise ValueError(f"{label}: empty prompt (the first answer token needs a prompt token before it)")
-        if max_positions is not None:
-            if len(sample.prompt_ids) >= max_positions:
-                raise ValueError(f"{label}: prompt of {len(sample.prompt_ids)} tokens is longer than the "
-                                 f"model's context ({max_positions} positions)")
-            if len(sample.input_ids) > max_positions:
-                raise ValueError(f"{label}: prompt + answer = {len(sample.input_ids)} tokens exceed the "
-                                 f"model's context ({max_positions} positions)")
-        bad = [t for t in sample.input_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"{label}: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
 
 
 def peak_mem_bytes(device: torch.device) -> int:

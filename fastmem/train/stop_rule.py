@@ -9,6 +9,9 @@ Recall is p > 0.5 for every answer token (L_t < ln 2), whatever MemFT's weightin
   has activated every sample. With one sample this is "stop at the first recalled forward".
 - MemFT-OT with no active token, or SW with sum w <= 1e-5, skips the step (the paper's
   zero-bp): AdamW on zero gradients still moves the weights through its momentum.
+- With dropout on, the training forward's stats are noisy: before a stop the trainer confirms
+  the recalled samples with one eval-mode pass, and `reject` forgets those it did not confirm
+  (the current batch, if among them, then trains on).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class BatchSignal:
 class StepDecision:
     update: bool   # run backward + optimizer step
     stop: bool     # end the run after this step (its update, if any, is already excluded)
-    reason: str    # "train" | "recalled" | "no_active_token" | "all_recalled"
+    reason: str    # "train" | "recalled" | "no_active_token" | "all_recalled" | "unconfirmed" | ...
 
 
 class StopRule:
@@ -61,6 +64,20 @@ class StopRule:
             return StepDecision(update=False, stop=False, reason="no_active_token")
         self.recalled.clear()  # an update changes the weights: earlier checks no longer hold
         return StepDecision(update=True, stop=False, reason="train")
+
+    def reject(self, unconfirmed: set[int], batch_indices: list[int]) -> StepDecision:
+        """The eval-mode pass did not confirm the recall of `unconfirmed` (sample indices): forget
+        them and re-decide the current batch, as not recalled when any of its samples is among
+        them (it trains on), else as a recalled batch that does not stop.
+
+        The unconfirmed batch trains even when its (noisy) MemFT weights are all zero: skipping
+        would leave the weights as they are, and the same sample could then be a candidate that
+        is never confirmed at every later step, a stall until the step budget."""
+        self.recalled.difference_update(unconfirmed)
+        if not unconfirmed.intersection(batch_indices):
+            return StepDecision(update=False, stop=False, reason="recalled")
+        self.recalled.clear()  # an update changes the weights: earlier checks no longer hold
+        return StepDecision(update=True, stop=False, reason="unconfirmed")
 
     def state_dict(self) -> dict:
         return {"recalled": sorted(self.recalled)}

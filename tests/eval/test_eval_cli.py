@@ -67,11 +67,26 @@ def test_eval_cli_writes_report_that_matches_the_api(model_dir, data_file, tmp_p
     code = main(["eval", "--data", str(data_file), "--model", str(model_dir), "--out", str(out),
                  "--batch-size", "2", "--metrics", str(metrics), "--grids", "2"])
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "3 records" in printed and "wrote" in printed
+    printed = capsys.readouterr()
+    assert "3 records" in printed.out and "wrote" in printed.out and "confirmed by decoding: none" in printed.out
+    assert "teacher forcing" in printed.err and "sample" in printed.err  # the per-sample progress bar
     report = json.loads((out / "report.json").read_text())
     assert [r["name"] for r in report["records"]] == ["r0", "r1", "r2"]
     assert report["records"][1]["first_error"] == 2 and report["records"][1]["exact_match"] is False
+    assert all(r["decided_by"] == "teacher_forcing" and r["confirmed_by_decoding"] is False
+               for r in report["records"])
+    assert report["totals"]["confirmed_by_decoding"] == [] and report["totals"]["decoded"] == 0
+
+    # --decode: every sample decoded as an independent check; same verdicts.
+    decoded_out = tmp_path / "decoded"
+    assert main(["eval", "--data", str(data_file), "--model", str(model_dir), "--out", str(decoded_out),
+                 "--decode", "--grids", "0"]) == 0
+    decoded = json.loads((decoded_out / "report.json").read_text())
+    assert decoded["totals"]["decoded"] == 3 and decoded["totals"]["decode_disagreements"] == []
+    assert [(r["exact_match"], r["first_error"]) for r in decoded["records"]] == \
+        [(r["exact_match"], r["first_error"]) for r in report["records"]]
+    assert all(r["decided_by"] == "decoding" and r["decode_reason"] == "requested" for r in decoded["records"])
+    assert "greedy decoding" in capsys.readouterr().err
     assert all(isinstance(r["stubborn"], list) for r in report["records"])
     assert (out / report["records"][0]["prob_grid"]).stat().st_size > 5_000
     assert "prob_grid" not in report["records"][2]
@@ -96,12 +111,12 @@ def test_eval_cli_applies_a_peft_adapter(model, model_dir, data_file, tmp_path):
                                                               init_lora_weights=False))
     peft_model.save_pretrained(adapter_dir)
     base_out, adapted_out = tmp_path / "base", tmp_path / "adapted"
-    common = ["eval", "--data", str(data_file), "--model", str(model_dir), "--no-greedy", "--grids", "0"]
+    common = ["eval", "--data", str(data_file), "--model", str(model_dir), "--no-decode", "--grids", "0"]
     assert main(common + ["--out", str(base_out)]) == 0
     assert main(common + ["--out", str(adapted_out), "--adapter", str(adapter_dir)]) == 0
     base = json.loads((base_out / "report.json").read_text())
     adapted = json.loads((adapted_out / "report.json").read_text())
-    assert base["totals"]["exact_match"] is None and base["records"][0]["exact_match"] is None
+    assert base["totals"]["decoded"] == 0 and base["records"][0]["decided_by"] == "teacher_forcing"
     assert base["totals"]["mean_loss"] != pytest.approx(adapted["totals"]["mean_loss"], abs=1e-4)
 
 

@@ -34,7 +34,7 @@ def corrupted(model, answer, position):
 
 def test_own_greedy_answer_is_an_exact_match(model, own_answer):
     sample = make_sample("own", PROMPT, own_answer)
-    record = evaluate(model, [sample], progress=False).records[0]
+    record = evaluate(model, [sample], decode="all", progress=False).records[0]
     prob, correct, rank = oracle_scores(model, sample)
     assert bool(correct.all())
     assert record.exact_match is True and record.greedy.first_divergence == -1
@@ -53,9 +53,10 @@ def test_own_greedy_answer_is_an_exact_match(model, own_answer):
 def test_corrupted_token_sets_first_error_and_breaks_em(model, own_answer, position):
     answer = corrupted(model, own_answer, position)
     sample = make_sample("bad", PROMPT, answer)
-    record = evaluate(model, [sample], progress=False).records[0]
+    record = evaluate(model, [sample], decode="all", progress=False).records[0]
     prob, correct, rank = oracle_scores(model, sample)
-    assert record.exact_match is False
+    assert record.exact_match is False and record.decode_agrees is True
+    assert (record.scores.exact_match, record.scores.first_error) == (False, position)
     assert record.greedy.first_divergence == position
     assert record.first_error == position
     # fast fail: decoding stopped right after the wrong token.
@@ -84,8 +85,8 @@ def test_batched_equals_one_by_one(model):
         if i % 2:
             answer[answer_len // 2] = (answer[answer_len // 2] + 1) % 97
         samples.append(make_sample(f"s{i}", prompt, answer))
-    batched = evaluate(model, samples, batch_size=3, progress=False)
-    single = evaluate(model, samples, batch_size=1, progress=False)
+    batched = evaluate(model, samples, batch_size=3, decode="all", progress=False)
+    single = evaluate(model, samples, batch_size=1, decode="all", progress=False)
     for a, b, sample in zip(batched.records, single.records, samples):
         assert a.name == sample.name == b.name
         torch.testing.assert_close(a.scores.prob, b.scores.prob, atol=1e-5, rtol=1e-4)
@@ -97,9 +98,58 @@ def test_batched_equals_one_by_one(model):
     assert [r.exact_match for r in batched.records] == [True, False, True, False, True]
     totals = batched.totals()
     assert totals["records"] == 5 and totals["n_exact_match"] == 3 and totals["exact_match"] == 0.6
+    assert totals["decoded"] == 5 and totals["decode_disagreements"] == []
+    # The default decides from the one teacher-forced pass alone: the same verdicts, no decoding.
+    tf_only = evaluate(model, samples, batch_size=3, progress=False)
+    assert [(r.exact_match, r.first_error) for r in tf_only.records] == \
+        [(r.exact_match, r.first_error) for r in batched.records]
+    assert all(r.greedy is None and r.decode_reason is None for r in tf_only.records)
+    assert tf_only.totals()["decoded"] == 0
     n_tokens = sum(s.answer_len for s in samples)
     assert totals["tokens"] == n_tokens
     assert totals["token_acc"] == pytest.approx(sum(float(r.scores.correct.sum()) for r in batched.records) / n_tokens)
+
+
+def test_margins_and_near_ties_against_the_oracle(model, own_answer, monkeypatch):
+    import fastmem.eval.exact_match as em
+
+    sample = make_sample("bad", PROMPT, corrupted(model, own_answer, 5))
+    record = evaluate(model, [sample], progress=False).records[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([sample.input_ids])).logits[0, len(PROMPT) - 1:-1].double()
+    target = torch.tensor(sample.answer_ids)
+    top = logits.gather(1, target[:, None]).squeeze(1)
+    other = logits.scatter(1, target[:, None], float("-inf")).amax(1)
+    torch.testing.assert_close(record.scores.margin.double(), top - other, atol=1e-5, rtol=0)
+    assert record.min_margin == pytest.approx(float((top - other)[:6].min()), abs=1e-5)
+    assert record.near_ties == [] and record.greedy is None
+
+    # With a noise tolerance wider than every margin, each deciding position is a near tie: the
+    # sample is decoded to confirm, and the report says so.
+    monkeypatch.setitem(em.MARGIN_NOISE_EPS, torch.float32, 1e12)
+    confirmed = evaluate(model, [sample], progress=False)
+    record = confirmed.records[0]
+    assert record.near_ties == list(range(6))  # 0..i*: later positions decide nothing
+    assert record.decode_reason == "near_tie" and record.confirmed_by_decoding and record.decode_agrees
+    assert (record.exact_match, record.first_error) == (False, 5)
+    assert confirmed.totals()["confirmed_by_decoding"] == ["bad"]
+    unconfirmed = evaluate(model, [sample], decode="none", progress=False)
+    assert unconfirmed.records[0].greedy is None and unconfirmed.totals()["near_tie_unconfirmed"] == ["bad"]
+
+
+def test_near_tie_positions_cover_only_the_deciding_span():
+    from fastmem.eval.exact_match import margin_tolerance, near_tie_positions
+
+    lse = torch.full((6,), 20.0)
+    tol = float(margin_tolerance(torch.float32, lse)[0])
+    assert 0 < tol < 0.05
+    margin = torch.tensor([3.0, tol / 2, 2.0, -1.0, tol / 4, 1.0])
+    assert near_tie_positions(margin, lse, 3, torch.float32).tolist() == [1]
+    assert near_tie_positions(margin, lse, -1, torch.float32).tolist() == [1, 4]
+    assert near_tie_positions(margin, lse, 0, torch.float32).tolist() == []
+    # bf16 rounds 2^16 times coarser than fp32: its tolerance is ~2^10 times wider
+    assert float(margin_tolerance(torch.bfloat16, lse)[0]) == pytest.approx(1024 * tol)
+    assert 2.0 < float(margin_tolerance(torch.bfloat16, lse)[0]) < 3.0
 
 
 def test_target_ranks_chunked_matches_brute_force():
@@ -156,7 +206,7 @@ def test_report_json_schema_and_probability_grids(model, own_answer, tmp_path):
     report = evaluate(model, samples, progress=False)
     path = report.write(tmp_path / "out", grids=1, grid_width=5)
     data = json.loads(path.read_text())
-    assert set(data) == {"records", "totals"}
+    assert set(data) == {"records", "totals", "timing"} and set(data["timing"]) == {"teacher_forcing_s", "decoding_s"}
     first, second = data["records"]
     for record in data["records"]:
         assert isinstance(record["exact_match"], bool)

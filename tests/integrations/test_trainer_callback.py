@@ -12,14 +12,14 @@ from fastmem.integrations.transformers import apply_fastmem, last_stats
 PROMPT_LEN, ANSWER_LEN = 3, 8
 
 
-def lora_model(seed: int = 0):
+def lora_model(seed: int = 0, dropout: float = 0.0):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     # A wide init: with the default 0.02 the frozen head's logits are ~uniform and rank-8 LoRA
     # needs hundreds of steps to memorize; at 0.3 it takes about ten.
     base = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=2, initializer_range=0.3))
-    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
                                            target_modules=["q_proj", "v_proj", "down_proj"]))
 
 
@@ -57,8 +57,8 @@ class StopAfterTheStep(TrainerCallback):
             control.should_training_stop = True
 
 
-def train(tmp_path, stopper, *, objective="ot", accumulation=1, n_samples=1, max_steps=150):
-    model = lora_model()
+def train(tmp_path, stopper, *, objective="ot", accumulation=1, n_samples=1, max_steps=150, make_model=None):
+    model = (make_model or lora_model)()
     apply_fastmem(model, objective=objective, threshold=0.3)
     recorder = Recorder()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, learning_rate=3e-2,
@@ -136,3 +136,49 @@ def test_unpatched_model_is_a_clear_error(tmp_path):
         trainer.train()
     with pytest.raises(ValueError, match="threshold"):
         StopWhenMemorized(threshold=0)
+
+
+class TrainOnlyBoost(torch.nn.Dropout):
+    """Dropout noise made deterministic: doubles its input in training mode (the LoRA term
+    counts twice), the identity in eval mode. Training forwards recall before the model does."""
+
+    def forward(self, x):
+        return x * 2.0 if self.training else x
+
+
+def boosted(model):
+    for module in model.modules():
+        for name in list(getattr(module, "lora_dropout", {})):
+            module.lora_dropout[name] = TrainOnlyBoost(p=0.1)
+    return model
+
+
+def test_stop_under_dropout_is_confirmed_in_eval_mode(tmp_path):
+    def make_model():
+        return boosted(lora_model(dropout=0.1))
+
+    stopper = StopWhenMemorized()
+    model, trainer, recorder = train(tmp_path, stopper, objective="sft", max_steps=300, make_model=make_model)
+    steps = trainer.state.global_step
+    # Candidates the training forward called recalled but eval mode did not were trained on...
+    rejected = [step for step, ok in stopper.confirmations if not ok]
+    assert rejected and stopper.confirmations[-1] == (steps, True) and stopper.memorized_at_step == steps
+    for step in rejected:  # ...their optimizer step ran: the adapter moved after them
+        after = recorder.before_step[step] if step < len(recorder.before_step) else lora_state(model)
+        assert not all(torch.equal(after[n], recorder.before_step[step - 1][n]) for n in after)
+    assert stopper.optimizer_steps_skipped == 1
+    final = lora_state(model)  # the confirmed step skipped its update
+    assert all(torch.equal(final[n], recorder.before_step[-1][n]) for n in final)
+    model.eval()
+    with torch.no_grad():  # and the eval-mode model recalls every token
+        row = samples(1)[0]
+        model(input_ids=row["input_ids"][None], labels=row["labels"][None])
+        assert last_stats(model).all_recalled()
+    # Unconfirmed (confirm=False), the same run stops at the first noisy candidate, wrongly.
+    naive = StopWhenMemorized(confirm=False)
+    model, trainer, _ = train(tmp_path / "naive", naive, objective="sft", max_steps=300, make_model=make_model)
+    assert naive.memorized_at_step == rejected[0] and not naive.confirmations
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=row["input_ids"][None], labels=row["labels"][None])
+        assert not last_stats(model).all_recalled()

@@ -216,6 +216,26 @@ def test_ties_count_as_wrong(backend):
                                             backend=backend, return_stats=True)
     assert stats.correct.tolist() == [False, True]
     assert int(stats.first_error) == 0
+    assert stats.margin.tolist() == [0.0, 5.0]  # a tie has margin 0: not > 0, not correct
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_margin_is_target_logit_minus_best_other(backend, dtype):
+    hidden, weight, bias, labels = make_case(dtype, vocab=131, seed=3)
+    _, stats = fastmem.linear_cross_entropy(on_device(hidden), on_device(weight), on_device(labels),
+                                            on_device(bias), backend=backend, return_stats=True)
+    logits = (hidden.double() @ weight.double().t() + bias.double()).to(DEVICE)
+    valid = labels.to(DEVICE) != -100
+    safe = labels.to(DEVICE).clamp(min=0)
+    target = logits.gather(-1, safe[..., None]).squeeze(-1)
+    best_other = logits.scatter(-1, safe[..., None], float("-inf")).amax(-1)
+    expected = torch.where(valid, target - best_other, torch.zeros_like(target))
+    assert stats.margin.dtype == torch.float32 and stats.margin.shape == labels.shape
+    # the logits GEMM runs in the input dtype: the margin carries its rounding (a few ulps of |z|)
+    atol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}[dtype]
+    torch.testing.assert_close(stats.margin.double(), expected, atol=atol, rtol=0)
+    assert torch.equal(stats.correct, valid & (stats.margin > 0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -98,3 +98,70 @@ def test_sw_run_passes_widened_windows_to_the_loss():
     windows = [row["sw_window_mean"] for row in result.metrics]
     assert windows[0] == 2.0
     assert max(windows) > 2.0  # with a tiny lr the first error stays put, so the window widens
+
+
+class TrainOnlyBoost(torch.nn.Dropout):
+    """Dropout noise made deterministic: in training mode it doubles its input (the LoRA term
+    counts twice), in eval mode it is the identity like every nn.Dropout. The training forward
+    then reports recall before the eval-mode model has it: exactly the false stop to catch."""
+
+    def forward(self, x):
+        return x * 2.0 if self.training else x
+
+
+@pytest.fixture
+def boosted_lora(monkeypatch):
+    import fastmem.train.loop as loop
+
+    real = loop.attach_lora
+
+    def attach(model, config):
+        peft_model, layer_ids = real(model, config)
+        for module in peft_model.modules():
+            for name in list(getattr(module, "lora_dropout", {})):
+                module.lora_dropout[name] = TrainOnlyBoost(p=0.1)
+        return peft_model, layer_ids
+
+    monkeypatch.setattr(loop, "attach_lora", attach)
+    return loop
+
+
+def test_a_stop_under_dropout_is_confirmed_by_an_eval_mode_pass(boosted_lora, adamw_steps):
+    samples = make_samples(1, answer_len=8)
+    result = train(tiny_config(objective="sft", lr=2e-2, max_steps=300, dropout=0.1), samples, model=tiny_model())
+    rows = result.metrics
+    checked = [row for row in rows if row["confirmation"]]
+    rejected = [row for row in checked if row["confirmation"] == "rejected"]
+    # The training forward said "recalled" before the eval-mode model recalled: those candidates
+    # were rejected and trained on (their update ran) ...
+    assert rejected and all(row["update"] and row["decision"] == "unconfirmed" for row in rejected)
+    assert all(row["stubborn_tokens"] == 0 for row in checked)
+    # ... and the run stopped only at a confirmed candidate, before its optimizer step.
+    assert rows[-1]["confirmation"] == "confirmed" and rows[-1]["decision"] == "all_recalled"
+    assert not rows[-1]["update"] and len(adamw_steps) == sum(row["update"] for row in rows)
+    assert result.summary["stopped_on_recall"] and result.summary["stubborn_tokens"] == 0
+    assert result.summary["exact_match"] == 1.0 and result.summary["min_p"] > 0.5
+
+
+def test_without_the_confirmation_the_same_run_stops_on_a_false_recall(boosted_lora, monkeypatch):
+    """The test above can fail: unconfirmed, the noisy stats stop the run too early."""
+    monkeypatch.setattr(boosted_lora, "_has_dropout", lambda model: False)
+    samples = make_samples(1, answer_len=8)
+    result = train(tiny_config(objective="sft", lr=2e-2, max_steps=300, dropout=0.1), samples, model=tiny_model())
+    assert result.summary["stopped_on_recall"] and result.metrics[-1]["stubborn_tokens"] == 0
+    assert all(row["confirmation"] is None for row in result.metrics)
+    assert result.summary["stubborn_tokens"] > 0  # the eval-mode model does not recall everything
+
+
+def test_rejected_recall_is_forgotten_and_the_batch_trains_on():
+    rule = StopRule(num_samples=2, objective="ot")
+    recalled = BatchSignal(0, 0, 0.0)
+    assert not rule.decide(recalled, [0], True).stop
+    assert rule.decide(recalled, [1], True).stop
+    # sample 0 was not confirmed, sample 1 (this batch) was: no stop, no update, 0 forgotten
+    again = rule.reject({0}, [1])
+    assert (again.update, again.stop, again.reason) == (False, False, "recalled") and rule.recalled == {1}
+    # this batch not confirmed: it trains on even with OT weights all zero (no stall)
+    assert rule.decide(recalled, [0], True).stop
+    trained = rule.reject({0}, [0])
+    assert (trained.update, trained.stop, trained.reason) == (True, False, "unconfirmed") and not rule.recalled
