@@ -112,7 +112,8 @@ def build_cell(engine_name: str, length: int, weights: str, args):
     samples = [warm, sample]
     cache = PrefixCache(peft_model, parts, samples, device, enabled=config.engine == "fast")
     if config.engine == "fast":
-        cache.build_all()
+        for index in range(len(samples)):
+            cache.get(index)  # the span's inputs only (no base loss: not part of a step)
         engine = FastEngine(config, parts, cache)
     else:
         engine = HFEngine(config, peft_model, samples, device)
@@ -206,6 +207,36 @@ def run_missing(args) -> None:
                   f"step peak {(row.get('step_peak_rss') or 0) / 2**30:.2f} GiB", flush=True)
 
 
+# ---------------------------------------------------------------- FLOP model (the bound)
+
+def step_flops(length: int, prompt: int = 37, n_layers: int = 30, first: int = 20, hidden: int = 576,
+               inter: int = 1536, heads: int = 9, kv_heads: int = 3, head_dim: int = 64, vocab: int = 49152,
+               active: float = 1.0) -> dict:
+    """Matmul FLOPs of one step per engine (SmolLM2 shape, LoRA terms neglected: r << H).
+
+    Per layer over S tokens: projections + MLP `lin = 2·S·(H·(q+2kv) + q·H + 3·H·I)`; causal
+    attention forward `2·2·heads·d·S²/2`, its flash backward 2.5× that (it recomputes the
+    scores, then dV, dP, dQ, dK); the frozen weights' backward needs only dX (= lin). Both
+    engines back-propagate through the same layers: the span above the lowest adapted layer
+    (that layer's LoRA sits after its attention). fast: the span's forward, the head over the
+    answer rows once forward and over the `active` fraction backward; checkpointing adds the
+    span's `lin` again (the attention outputs are kept). hf: every layer's forward and the head
+    over all S rows, forward and backward (the prompt rows' zero gradients still go through
+    the GEMM).
+    """
+    seq = prompt + length
+    lin = 2 * seq * (hidden * (heads * head_dim + 2 * kv_heads * head_dim) + heads * head_dim * hidden
+                     + 3 * hidden * inter)
+    attn_fwd = 2 * heads * head_dim * seq * seq
+    fwd, bwd = lin + attn_fwd, lin + 2.5 * attn_fwd
+    span = n_layers - first
+    head = 2 * hidden * vocab
+    fast = span * fwd + (span - 1) * bwd + (1 + active) * head * length
+    return {"fast": fast, "fast-ckpt": fast + span * lin,
+            "hf": n_layers * fwd + (span - 1) * bwd + 2 * head * seq,
+            "attention_share_fast": (span * attn_fwd + (span - 1) * 2.5 * attn_fwd) / fast}
+
+
 # ---------------------------------------------------------------- report
 
 def _gib(value) -> str:
@@ -289,6 +320,14 @@ def report(args) -> Path:
         lines.append(f"| {length} | {weights} | {active} | {fmt_time(f)} | {fmt_time(c)} | {fmt_time(h)} | {ratio_time(h, f)} "
                      f"| {ratio_time(h, c)} | {fmt_mem(f)} | {fmt_mem(c)} | {fmt_mem(h)} | {ratio_mem(f, h)} "
                      f"| {ratio_mem(c, h)} |")
+    lines += ["", "FLOP model of one step (`step_flops`, SFT: every row active; matmuls only): the most the "
+              "fast engine can gain over hf by doing less arithmetic.", "",
+              "| ℓ | fast TFLOP | fast-ckpt TFLOP | hf TFLOP | hf ÷ fast | hf ÷ fast-ckpt | attention share of fast |",
+              "|---|---|---|---|---|---|---|"]
+    for length in sorted(set(lengths) | set(LENGTHS)):
+        f = step_flops(length)
+        lines.append(f"| {length} | {f['fast'] / 1e12:.2f} | {f['fast-ckpt'] / 1e12:.2f} | {f['hf'] / 1e12:.2f} "
+                     f"| {f['hf'] / f['fast']:.2f}× | {f['hf'] / f['fast-ckpt']:.2f}× | {f['attention_share_fast']:.0%} |")
     text = "\n".join(lines) + "\n"
     out = RESULTS / f"long_answer_cpu_{args.tag}.md"
     out.write_text(text + (Path(args.notes).read_text() if args.notes and Path(args.notes).is_file() else ""))

@@ -28,7 +28,7 @@ for spec in "ot:--threshold 0.3:${OT_STEPS:-200}" "sft::${SFT_STEPS:-200}" "sw::
   if [ ! -f $dir/summary.json ]; then
     echo "[$(date +%H:%M:%S)] train $obj ($LEN tokens, budget $steps steps)"
     /usr/bin/time -v $PY -m fastmem train --data $DATA --out $dir --config $ROOT/no_verify.toml \
-      --objective $obj $extra --rank 16 --alpha 32 --dropout 0 --lr 1e-2 --max-steps $steps \
+      --objective $obj $extra --rank ${RANK:-32} --alpha ${ALPHA:-64} --layers ${LAYERS:-24,28} --dropout 0 --lr ${LR:-1e-2} --max-steps $steps \
       --checkpoint-every 10 --no-progress > $dir/train_stdout.txt 2> $dir/train_time.txt
     echo "  train exit $?: $(cat $dir/train_stdout.txt | tail -1)"
   fi
