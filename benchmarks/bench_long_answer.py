@@ -15,7 +15,8 @@ past that, SmolLM2's architecture with random weights and a longer position rang
 cost does not depend on the weights, except through MemFT's active rows: the default objective is
 issue 12's OT at threshold 0.3, and with random weights every answer row is active — the fast
 engine's worst case; the rows each cell's step trained on are recorded).
-Protocol per cell: build the frozen-prefix cache, one warm-up step on a 256-token sample (lazy
+Protocol per cell: build the frozen-prefix cache (random-weight cells: the span's input is a
+random tensor, not the prefix's output — same cost, no 29-layer forward at 32k), one warm-up step on a 256-token sample (lazy
 inits, optimizer state), reset the kernel's peak-RSS counter (/proc/self/clear_refs), then time
 `--steps` steps of forward + backward + AdamW on the ℓ-token sample. "step peak" is the
 process's peak resident set during those steps (model weights and cache included).
@@ -75,6 +76,31 @@ def _random_sample(name: str, prompt_len: int, answer_len: int, vocab: int, seed
     return MemorySample(name, "prompt", "answer", tuple(ids[:prompt_len]), tuple(ids[prompt_len:]))
 
 
+def _random_prefix_entry(short, parts, sample):
+    """The span's inputs for `sample` without running the frozen prefix: with random weights its
+    output is as arbitrary as a random tensor, and a step's cost does not depend on it (at 32k
+    tokens the 29-layer prefix forward alone costs ~40 TFLOP, hours on a shared 2-core CPU).
+    Rotary embeddings and position ids are the model's own for the full length; the other
+    keyword arguments (mask None, no cache) are the short sample's, which the decoder passed."""
+    from fastmem.train.prefix_cache import PrefixEntry
+
+    seq = len(sample.input_ids)
+    hidden = torch.randn(1, seq, short.hidden.shape[-1], dtype=short.hidden.dtype, generator=torch.Generator().manual_seed(0))
+    position_ids = torch.arange(seq).unsqueeze(0)
+    rotary = parts.decoder.rotary_emb(hidden, position_ids)
+    layer_kwargs = []
+    for kwargs in short.layer_kwargs:
+        kwargs = dict(kwargs)
+        if "position_embeddings" in kwargs:
+            kwargs["position_embeddings"] = rotary
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = position_ids
+        layer_kwargs.append(kwargs)
+    return PrefixEntry(hidden=hidden, layer_kwargs=layer_kwargs,
+                       answer_ids=torch.tensor(sample.answer_ids, dtype=torch.long), prompt_len=len(sample.prompt_ids),
+                       base_loss_sum=float("nan"))
+
+
 def build_cell(engine_name: str, length: int, weights: str, args):
     """(step function, the ℓ-token sample, description) for one cell."""
     from fastmem.models import SMOLLM2, load_model, smollm2_gguf_path
@@ -112,8 +138,11 @@ def build_cell(engine_name: str, length: int, weights: str, args):
     samples = [warm, sample]
     cache = PrefixCache(peft_model, parts, samples, device, enabled=config.engine == "fast")
     if config.engine == "fast":
-        for index in range(len(samples)):
-            cache.get(index)  # the span's inputs only (no base loss: not part of a step)
+        cache.get(0)  # the span's inputs only (no base loss: not part of a step)
+        if weights == "random":
+            cache.entries[1] = _random_prefix_entry(cache.entries[0], parts, sample)
+        else:
+            cache.get(1)
         engine = FastEngine(config, parts, cache)
     else:
         engine = HFEngine(config, peft_model, samples, device)
@@ -255,7 +284,8 @@ def report(args) -> Path:
         pass
     any_row = next(iter(rows.values()))
     dates = sorted({r["date"] for r in rows.values()})
-    cap = any_row["cap_gb"]
+    caps = sorted({r["cap_gb"] for r in rows.values()})
+    cap = " / ".join(f"{c:g}" for c in caps) + " (per cell: `cap_gb` in the JSONL)" if len(caps) > 1 else f"{caps[0]:g}"
     lines = [
         "# One training step vs answer length ℓ (SmolLM2 shape, CPU)", "",
         f"- dates: {dates[0]} … {dates[-1]}",
@@ -392,7 +422,8 @@ def main(argv=None):
     parser.add_argument("--cap-gb", type=float, default=10.0, help="RLIMIT_AS of each cell, GiB")
     parser.add_argument("--tag", default=dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d"))
     parser.add_argument("--results", default=None, help="JSON-lines file (default results/long_answer_cpu_TAG.jsonl)")
-    parser.add_argument("--notes", default=None, help="Markdown appended to the report (profiles, bounds)")
+    parser.add_argument("--notes", default=str(RESULTS / "long_answer_cpu_notes.md"),
+                        help="Markdown appended to the report (profiles, bounds)")
     parser.add_argument("--report", action="store_true", help="only write the table and PNG")
     parser.add_argument("--cell", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=4000)
