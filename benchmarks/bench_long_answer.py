@@ -29,7 +29,10 @@ process's peak resident set during those steps (model weights and cache included
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
+import tempfile
 import json
 import os
 import platform
@@ -201,13 +204,25 @@ def _limit_address_space(cap_bytes: int):
     return apply
 
 
+@contextlib.contextmanager
+def _big_cell_lock(engine: str, length: int, results: Path):
+    """Drivers sharing one results file run at most one memory-heavy cell (hf, or the unchecked
+    fast engine from 8k on) at a time, so parallel drivers stay within the machine's budget."""
+    if engine == "hf" or (engine == "fast" and length >= 8000):
+        with open(Path(tempfile.gettempdir()) / f"{results.name}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+    else:
+        yield
+
+
 def run_missing(args) -> None:
     path = Path(args.results)
-    done = {(r["engine"], r["length"]) for r in load_results(path)}
     cap = int(args.cap_gb * 2**30)
     for length in args.lengths:
         for engine in args.engines:
-            if (engine, length) in done:
+            # Re-read before every cell: several drivers may share one results file.
+            if (engine, length) in {(r["engine"], r["length"]) for r in load_results(path)}:
                 continue
             weights = weights_for(length)
             cmd = [sys.executable, __file__, "--cell", engine, "--length", str(length), "--weights", weights,
@@ -215,7 +230,8 @@ def run_missing(args) -> None:
                    "--layers", ",".join(map(str, args.layers))]
             print(f"[{dt.datetime.now():%H:%M:%S}] {engine} l={length} ({weights} weights) ...", flush=True)
             start = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_limit_address_space(cap))
+            with _big_cell_lock(engine, length, path):
+                proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_limit_address_space(cap))
             wall = time.perf_counter() - start
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode == 0 and lines:
@@ -304,8 +320,8 @@ def report(args) -> Path:
         "time = the step (forward + backward + AdamW) on the ℓ-token sample; step peak = peak RSS during that "
         "step (VmHWM reset just before it; model, prefix cache and libraries included)",
         f"- command: `python benchmarks/bench_long_answer.py` (raw rows: `{Path(args.results).name}`)", "",
-        "Time is wall seconds of the step; in brackets the hf ÷ fast ratio of process CPU seconds (less "
-        "sensitive to other jobs on the machine than wall time).", "",
+        "Time: the step's process CPU seconds (one torch thread, so ≈ its time on a quiet core), wall seconds in "
+        "brackets (inflated by the other jobs on the machine); ratios likewise: CPU (wall).", "",
         "| ℓ | weights | active | fast s | fast-ckpt s | hf s | hf ÷ fast | hf ÷ fast-ckpt | fast GiB "
         "| fast-ckpt GiB | hf GiB | fast ÷ hf mem | fast-ckpt ÷ hf mem |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -317,7 +333,9 @@ def report(args) -> Path:
     def fmt_time(r):
         if r is None:
             return "–"
-        return f"{r['step_s']:.2f}" if r["status"] == "ok" else ("over cap" if r["status"] == "over_cap" else "error")
+        if r["status"] == "ok":
+            return f"{r['step_cpu_s']:.1f} ({r['step_s']:.0f})"
+        return "over cap" if r["status"] == "over_cap" else "error"
 
     def fmt_mem(r):
         if r is None:
@@ -332,8 +350,7 @@ def report(args) -> Path:
             return "hf over cap"
         if hf["status"] != "ok":
             return "–"
-        cpu = f" ({hf['step_cpu_s'] / fast['step_cpu_s']:.2f}×)" if "step_cpu_s" in hf and "step_cpu_s" in fast else ""
-        return f"{hf['step_s'] / fast['step_s']:.2f}×{cpu}"
+        return f"{hf['step_cpu_s'] / fast['step_cpu_s']:.2f}× ({hf['step_s'] / fast['step_s']:.2f}×)"
 
     def ratio_mem(fast, hf):
         if hf is None or fast is None or fast["status"] != "ok":
@@ -376,14 +393,16 @@ def _plot(rows, lengths, path: Path) -> None:
     for engine, marker in zip(ENGINES, "os^"):
         ok = [(n, rows[(engine, n)]) for n in lengths if rows.get((engine, n), {}).get("status") == "ok"]
         if ok:
-            ax_t.loglog([n for n, _ in ok], [r["step_s"] for _, r in ok], marker=marker, label=engine)
+            line, = ax_t.loglog([n for n, _ in ok], [r["step_cpu_s"] for _, r in ok], marker=marker, label=engine)
+            ax_t.loglog([n for n, _ in ok], [r["step_s"] for _, r in ok], marker=marker, ls=":", alpha=0.4,
+                        color=line.get_color(), label=f"{engine} (wall, shared machine)")
             ax_m.loglog([n for n, _ in ok], [r["step_peak_rss"] / 2**30 for _, r in ok], marker=marker, label=engine)
         over = [n for n in lengths if rows.get((engine, n), {}).get("status") == "over_cap"]
         if over:
             cap = rows[(engine, over[0])]["cap_gb"]
             ax_m.scatter(over, [cap] * len(over), marker="x", color="red", zorder=5,
                          label=f"{engine}: over {cap} GiB cap")
-    ax_t.set(xlabel="answer tokens ℓ", ylabel="s / training step", title="step time")
+    ax_t.set(xlabel="answer tokens ℓ", ylabel="s / training step", title="step time: CPU s (1 thread); dotted: wall")
     ax_m.set(xlabel="answer tokens ℓ", ylabel="peak RSS during the step (GiB)", title="step peak memory")
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
