@@ -315,7 +315,8 @@ def report(args) -> Path:
         "(column 'active'), hf's always over all",
         f"- weights: ℓ ≤ 8000 the real SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized); ℓ ≥ 16000 **random weights**, "
         "SmolLM2's architecture with max_position_embeddings = prompt + ℓ (SmolLM2's context is 8192; a step's "
-        "cost does not depend on the weights)",
+        "cost does not depend on the weights; every answer row is then active), and the fast engines' cached span "
+        "input is a random tensor instead of the frozen prefix's output (same step, no 29-layer setup forward)",
         f"- protocol: each cell its own process under RLIMIT_AS = {cap} GiB; warm-up step on a 256-token sample; "
         "time = the step (forward + backward + AdamW) on the ℓ-token sample; step peak = peak RSS during that "
         "step (VmHWM reset just before it; model, prefix cache and libraries included)",
