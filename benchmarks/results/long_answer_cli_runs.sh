@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Item 5 of issue 12: a >= 4k-token real answer memorized through the CLI, per objective.
+# Resumable: a finished objective (summary.json + eval report) is skipped; a killed training
+# run resumes from its last checkpoint (--checkpoint-every). Run from the repository root:
+#   nohup bash benchmarks/results/long_answer_cli_runs.sh 4096 > runs/item5/log.txt 2>&1 &
+set -u
+LEN=${1:-4096}
+PY=${PY:-/work/main/.venv/bin/python}
+export PYTHONPATH=$PWD
+ROOT=runs/item5
+DATA=$ROOT/stress_$LEN.jsonl
+# The data: the stress test at rho = 0 (the stdlib docstrings, no random tokens), LEN tokens.
+if [ ! -f "$DATA" ]; then
+  $PY -c "
+from transformers import AutoTokenizer
+from fastmem.models import smollm2_gguf_path
+from fastmem.data import stress_test, save_jsonl
+p = smollm2_gguf_path()
+tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+save_jsonl([stress_test(tok, $LEN, 0.0, seed=42, max_length=8192)], '$DATA')"
+fi
+# Greedy decoding is left to `fastmem eval` (one decode per run, not two).
+printf 'verify_greedy = false\n' > $ROOT/no_verify.toml
+for spec in "ot:--threshold 0.3:${OT_STEPS:-200}" "sft::${SFT_STEPS:-200}" "sw::${SW_STEPS:-150}"; do
+  IFS=: read -r obj extra steps <<< "$spec"
+  dir=$ROOT/$LEN-$obj
+  mkdir -p $dir
+  if [ ! -f $dir/summary.json ]; then
+    echo "[$(date +%H:%M:%S)] train $obj ($LEN tokens, budget $steps steps)"
+    /usr/bin/time -v $PY -m fastmem train --data $DATA --out $dir --config $ROOT/no_verify.toml \
+      --objective $obj $extra --rank ${RANK:-32} --alpha ${ALPHA:-64} --layers ${LAYERS:-24,28} --dropout 0 --lr ${LR:-1e-2} --max-steps $steps \
+      --checkpoint-every 10 --no-progress > $dir/train_stdout.txt 2> $dir/train_time.txt
+    echo "  train exit $?: $(cat $dir/train_stdout.txt | tail -1)"
+  fi
+  if [ -f $dir/summary.json ] && [ ! -f $dir/eval/report.json ]; then
+    echo "[$(date +%H:%M:%S)] eval $obj"
+    /usr/bin/time -v $PY -m fastmem eval --data $DATA --adapter $dir/adapter --out $dir/eval --grids 1 \
+      --metrics $dir/metrics.jsonl > $dir/eval_stdout.txt 2> $dir/eval_time.txt
+    echo "  eval exit $?: $(cat $dir/eval_stdout.txt | tail -3)"
+  fi
+done
+echo "[$(date +%H:%M:%S)] done"
