@@ -54,7 +54,8 @@ def train_cell(cell: Cell, spec: SweepSpec, model, tokenizer) -> dict:
     from fastmem.train import train
 
     config = cell_config(cell, spec)
-    result = train(config, cell_samples(cell, tokenizer), model=model, tokenizer=tokenizer)
+    result = train(config, cell_samples(cell, tokenizer), model=model, tokenizer=tokenizer,
+                   overwrite=True)  # a redone cell replaces its own earlier attempt
     result.model.unload()  # the base model goes back to the next cell without the adapter
     summary = result.summary
     return {**{k: summary.get(k) for k in ("base_loss", "final_loss", "delta_loss", "token_acc", "exact_match",

@@ -60,7 +60,7 @@ class TrainConfig:
     out: str | None = None
     engine: str = "fast"
     prefix_cache: bool = True  # False: rerun the frozen prefix every step (reference path)
-    gradient_checkpointing: bool = False  # fast engine: recompute the adapted span in backward
+    gradient_checkpointing: bool = False  # fast engine: recompute the span in backward, attention outputs kept
     fused_lora: bool = False  # fastmem.integrations.peft.patch_peft_model when installed
     loss_backend: str = "auto"  # fastmem.linear_cross_entropy backend
     checkpoint_every: int = 0  # steps; 0: only at the end

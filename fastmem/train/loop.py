@@ -130,17 +130,24 @@ def _unconfirmed_recall(model, samples: list[MemorySample], indices: list[int], 
 
 
 def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenizer=None, *,
-          resume: bool = True, halt_after_steps: int | None = None) -> TrainResult:
+          resume: bool = True, halt_after_steps: int | None = None, overwrite: bool = False) -> TrainResult:
     """Memorize `samples` into a LoRA adapter on `model` (loaded from `config.model` if None).
 
     `samples`: tokenized MemorySample objects (fastmem.data); `tokenizer` is accepted for
     symmetry with `load_model` and not needed.
     `resume`: continue from `<out>/checkpoints` when a checkpoint is there.
+    `overwrite`: a finished run in `out` (its summary.json) is the user's result, so it is
+    refused (FileExistsError, before the model loads) unless this is True; then its adapter,
+    summary and metrics are rewritten in place. `fastmem train` adds the rest of the rules
+    (unrelated files, data fingerprint, atomic replacement: train/run_dir.py).
     `halt_after_steps`: end the process's work after that many steps of this call without a
     final checkpoint — exactly what a kill does (used to test resume; a time-boxed job can
     use it with `checkpoint_every`). Returns a TrainResult whose summary has `halted: true`.
     """
     config.validate()
+    if config.out and not overwrite and (Path(config.out) / "summary.json").is_file():
+        raise FileExistsError(f"{config.out} holds a finished run (summary.json): pass overwrite=True to replace "
+                              "it, or choose another out")
     wall_start = time.perf_counter()
     info: DistInfo = init_distributed()
     device = info.device

@@ -70,3 +70,14 @@ def test_adapter_is_peft_loadable(tmp_path):
                 "stubborn_tokens", "wall_s", "peak_mem_bytes"):
         assert key in summary, key
     assert summary["delta_loss"] == summary["base_loss"] - summary["final_loss"]
+
+
+def test_finished_run_is_not_overwritten_by_the_library_call(tmp_path):
+    samples = make_samples(1)
+    train(tiny_config(max_steps=2, out=str(tmp_path)), samples, model=tiny_model())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match="finished run"):
+        train(tiny_config(max_steps=3, out=str(tmp_path)), samples, model=tiny_model())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    again = train(tiny_config(max_steps=3, out=str(tmp_path)), samples, model=tiny_model(), overwrite=True)
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == again.summary["steps"]
