@@ -9,9 +9,8 @@ memorized answer it costs nothing.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from fastmem.constants import IGNORE_INDEX
 from fastmem.data.sample import MemorySample, check_samples
 from fastmem.integrations.heads import causal_lm_of, plain_head
+from fastmem.nn.modes import eval_mode  # noqa: F401 (re-exported: greedy, callers)
 from fastmem.ops import linear_cross_entropy
 
 # Logits held at once by the rank computation (elements): 64 MiB of fp32 on a CPU; 256 MiB on
@@ -57,19 +57,6 @@ class TokenScores:
 def unwrap_model(model):
     """The transformers causal LM under a PEFT wrapper (LoRA layers stay injected in it)."""
     return causal_lm_of(model)
-
-
-@contextlib.contextmanager
-def eval_mode(model) -> Iterator[None]:
-    """Run in eval mode and restore every module's own mode: a trainer may evaluate
-    mid-training, and LoRA dropout left on would score a noisy model."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def decoder_and_head(model) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:

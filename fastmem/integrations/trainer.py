@@ -28,7 +28,6 @@ with max_grad_norm > 0 are fine).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -37,6 +36,7 @@ from transformers import TrainerCallback
 
 from fastmem.constants import L_CRIT
 from fastmem.integrations.transformers import is_patched, last_stats
+from fastmem.nn.modes import eval_mode
 from fastmem.ops.token_stats import TokenStats
 
 log = logging.getLogger("fastmem")
@@ -143,7 +143,7 @@ class StopWhenMemorized(TrainerCallback):
                                "cannot confirm the stop in eval mode")
         self._replaying = True
         try:
-            with _eval_mode(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 for args, kwargs in self._step_inputs:
                     model(*args, **{**kwargs, "return_logits": False})
                     if not last_stats(model).all_recalled(self.threshold):
@@ -171,18 +171,6 @@ class StopWhenMemorized(TrainerCallback):
         value = torch.tensor(int(flag), device=device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
         return bool(value.item())
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    """Eval mode for the confirmation forward, then every module's own mode back."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _drop_gradients(model, optimizer) -> None:
