@@ -139,7 +139,7 @@ def _run_in_thread(target, **kwargs):
 def test_a_task_killed_mid_cell_is_retried_and_finishes(tmp_path, tiny_model_dir, local_ray):
     from fastmem.sweep.ray_executor import run_sweep_on_ray
 
-    spec = _spec(tiny_model_dir, tmp_path, ranks=[2], lengths=[32], max_steps=150)
+    spec = _spec(tiny_model_dir, tmp_path, ranks=[2], lengths=[32], max_steps=3000)
     (cell,) = spec.cells()
     db = tmp_path / "r.sqlite"
     thread, outcome = _run_in_thread(run_sweep_on_ray, spec=spec, db_path=db, retries=2, progress=False)
@@ -148,10 +148,10 @@ def test_a_task_killed_mid_cell_is_retried_and_finishes(tmp_path, tiny_model_dir
     assert not thread.is_alive() and "error" not in outcome, outcome
     assert outcome["counts"] == {"done": 1}
     (row,) = ResultsStore(db).rows()
-    assert row["attempts"] == 2 and row["steps"] == 150 and row["error"] is None
+    assert row["attempts"] == 2 and row["steps"] == 3000 and row["error"] is None
     assert f":{killed}" not in row["owner"]  # finished by another worker process
     lines = (Path(spec.adapter_dir(cell)) / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 150  # the retry trained from the start: one uninterrupted log
+    assert len(lines) == 3000  # the retry trained from the start: one uninterrupted log
     assert (Path(spec.adapter_dir(cell)) / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -161,7 +161,7 @@ def test_a_task_killed_past_its_retries_is_marked_failed_with_the_error(tmp_path
                                                                       capsys):
     from fastmem.sweep.ray_executor import run_sweep_on_ray
 
-    spec = _spec(tiny_model_dir, tmp_path, ranks=[2], lengths=[32], max_steps=150)
+    spec = _spec(tiny_model_dir, tmp_path, ranks=[2], lengths=[32], max_steps=3000)
     (cell,) = spec.cells()
     db = tmp_path / "r.sqlite"
     thread, outcome = _run_in_thread(run_sweep_on_ray, spec=spec, db_path=db, retries=0, progress=False)
