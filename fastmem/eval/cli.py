@@ -48,6 +48,7 @@ def register(subparsers) -> None:
     parser.add_argument("--grid-width", type=int, default=50, help="tokens per row of a probability grid")
     parser.add_argument("--metrics", help="a trainer metrics.jsonl to plot as training_curves.png")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (as train and sweep)")
     parser.set_defaults(func=run)
 
 
@@ -87,7 +88,7 @@ def run(args) -> int:
     max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     samples = load_jsonl(args.data, tokenizer, max_length=max_length)
     report = evaluate(model, samples, tokenizer, batch_size=args.batch_size, decode=args.decode,
-                      fast_fail=not args.no_fast_fail)
+                      fast_fail=not args.no_fast_fail, progress=not args.no_progress)
     out = Path(args.out)
     path = report.write(out, grids=args.grids, grid_width=args.grid_width)
     if args.metrics:

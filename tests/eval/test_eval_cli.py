@@ -129,3 +129,10 @@ def test_eval_cli_bad_input_exits_2(model_dir, data_file, tmp_path, capsys):
     assert "--adapter" in capsys.readouterr().err
     assert main(["eval", "--data", str(data_file), "--model", str(tmp_path / "no_model"),
                  "--out", str(tmp_path / "o")]) == 2
+
+
+def test_eval_cli_no_progress_draws_no_bars(model_dir, data_file, tmp_path, capsys):
+    code = main(["eval", "--data", str(data_file), "--model", str(model_dir), "--out", str(tmp_path / "out"),
+                 "--grids", "0", "--no-progress"])
+    assert code == 0
+    assert "teacher forcing" not in capsys.readouterr().err
