@@ -198,10 +198,10 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             want_grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor, torch.Tensor]:
-    # 1 + len(STAT_FIELDS) + 3 outputs (the annotation is the schema: keep the count in step)
     """(loss, *stats in STAT_FIELDS order, grad_hidden, grad_weight, grad_bias): with reduction
     mean / sum the gradients of the loss for grad_output 1, already in the parameters' dtypes
-    (empty when not wanted or reduction="none")."""
+    (empty when not wanted or reduction="none"). The return annotation is the op's schema:
+    1 + len(STAT_FIELDS) + 3 tensors, so a new stat field adds one there too."""
     plan = _plan_from_args(objective, threshold, eps, kappa, tau, floor, softcap, label_smoothing, lse_square_scale,
                            ignore_index, reduction, seq_len, num_samples, chunk_rows, backend, weighted)
     check_label_range(labels, weight.shape[0], ignore_index)  # skipped by the wrapper while compiling
