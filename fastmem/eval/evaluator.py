@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -175,7 +176,10 @@ class EvalReport:
                                   first_error=record.first_error, title=_grid_title(record), tokens=tokens)
             entry["prob_grid"] = png
         path = out / REPORT_NAME
-        path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        # Written beside and renamed into place: a killed eval never leaves a half report.json.
+        partial = path.with_name(f".{REPORT_NAME}.partial")
+        partial.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(partial, path)
         return path
 
 
