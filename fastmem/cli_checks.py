@@ -147,14 +147,22 @@ def check_out_dir(path: str, flag: str = "--out") -> Path:
         if not os.access(folder, os.W_OK):
             raise UsageError(f"{flag} {path} is not writable")
         return folder
-    for parent in folder.parents:
+    check_nearest_parent(folder, flag)
+    return folder
+
+
+def check_nearest_parent(path, flag: str) -> None:
+    """The nearest existing parent of `path` is a writable directory (where it, or a staging
+    directory beside it, will be created)."""
+    import os
+
+    for parent in Path(path).parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
             if not os.access(parent, os.W_OK):
                 raise UsageError(f"{flag} {path}: {parent} is not writable")
-            break
-    return folder
+            return
 
 
 def check_model(name: str, flag: str = "--model") -> str:

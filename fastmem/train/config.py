@@ -23,6 +23,15 @@ def default_layers(num_layers: int) -> list[int]:
     return sorted(picks)
 
 
+# Settings a run can only be resumed under (the rest — progress bar, checkpoint interval,
+# greedy check, prefix cache — may change between the interrupted and the resumed process).
+# One list for the trainer's checkpoint check and `fastmem train`'s run-directory check.
+RESUME_MUST_MATCH = ("model", "objective", "rank", "alpha", "dropout", "modules", "layers", "lr",
+                     "weight_decay", "max_grad_norm", "batch_size", "epochs", "max_steps", "threshold",
+                     "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "curriculum",
+                     "curriculum_ratios", "curriculum_boundaries", "stop_on_recall", "seed", "engine")
+
+
 @dataclass
 class TrainConfig:
     """One memorization run.

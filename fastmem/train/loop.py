@@ -31,7 +31,7 @@ from fastmem.eval.teacher_forcing import teacher_forced_scores
 from fastmem.train.adapters import adapter_parameters, attach_lora, model_parts
 from fastmem.train.checkpoint import (latest_checkpoint, load_checkpoint, save_adapter_atomic, save_checkpoint,
                                       set_rng_state)
-from fastmem.train.config import TrainConfig
+from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig
 from fastmem.train.distributed import (DistInfo, any_rank, barrier, full_adapter_state, gather_first_errors,
                                        init_distributed, reduce_signal, unsharded, wrap_span)
 from fastmem.train.engine_fast import FastEngine, stats_summary
@@ -46,11 +46,6 @@ from fastmem.train.sw_window import SWWindowState
 log = logging.getLogger(__name__)
 
 
-# Settings a checkpoint can only be resumed under (the rest — progress bar, checkpoint
-# interval, greedy check — may change between the killed and the resumed process).
-RESUME_MUST_MATCH = ("model", "objective", "rank", "alpha", "dropout", "modules", "layers", "lr",
-                     "weight_decay", "max_grad_norm", "batch_size", "epochs", "max_steps", "threshold",
-                     "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "curriculum", "seed", "engine")
 
 
 @dataclass

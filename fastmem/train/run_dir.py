@@ -26,21 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastmem.cli import UsageError
+from fastmem.cli_checks import check_nearest_parent
 from fastmem.train.checkpoint import clean_stale_temps, latest_checkpoint
-from fastmem.train.config import TrainConfig
+from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig
 
 MANIFEST = "run.json"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 # what a run writes into its directory; anything else there is the user's
 RUN_FILES = {MANIFEST, SUMMARY, "metrics.jsonl", "adapter", CHECKPOINTS, "eval", "training_curves.png"}
-
-# Settings a run can only be resumed under (the rest — progress bar, checkpoint interval,
-# greedy check, prefix cache — may change between the interrupted and the resumed process).
-RESUME_MUST_MATCH = ("model", "objective", "rank", "alpha", "dropout", "modules", "layers", "lr",
-                     "weight_decay", "max_grad_norm", "batch_size", "epochs", "max_steps", "threshold",
-                     "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "curriculum",
-                     "curriculum_ratios", "curriculum_boundaries", "stop_on_recall", "seed", "engine")
 
 
 def data_fingerprint(samples) -> str:
@@ -193,13 +187,7 @@ def inspect(out: str | os.PathLike, config: TrainConfig, *, overwrite: bool = Fa
     settings = run_settings(config)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"--out {out}: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK):
-                raise UsageError(f"--out {out}: {parent} is not writable")
-            break
+    check_nearest_parent(out, "--out")  # also where --overwrite stages its replacement
     if not out.exists() or not any(out.iterdir()):
         return RunPlan(out, "new", settings)
     if overwrite:
