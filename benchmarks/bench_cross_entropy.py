@@ -56,7 +56,7 @@ def native_loss(hidden, weight, labels, **_):
     return F.linear_cross_entropy(hidden, weight, labels, options=torch.nn.LinearCrossEntropyOptions())
 
 
-CPU_CHUNK_SWEEP = (256, 1024)
+CPU_CHUNK_SWEEP = (64, 512)
 
 
 def contenders(device, compile_too):
@@ -167,13 +167,20 @@ def reset_peak_rss_kib():
     return proc_status_kib("VmRSS:")
 
 
-def gemm_floor_ms(hidden, weight, active_fraction=1.0, reps=3):
+def gemm_floor_ms(hidden, weight, active_fraction=1.0, reps=3, onednn=False):
     """Logits GEMM over all rows + grad_hidden GEMM over the active rows, unchunked: the
-    (1 + a) floor of a frozen-head step at this shape."""
+    (1 + a) floor of a frozen-head step at this shape, with torch.mm (what eager runs) or,
+    on CPU, with the oneDNN GEMMs fastmem's fp32 chunk loop runs (fastmem.ops.cpu_gemm)."""
+    from fastmem.ops.cpu_gemm import matmul_nn, matmul_nt
+
     logits = hidden @ weight.t()
     n_active = max(1, int(hidden.shape[0] * active_fraction))
 
     def gemms():
+        if onednn:
+            with torch.no_grad():
+                matmul_nn(matmul_nt(hidden, weight)[:n_active], weight)
+            return
         torch.mm(hidden, weight.t(), out=logits)
         torch.mm(logits[:n_active], weight)
 
@@ -240,8 +247,14 @@ def run(args):
             eager_ms = ms if name == "torch eager" else eager_ms
             rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender=name, ms=ms, extra_mib=mem,
                              all_ms=all_ms))
-        rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender="GEMM floor (1 pass + 1 pass)",
+        rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender="GEMM floor, torch.mm (1 pass + 1 pass)",
                          ms=gemm_floor_ms(hidden, weight, reps=args.reps), extra_mib=None))
+        if device.type == "cpu" and dtype == torch.float32:
+            from fastmem.ops.cpu_gemm import onednn_serves
+            if onednn_serves(dtype, device):
+                rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab,
+                                 contender="GEMM floor, oneDNN (1 pass + 1 pass)",
+                                 ms=gemm_floor_ms(hidden, weight, reps=args.reps, onednn=True), extra_mib=None))
         # MemFT-OT with 5% of the tokens above the threshold: only those rows reach the second GEMM.
         threshold = ot_threshold_for_active_fraction(hidden, weight, labels, 0.05)
         ot_backends = [b for b in available_backends(device) if b != "torch"] if device.type == "cuda" else ["torch"]
@@ -250,7 +263,7 @@ def run(args):
             rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender=f"fastmem[{backend}] OT 5% active",
                              ms=time_fwd_bwd(fn, hidden, weight, labels, args.reps),
                              extra_mib=gpu_peak_extra_mib(fn, hidden, weight, labels) if device.type == "cuda" else None))
-        rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender="GEMM floor OT 5% (1 + 0.05 passes)",
+        rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender="GEMM floor OT 5%, torch.mm (1 + 0.05 passes)",
                          ms=gemm_floor_ms(hidden, weight, 0.05, reps=args.reps), extra_mib=None))
         for row in rows:
             if row.get("case") == case and "ms" in row and eager_ms:

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 
 from fastmem.ops.cross_entropy_options import NO_OPTIONS, LogitOptions
+from fastmem.ops.cpu_gemm import matmul_nn, matmul_nt, onednn_applies, onednn_serves
+from fastmem.ops.host_buffers import empty_scratch
 
 # ---- how many token rows a chunk takes ----
 #
@@ -38,10 +40,14 @@ from fastmem.ops.cross_entropy_options import NO_OPTIONS, LogitOptions
 # backend takes of 16-bit logits (the triton / cuda kernels work in place).
 RIDGE_FLOP_PER_BYTE = 300
 GPU_CHUNK_BYTES = 256 * 2**20
-# CPU: measured at N=2048, H=576, V=49152 fp32 fwd+bwd on 2 cores (benchmarks/results/
-# cross_entropy_cpu_*.md): 512-row chunks (96 MiB of logits) reach <= 0.75x eager's time
-# within 1/8 of eager's extra memory; 256-row chunks (48 MiB) stayed at ~0.92x.
+# CPU, measured at N=2048, H=576, V=49152 fwd+bwd on 2 cores (benchmarks/results/
+# cross_entropy_cpu_*.md). fp32 runs its GEMMs through oneDNN (cpu_gemm), whose output is a
+# fresh tensor per chunk: 24 MiB of logits (128 rows there) stays under glibc's 32 MiB mmap
+# threshold, so each chunk reuses the last one's freed memory instead of faulting in new
+# pages, and the GEMM is as fast per row as at 512 rows. With MKL (other dtypes) the chunk
+# writes into one reused buffer, and 96 MiB (512 rows) was the measured sweet spot.
 CPU_CHUNK_BYTES = 96 * 2**20
+CPU_ONEDNN_CHUNK_BYTES = 24 * 2**20
 
 
 ChunkWeigh = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -86,7 +92,7 @@ def chunk_rows_for(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.d
     elif device.type == "cuda":
         rows = max(ridge_rows(dtype), GPU_CHUNK_BYTES // per_row)
     else:
-        rows = CPU_CHUNK_BYTES // per_row
+        rows = (CPU_ONEDNN_CHUNK_BYTES if onednn_serves(dtype, device) else CPU_CHUNK_BYTES) // per_row
     if rows >= 256:
         rows = rows // 128 * 128  # whole GEMM tiles
     return int(max(1, min(rows, n_rows)))
@@ -124,8 +130,11 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if want_grad_weight else None
     grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=device) if want_grad_bias else None
 
-    # One logits buffer for every chunk: a new one per chunk would briefly hold two.
-    logits_buffer = torch.empty(min(chunk_rows, n_valid), weight.shape[0], dtype=hidden.dtype, device=device)
+    # One logits buffer for every chunk: a new one per chunk would briefly hold two. The CPU's
+    # oneDNN GEMM writes a fresh tensor instead (no out=), freed before the next chunk's.
+    fresh_logits = onednn_applies(hidden, weight)
+    logits_buffer = (None if fresh_logits else
+                     empty_scratch((min(chunk_rows, n_valid), weight.shape[0]), hidden.dtype, device))
     for c0 in range(0, n_valid, chunk_rows):
         c1 = min(c0 + chunk_rows, n_valid)
         if rows is None:
@@ -134,18 +143,21 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         else:
             rows_c = rows[c0:c1]
             hidden_c, labels_c = hidden.index_select(0, rows_c), labels.index_select(0, rows_c)
-        logits = logits_buffer[: c1 - c0]
-        if bias is not None:
-            torch.addmm(bias, hidden_c, weight.t(), out=logits)
+        if fresh_logits:
+            logits = matmul_nt(hidden_c, weight, bias)
         else:
-            torch.mm(hidden_c, weight.t(), out=logits)
+            logits = logits_buffer[: c1 - c0]
+            if bias is not None:
+                torch.addmm(bias, hidden_c, weight.t(), out=logits)
+            else:
+                torch.mm(hidden_c, weight.t(), out=logits)
         out = process_chunk(logits, labels_c, lambda nll_c, ok: weigh(c0, c1, rows_c, nll_c, ok), want_grad, options)
         lse[c0:c1], nll[c0:c1], loss[c0:c1], target[c0:c1] = out.lse, out.nll, out.loss, out.target
         best_other[c0:c1], correct[c0:c1], weight_rows[c0:c1] = out.best_other, out.correct, out.weight
         if want_grad:
             _accumulate_grads(out.grad, out.weight, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias,
                               out_rows=slice(c0, c1) if rows is None else None, dense=dense_weights)
-        del out
+        del out, logits
     return ChunkLoopResult(lse, nll, loss, target, best_other, correct, weight_rows, grad_hidden, grad_weight,
                            grad_bias)
 
@@ -167,11 +179,13 @@ def _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, 
             out_rows = None
     dlogits = dlogits.to(hidden_c.dtype)
     if grad_hidden is not None:
-        if out_rows is not None:
+        if out_rows is not None and not onednn_applies(dlogits, weight):
             torch.mm(dlogits, weight, out=grad_hidden[out_rows])
+        elif out_rows is not None:
+            grad_hidden[out_rows] = matmul_nn(dlogits, weight)
         else:
-            grad_hidden.index_copy_(0, rows_c, torch.mm(dlogits, weight))
+            grad_hidden.index_copy_(0, rows_c, matmul_nn(dlogits, weight))
     if grad_weight is not None:
-        grad_weight.add_(torch.mm(dlogits.t(), hidden_c))
+        grad_weight.add_(matmul_nn(dlogits.t(), hidden_c))
     if grad_bias is not None:
         grad_bias.add_(dlogits.sum(0, dtype=grad_bias.dtype))

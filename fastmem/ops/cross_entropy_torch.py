@@ -1,13 +1,14 @@
 """Pure-PyTorch chunk kernel of the fused cross-entropy (the reference backend, CPU path).
 
 One chunk of logits `[C, V]` in, per-row stats and (optionally) the weighted logit gradient
-`w dloss/dz` out, written over the fp32 working copy: one max pass, one in-place softmax
+`w dloss/dz` out, written over the fp32 working copy: one amax pass, one in-place softmax
 (row by row in cache), one sum, a scale only when the weights are not all 1; no extra
 `[C, V]` tensor beyond that copy (and, with softcap, its derivative).
 
-Numerics (see cross_entropy_options): the sum of exp(z - max) is kept as `rest`, the sum
-without one element at the max, so log_sum = log1p(rest), 1 - p_max = rest / (1 + rest) and
-p_y - 1 = expm1(log p_y) keep fp32's relative precision however confident the target.
+Numerics (see cross_entropy_options and `_log_sum`): where the target holds the row max, the
+sum of exp(z - max) is kept as `rest`, the sum without the target's term, so log_sum =
+log1p(rest) and p_y - 1 = expm1(log p_y) keep fp32's relative precision however confident
+the target.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from fastmem.ops.host_buffers import empty_scratch
 from fastmem.ops.cross_entropy_options import NO_OPTIONS, ChunkStats, LogitOptions, row_losses, target_grad
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,27 +44,26 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     cap = options.softcap
     if cap:
-        work = logits.to(acc, copy=True).div_(cap).tanh_().mul_(cap)
+        work = _working_copy(logits, acc).div_(cap).tanh_().mul_(cap)
     else:
-        work = logits if logits.dtype == acc else logits.to(acc)
+        work = logits if logits.dtype == acc else _working_copy(logits, acc)
     col = labels.unsqueeze(1)
     target = work.gather(1, col)
     # Greedy correctness with ties counting as wrong: the target must beat every other
-    # logit strictly, so take the max with the target column masked out.
+    # logit strictly, so take the max with the target column masked out (amax: no indices,
+    # a third of max's time on CPU).
     work.scatter_(1, col, float("-inf"))
-    best_other, best_col = work.max(dim=1, keepdim=True)
+    best_other = work.amax(dim=1, keepdim=True)
     work.scatter_(1, col, target)
     correct = target > best_other
+    target_at_max = target >= best_other
     row_max = torch.maximum(best_other, target)
-    max_col = torch.where(target >= best_other, col, best_col)  # one column at the row max
     sum_z = work.sum(dim=1, keepdim=True) if options.label_smoothing else None
     _softmax_in_place(work, row_max)
-    # rest = sum over c != max of exp(z_c - max) = (sum of those p_c) / p_max: a sum of small
-    # terms (never 1 + small), and the softmax's 1 / sum cancels in the ratio.
-    p_max = work.gather(1, max_col)
-    work.scatter_(1, max_col, 0.0)
-    rest = work.sum(dim=1, keepdim=True) / p_max
-    log_sum = torch.log1p(rest)
+    p_y = work.gather(1, col)
+    work.scatter_(1, col, 0.0)
+    others = work.sum(dim=1, keepdim=True)
+    log_sum = _log_sum(work, others, p_y, target, row_max, target_at_max)
     lse, nll, loss = row_losses(row_max, log_sum, target, sum_z, n_cols, options)
     weight = weigh(nll.squeeze(1), correct.squeeze(1))
     grad = None
@@ -76,7 +77,6 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
             work.mul_(scale)
         if options.label_smoothing:
             work.sub_(shift)
-        work.scatter_(1, max_col, scale * p_max - shift)
         work.scatter_(1, col, target_grad(w, row_max, log_sum, target, n_cols, options))
         if cap:
             work.mul_(logits.to(acc).div_(cap).tanh_().square_().neg_().add_(1.0))
@@ -85,9 +85,40 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
                       correct.squeeze(1), weight, grad)
 
 
+def _log_sum(p: torch.Tensor, others: torch.Tensor, p_y: torch.Tensor, target: torch.Tensor,
+             row_max: torch.Tensor, target_at_max: torch.Tensor) -> torch.Tensor:
+    """log S, S = sum_c exp(z_c - max), from the softmax `p` (target column zeroed) and
+    others = sum of p over c != y.
+
+    Target at the max: S = 1 + rest with rest = others / p_y (a sum of small terms, the
+    softmax's 1 / S cancels), and log1p keeps its relative precision however confident the
+    target. Elsewhere p_y = exp(z_y - max) / S gives log S = (z_y - max) - log p_y, exact to
+    a few fp32 ulps while p_y is a normal float; rows where p_y underflowed (z_y more than
+    ~87 below the max) take -log of their largest p = 1 / S instead (an extra pass, on
+    those rows only on CPU, where the test costs no device sync).
+    """
+    log_sum = torch.where(target_at_max, torch.log1p(others / p_y), (target - row_max) - torch.log(p_y))
+    tiny = torch.finfo(p.dtype).tiny
+    underflow = ~target_at_max & (p_y < tiny)
+    if not _host_sync_is_free(p):
+        return torch.where(underflow, -torch.log(p.amax(dim=1, keepdim=True)), log_sum)
+    if bool(underflow.any()):
+        rows = underflow.squeeze(1).nonzero().squeeze(1)
+        log_sum[rows] = -torch.log(p.index_select(0, rows).amax(dim=1, keepdim=True))
+    return log_sum
+
+
+def _working_copy(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return empty_scratch(tuple(logits.shape), dtype, logits.device).copy_(logits)
+
+
 def _all_ones(weight: torch.Tensor) -> bool:
     """SFT's weights are all 1 (a host sync, but only where it saves a pass over [C, V])."""
     return weight.device.type == "cpu" and bool((weight == 1).all())
+
+
+def _host_sync_is_free(work: torch.Tensor) -> bool:
+    return work.device.type == "cpu"
 
 
 def _softmax_may_alias(work: torch.Tensor) -> bool:

@@ -59,8 +59,41 @@ def test_max_chunk_bytes_is_a_hard_cap_in_the_logits_dtype():
         chunk_rows_for(10, QWEN_V, torch.bfloat16, CUDA, "triton", max_chunk_bytes=1000)
 
 
-def test_cpu_default_is_the_measured_512_rows_at_the_smollm2_head():
-    assert chunk_rows_for(2048, SMOLLM2_V, torch.float32, CPU, "torch") == 512  # 96 MiB of fp32 logits
+def test_cpu_defaults_are_the_measured_rows_at_the_smollm2_head(monkeypatch):
+    import fastmem.ops.cpu_gemm as cpu_gemm
+
+    # fp32 through oneDNN: 128 rows (24 MiB, under glibc's mmap threshold); MKL: 512 (96 MiB)
+    expected = 128 if cpu_gemm.onednn_serves(torch.float32, CPU) else 512
+    assert chunk_rows_for(2048, SMOLLM2_V, torch.float32, CPU, "torch") == expected
+    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", None)
+    assert chunk_rows_for(2048, SMOLLM2_V, torch.float32, CPU, "torch") == 512
+    # 16-bit logits never take oneDNN here: their budget counts the fp32 working copy too
+    assert chunk_rows_for(2048, SMOLLM2_V, torch.bfloat16, CPU, "torch") == 96 * 2**20 // (SMOLLM2_V * 6) // 128 * 128
+
+
+def test_onednn_is_there_on_the_ci_torch():
+    """The CPU speed target rests on it: a torch without the op must fail loudly here, not
+    silently run 2x slower."""
+    import fastmem.ops.cpu_gemm as cpu_gemm
+
+    assert cpu_gemm.onednn_serves(torch.float32, CPU)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_onednn_gemms_match_torch_mm(with_bias):
+    from fastmem.ops.cpu_gemm import matmul_nn, matmul_nt
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 70, generator=gen), torch.randn(301, 70, generator=gen)
+    bias = torch.randn(301, generator=gen) if with_bias else None
+    exact = a.double() @ b.double().t() + (0 if bias is None else bias.double())
+    with torch.no_grad():
+        assert torch.allclose(matmul_nt(a, b, bias).double(), exact, rtol=1e-5, atol=1e-4)
+        c = torch.randn(301, 9, generator=gen)
+        assert torch.allclose(matmul_nn(a @ b.t(), c).double(), (a @ b.t()).double() @ c.double(), rtol=1e-4,
+                              atol=1e-3)
+        left = torch.randn(301, 37, generator=gen).t()  # a transposed view, as dlogits.t() for grad_weight
+        assert torch.allclose(matmul_nn(left, c).double(), left.double() @ c.double(), rtol=1e-5, atol=1e-4)
 
 
 def test_the_op_runs_the_rule_and_chunk_size_overrides_it(monkeypatch):

@@ -126,6 +126,30 @@ def test_every_column_but_the_target_minus_inf(backend, monkeypatch):
     assert float(loss) == 0.0 and bool(stats.correct.all()) and float(h.grad.abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_targets_far_below_the_max_keep_lse(backend):
+    """fp32 p_y underflows (z_y 120 and 300 below the max, and a bias of -inf on the target):
+    lse still equals float64's, and the finite rows' losses and gradients too."""
+    gen = torch.Generator().manual_seed(4)
+    vocab = 97
+    hidden = torch.randn(6, 12, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, 12, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([3, 10, 50, 96, 0, 7])
+    bias = torch.zeros(vocab, dtype=torch.float64)
+    bias[3], bias[10], bias[50] = -120.0, -300.0, float("-inf")
+    logits = hidden @ weight.t() + bias
+    ours, ref = run_both(hidden.float().reshape(2, 3, 12), weight.float(), labels.reshape(2, 3), bias.float(),
+                         backend=backend, objective="sft", reduction="none")
+    lse = ours["stats"].lse.reshape(-1).double()
+    assert torch.allclose(lse, torch.logsumexp(logits, dim=1), rtol=1e-6, atol=1e-5)
+    nll = ours["stats"].loss.reshape(-1).double()
+    expected = torch.logsumexp(logits, dim=1) - logits.gather(1, labels[:, None]).squeeze(1)
+    assert torch.allclose(nll[[0, 1, 3, 4, 5]], expected[[0, 1, 3, 4, 5]], rtol=1e-6)
+    assert nll[2] == float("inf") and not bool(ours["stats"].correct.reshape(-1)[:3].any())
+    finite = torch.tensor([True, True, False, True, True, True]).reshape(2, 3)
+    assert rel_err(ours["grad_hidden"][finite], ref["grad_hidden"][finite]) <= 1e-4
+
+
 @pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -192,10 +216,13 @@ def test_more_than_2_pow_31_gradient_elements_on_gpu(backend):
 
 
 def test_torch_backend_without_the_aliased_softmax(monkeypatch):
-    """The torch backend's three-pass softmax (its path on GPUs) keeps the same numerics."""
+    """The torch backend's GPU paths (three-pass softmax, no row subsets that need a host sync)
+    keep the same numerics."""
     import fastmem.ops.cross_entropy_torch as torch_chunk
 
     monkeypatch.setattr(torch_chunk, "_softmax_may_alias", lambda work: False)
+    monkeypatch.setattr(torch_chunk, "_host_sync_is_free", lambda work: False)
+    test_targets_far_below_the_max_keep_lse("torch")
     for offset in (0.0, 20.0):
         test_confident_targets_keep_their_gradient("torch", torch.float32, offset)
     test_vocabulary_tiles_of_minus_inf("torch", slice(0, 256), monkeypatch)

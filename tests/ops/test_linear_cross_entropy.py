@@ -289,12 +289,22 @@ def test_empty_and_one_dimensional_inputs(backend):
 
 
 class CountGemms:
-    """Records the row count of every torch.mm / torch.addmm inside the block."""
+    """Records the row count of every torch.mm / torch.addmm inside the block, and of the
+    oneDNN linear the CPU's fp32 chunk loop calls instead (fastmem.ops.cpu_gemm)."""
 
     def __enter__(self):
         from torch.overrides import TorchFunctionMode
 
+        import fastmem.ops.cpu_gemm as cpu_gemm
+
         calls = self.calls = []
+        self._onednn = onednn = cpu_gemm._ONEDNN_LINEAR
+        if onednn is not None:
+            def counted(x, *args):
+                calls.append(("onednn_linear", x.shape[0]))
+                return onednn(x, *args)
+
+            cpu_gemm._ONEDNN_LINEAR = counted
 
         class Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -307,7 +317,10 @@ class CountGemms:
         return self
 
     def __exit__(self, *exc):
+        import fastmem.ops.cpu_gemm as cpu_gemm
+
         self._mode.__exit__(*exc)
+        cpu_gemm._ONEDNN_LINEAR = self._onednn
 
 
 def test_frozen_head_runs_two_gemm_passes_and_ot_skips_inactive_rows():
