@@ -21,14 +21,15 @@ save_jsonl([stress_test(tok, $LEN, 0.0, seed=42, max_length=8192)], '$DATA')"
 fi
 # Greedy decoding is left to `fastmem eval` (one decode per run, not two).
 printf 'verify_greedy = false\n' > $ROOT/no_verify.toml
-for spec in "ot:--threshold 0.3:${OT_STEPS:-200}" "sft::${SFT_STEPS:-200}" "sw::${SW_STEPS:-150}"; do
+for spec in "ot:--threshold 0.3:${OT_STEPS:-200}" "sft::${SFT_STEPS:-200}" "sw::${SW_STEPS:-200}"; do
   IFS=: read -r obj extra steps <<< "$spec"
   dir=$ROOT/$LEN-$obj
   mkdir -p $dir
   if [ ! -f $dir/summary.json ]; then
     echo "[$(date +%H:%M:%S)] train $obj ($LEN tokens, budget $steps steps)"
     /usr/bin/time -v $PY -m fastmem train --data $DATA --out $dir --config $ROOT/no_verify.toml \
-      --objective $obj $extra --rank ${RANK:-32} --alpha ${ALPHA:-64} --layers ${LAYERS:-24,28} --dropout 0 --lr ${LR:-1e-2} --max-steps $steps \
+      --objective $obj $extra --rank ${RANK:-16} --alpha ${ALPHA:-32} --layers ${LAYERS:-24,25,26,27,28,29} \
+      --modules ${MODULES:-q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj} --dropout 0 --lr ${LR:-1e-2} --max-steps $steps \
       --checkpoint-every 10 --no-progress > $dir/train_stdout.txt 2> $dir/train_time.txt
     echo "  train exit $?: $(cat $dir/train_stdout.txt | tail -1)"
   fi

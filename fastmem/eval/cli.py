@@ -61,6 +61,9 @@ def _load(args):
 
         # checked by check_adapter_dir already; local_files_only: a path is never a hub id
         model = PeftModel.from_pretrained(model, args.adapter, local_files_only=True).eval()
+    from fastmem.nn.cpu_linear import use_onednn_linears
+
+    use_onednn_linears(model)  # CPU fp32: teacher forcing and decode prefill through oneDNN
     return model, tokenizer
 
 

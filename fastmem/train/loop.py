@@ -28,6 +28,7 @@ from fastmem.constants import L_CRIT
 from fastmem.data.sample import MemorySample, check_samples
 from fastmem.eval.evaluator import evaluate
 from fastmem.eval.teacher_forcing import teacher_forced_scores
+from fastmem.nn.cpu_linear import use_onednn_linears
 from fastmem.train.adapters import adapter_parameters, attach_lora, model_parts
 from fastmem.train.checkpoint import (latest_checkpoint, load_checkpoint, save_adapter_atomic, save_checkpoint,
                                       set_rng_state)
@@ -164,6 +165,11 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
     parts = model_parts(peft_model, layer_ids)
     check_samples(samples, parts.head_weight.shape[0], parts.max_positions)
     peft_model.to(device).train()
+    if config.engine == "fast":
+        # frozen fp32 CPU linears through oneDNN (~2x MKL here); the hf engine stays plain HF
+        rerouted = use_onednn_linears(peft_model)
+        if rerouted:
+            log.info("oneDNN GEMMs for %d frozen fp32 linear layers (FASTMEM_CPU_GEMM=mkl to turn off)", rerouted)
     confirm_stop = _has_dropout(peft_model)  # training-forward stats are noisy: confirm a stop
     # The hf engine never reads the cache: there the forward only yields the base loss.
     cache = PrefixCache(peft_model, parts, samples, device,
