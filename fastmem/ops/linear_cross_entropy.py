@@ -7,114 +7,25 @@ Two entry points share one chunk loop (cross_entropy_chunked.run_chunks):
   (opaque to the compiler, with a fake impl and a registered autograd formula), so a
   `fullgraph=True` compile never traces the data-dependent chunk loop. Its backward scales
   the saved gradient out of place (one transient `[N, H]` buffer while backward runs).
+The call's plan and forward pass are in cross_entropy_pass, the op in cross_entropy_custom_op.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastmem.backends import choose_backend, implementation, register_op
+from fastmem.backends import choose_backend
 from fastmem.constants import IGNORE_INDEX, L_CRIT, MEMFT_EPS, SW_FLOOR, SW_KAPPA, SW_TAU, SW_WINDOW
-from fastmem.ops.cross_entropy_checks import check_inputs, check_label_range
-from fastmem.ops.cross_entropy_chunked import chunk_rows_for, run_chunks
+from fastmem.ops.cross_entropy_checks import check_inputs
+from fastmem.ops.cross_entropy_chunked import chunk_rows_for
+from fastmem.ops.cross_entropy_custom_op import call_custom_op
 from fastmem.ops.cross_entropy_options import LogitOptions
-from fastmem.ops.memft_weights import ChunkWeigher, MemFTConfig
+from fastmem.ops.cross_entropy_pass import OP_NAME, CallPlan, forward_pass, recompute_grads
+from fastmem.ops.memft_weights import MemFTConfig
 from fastmem.ops.token_stats import STAT_FIELDS, TokenStats
-
-OP_NAME = "linear_cross_entropy"
-# Fastest first: `auto` takes the first one that runs on the tensors' device. Each module
-# provides `process_chunk` (the contract is in cross_entropy_torch).
-register_op(OP_NAME, {"cuda": "fastmem.ops.cross_entropy_cuda", "triton": "fastmem.ops.cross_entropy_triton",
-                      "torch": "fastmem.ops.cross_entropy_torch"})
-
-
-@dataclass(frozen=True)
-class _CallPlan:
-    config: MemFTConfig
-    options: LogitOptions
-    reduction: str
-    ignore_index: int
-    seq_len: int
-    num_samples: int
-    chunk_rows: int
-    backend: str
-    weighted: bool  # the normaliser is sum(w) + eps (MemFT or token weights), not the token count
-
-
-def _chunk_kernel(backend: str):
-    return implementation(OP_NAME, backend).process_chunk
-
-
-def _scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, n_rows: int) -> torch.Tensor:
-    if rows is None:
-        return values
-    out = torch.zeros(n_rows, dtype=values.dtype, device=values.device)
-    return out.index_copy_(0, rows, values)
-
-
-def _valid_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The call's one host sync outside the chunks: which rows carry a label."""
-    valid = labels != ignore_index
-    rows = valid.nonzero().squeeze(1)
-    return valid, (None if rows.numel() == labels.numel() else rows)
-
-
-def _forward_pass(hidden, weight, bias, labels, token_weights, window, plan: _CallPlan,
-                  want_grad_hidden: bool, want_grad_weight: bool, want_grad_bias: bool):
-    """The chunk loop and the reduction. Returns (loss, stats tuple in STAT_FIELDS order,
-    norm, grad_hidden, grad_weight, grad_bias), the gradients not yet divided by norm."""
-    config = plan.config
-    n_rows = hidden.shape[0]
-    valid, rows = _valid_rows(labels, plan.ignore_index)
-    n_valid = n_rows if rows is None else rows.numel()
-    weigher = ChunkWeigher(config, plan.num_samples, plan.seq_len, window, hidden.device)
-
-    def weigh(c0, c1, rows_c, nll, correct):
-        chunk_tw = None if token_weights is None else token_weights.index_select(0, rows_c)
-        return weigher(rows_c, nll, correct, chunk_tw)
-
-    result = run_chunks(hidden, weight, bias, labels, rows, weigh, _chunk_kernel(plan.backend),
-                        want_grad_hidden=want_grad_hidden, want_grad_weight=want_grad_weight,
-                        want_grad_bias=want_grad_bias, chunk_rows=plan.chunk_rows, options=plan.options,
-                        dense_weights=not plan.weighted)
-
-    # A NaN / Inf token loss reaches the sum even when its weight is 0 (0 * NaN = NaN): bad
-    # hidden states give a NaN loss, never a finite wrong one.
-    weighted_rows = result.weight * result.loss
-    weighted_sum = weighted_rows.sum()
-    if plan.reduction == "none":
-        loss = _scatter_rows(weighted_rows, rows, n_rows)
-        norm = torch.ones_like(weighted_sum)
-    elif plan.reduction == "sum":
-        loss, norm = weighted_sum, torch.ones_like(weighted_sum)
-    elif plan.weighted:
-        norm = result.weight.sum() + config.eps
-        loss = weighted_sum / norm
-    else:
-        # Plain SFT mean is exactly F.cross_entropy's mean; an all-ignored batch gives 0.
-        norm = torch.full_like(weighted_sum, float(max(n_valid, 1)))
-        loss = weighted_sum / norm
-
-    stats = (_scatter_rows(result.nll, rows, n_rows), _scatter_rows(torch.exp(-result.nll), rows, n_rows),
-             _scatter_rows(result.correct, rows, n_rows), _scatter_rows(result.lse, rows, n_rows),
-             _scatter_rows(result.weight, rows, n_rows), valid,
-             _scatter_rows(result.target - result.best_other, rows, n_rows), weigher.first_error())
-    return loss, stats, norm, result.grad_hidden, result.grad_weight, result.grad_bias
-
-
-def _recompute_grads(hidden, weight, bias, labels, row_scale, plan: _CallPlan, want_hidden, want_weight, want_bias):
-    """reduction="none": rerun the chunk loop with fixed row scales g_t * w_t ([N], 0 on ignored rows)."""
-    _, rows = _valid_rows(labels, plan.ignore_index)
-    row_scale = row_scale if rows is None else row_scale.index_select(0, rows)
-    result = run_chunks(hidden, weight, bias, labels, rows,
-                        lambda c0, c1, rows_c, nll, correct: row_scale[c0:c1], _chunk_kernel(plan.backend),
-                        want_grad_hidden=want_hidden, want_grad_weight=want_weight, want_grad_bias=want_bias,
-                        chunk_rows=plan.chunk_rows, options=plan.options)
-    return result.grad_hidden, result.grad_weight, result.grad_bias
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -128,10 +39,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_weights, window, plan: _CallPlan):
+    def forward(ctx, hidden, weight, bias, labels, token_weights, window, plan: CallPlan):
         precompute = plan.reduction != "none"
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        loss, stats, norm, *grads = _forward_pass(hidden, weight, bias, labels, token_weights, window, plan,
+        loss, stats, norm, *grads = forward_pass(hidden, weight, bias, labels, token_weights, window, plan,
                                                   need_hidden and precompute, need_weight and precompute,
                                                   need_bias and precompute)
         ctx.mark_non_differentiable(*stats)
@@ -152,7 +63,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.plan.reduction == "none":
             hidden, weight, bias, labels, weight_tok = ctx.saved_tensors
             row_scale = grad_loss.to(weight_tok.dtype) * weight_tok
-            grads = _recompute_grads(hidden, weight, bias, labels, row_scale, ctx.plan, *ctx.needs_input_grad[:3])
+            grads = recompute_grads(hidden, weight, bias, labels, row_scale, ctx.plan, *ctx.needs_input_grad[:3])
         else:
             norm, *grads = ctx.saved_tensors
             grads = _scale_in_place(ctx, grads, grad_loss.to(norm.dtype) / norm)
@@ -174,121 +85,6 @@ def _scale_in_place(ctx, grads, scale):
     # `.data`: this mutation is bookkept by applied_scale, not by autograd's version counter,
     # which would otherwise reject the saved buffer on a retained second backward.
     return [None if g is None else g.data.mul_(factor) for g in grads]
-
-
-# ---- the custom op torch.compile sees ----
-
-def _plan_from_args(objective, threshold, eps, kappa, tau, floor, softcap, label_smoothing, lse_square_scale,
-                    ignore_index, reduction, seq_len, num_samples, chunk_rows, backend, weighted) -> _CallPlan:
-    return _CallPlan(MemFTConfig(objective, threshold, eps, kappa, tau, floor),
-                     LogitOptions(softcap, label_smoothing, lse_square_scale), reduction, ignore_index, seq_len,
-                     num_samples, chunk_rows, backend, weighted)
-
-
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(0)
-
-
-@torch.library.custom_op("fastmem::linear_cross_entropy", mutates_args=())
-def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-            token_weights: torch.Tensor | None, window: torch.Tensor, objective: str, threshold: float, eps: float,
-            kappa: float, tau: float, floor: float, softcap: float, label_smoothing: float, lse_square_scale: float,
-            ignore_index: int, reduction: str, seq_len: int, num_samples: int, chunk_rows: int, backend: str,
-            weighted: bool, want_grad_hidden: bool, want_grad_weight: bool,
-            want_grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor]:
-    """(loss, *stats in STAT_FIELDS order, grad_hidden, grad_weight, grad_bias): with reduction
-    mean / sum the gradients of the loss for grad_output 1, already in the parameters' dtypes
-    (empty when not wanted or reduction="none"). The return annotation is the op's schema:
-    1 + len(STAT_FIELDS) + 3 tensors, so a new stat field adds one there too."""
-    plan = _plan_from_args(objective, threshold, eps, kappa, tau, floor, softcap, label_smoothing, lse_square_scale,
-                           ignore_index, reduction, seq_len, num_samples, chunk_rows, backend, weighted)
-    check_label_range(labels, weight.shape[0], ignore_index)  # skipped by the wrapper while compiling
-    precompute = reduction != "none"
-    loss, stats, norm, gh, gw, gb = _forward_pass(hidden, weight, bias, labels, token_weights, window, plan,
-                                                  want_grad_hidden and precompute, want_grad_weight and precompute,
-                                                  want_grad_bias and precompute)
-    inv = 1.0 / norm
-    gh = _empty(hidden) if gh is None else gh.mul_(inv.to(gh.dtype))
-    gw = _empty(weight) if gw is None else gw.mul_(inv).to(weight.dtype)
-    gb = _empty(hidden) if gb is None else gb.mul_(inv).to(bias.dtype)
-    return (loss, *stats, gh, gw, gb)
-
-
-@_lce_op.register_fake
-def _lce_op_fake(hidden, weight, bias, labels, token_weights, window, objective, threshold, eps, kappa, tau, floor,
-                 softcap, label_smoothing, lse_square_scale, ignore_index, reduction, seq_len, num_samples,
-                 chunk_rows, backend, weighted, want_grad_hidden, want_grad_weight, want_grad_bias):
-    n_rows = hidden.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    per_token = lambda dtype: hidden.new_empty(n_rows, dtype=dtype)  # noqa: E731
-    loss = per_token(acc) if reduction == "none" else hidden.new_empty((), dtype=acc)
-    stats = (per_token(acc), per_token(acc), per_token(torch.bool), per_token(acc), per_token(acc),
-             per_token(torch.bool), per_token(acc), hidden.new_empty(num_samples, dtype=torch.int64))
-    precompute = reduction != "none"
-    gh = torch.empty_like(hidden) if want_grad_hidden and precompute else _empty(hidden)
-    gw = torch.empty_like(weight) if want_grad_weight and precompute else _empty(weight)
-    gb = torch.empty_like(bias) if bias is not None and want_grad_bias and precompute else _empty(hidden)
-    return (loss, *stats, gh, gw, gb)
-
-
-_OP_ARG_NAMES = ("objective", "threshold", "eps", "kappa", "tau", "floor", "softcap", "label_smoothing",
-                 "lse_square_scale", "ignore_index", "reduction", "seq_len", "num_samples", "chunk_rows", "backend",
-                 "weighted")
-
-
-@torch.library.custom_op("fastmem::linear_cross_entropy_grads", mutates_args=())
-def _lce_grads_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                  row_scale: torch.Tensor, softcap: float, label_smoothing: float, lse_square_scale: float,
-                  ignore_index: int, chunk_rows: int, backend: str, want_grad_hidden: bool, want_grad_weight: bool,
-                  want_grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of sum_t row_scale_t * loss_t (reduction="none"'s backward)."""
-    plan = _plan_from_args("sft", L_CRIT, MEMFT_EPS, SW_KAPPA, SW_TAU, SW_FLOOR, softcap, label_smoothing,
-                           lse_square_scale, ignore_index, "none", 1, 1, chunk_rows, backend, False)
-    gh, gw, gb = _recompute_grads(hidden, weight, bias, labels, row_scale, plan, want_grad_hidden,
-                                  want_grad_weight, want_grad_bias)
-    return (_empty(hidden) if gh is None else gh, _empty(weight) if gw is None else gw.to(weight.dtype),
-            _empty(hidden) if gb is None else gb.to(bias.dtype))
-
-
-@_lce_grads_op.register_fake
-def _lce_grads_op_fake(hidden, weight, bias, labels, row_scale, softcap, label_smoothing, lse_square_scale,
-                       ignore_index, chunk_rows, backend, want_grad_hidden, want_grad_weight, want_grad_bias):
-    return (torch.empty_like(hidden) if want_grad_hidden else _empty(hidden),
-            torch.empty_like(weight) if want_grad_weight else _empty(weight),
-            torch.empty_like(bias) if bias is not None and want_grad_bias else _empty(hidden))
-
-
-def _lce_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels = inputs[:4]
-    args = dict(zip(_OP_ARG_NAMES, inputs[6:6 + len(_OP_ARG_NAMES)]))
-    ctx.args = args
-    ctx.has = (inputs[-3], inputs[-2], inputs[-1] and bias is not None)
-    if args["reduction"] == "none":
-        ctx.save_for_backward(hidden, weight, bias, labels, output[1 + STAT_FIELDS.index("weight")])
-    else:
-        ctx.save_for_backward(*output[-3:])
-
-
-def _lce_backward(ctx, grad_loss, *unused):
-    args = ctx.args
-    if args["reduction"] == "none":
-        hidden, weight, bias, labels, weight_tok = ctx.saved_tensors
-        gh, gw, gb = _lce_grads_op(hidden, weight, bias, labels, grad_loss.to(weight_tok.dtype) * weight_tok,
-                                   args["softcap"], args["label_smoothing"], args["lse_square_scale"],
-                                   args["ignore_index"], args["chunk_rows"], args["backend"], *ctx.has)
-    else:
-        gh, gw, gb = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-    grads = [g if want else None for g, want in zip((gh, gw, gb), ctx.has)]
-    return (*grads, *([None] * (len(_OP_ARG_NAMES) + 6)))
-
-
-torch.library.register_autograd("fastmem::linear_cross_entropy", _lce_backward, setup_context=_lce_setup_context)
-
-
-def _wants_grad(tensor: torch.Tensor | None) -> bool:
-    return tensor is not None and tensor.requires_grad and torch.is_grad_enabled()
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -369,7 +165,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         window_per_sample = torch.full((num_samples,), float(window), device=hidden.device)
     rows = chunk_size or chunk_rows_for(hidden_2d.shape[0], weight.shape[0], hidden.dtype, hidden.device, chosen,
                                         max_chunk_bytes=max_chunk_bytes)
-    plan = _CallPlan(MemFTConfig(objective, float(threshold), float(eps), float(kappa), float(tau), float(floor)),
+    plan = CallPlan(MemFTConfig(objective, float(threshold), float(eps), float(kappa), float(tau), float(floor)),
                      LogitOptions(float(softcap), float(label_smoothing), float(lse_square_scale)), reduction,
                      ignore_index, max(seq_len, 1), num_samples, rows, chosen,
                      objective != "sft" or token_weights is not None)
@@ -378,7 +174,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     # autocast region must not recast its GEMMs or in-place buffers.
     with torch.autocast(hidden.device.type, enabled=False):
         if compiling:
-            loss, *stat_tensors = _call_custom_op(hidden_2d, weight, bias, labels_1d, tw_1d, window_per_sample, plan)
+            loss, *stat_tensors = call_custom_op(hidden_2d, weight, bias, labels_1d, tw_1d, window_per_sample, plan)
         else:
             loss, *stat_tensors = _LinearCrossEntropyFunction.apply(
                 hidden_2d, weight, bias, labels_1d, tw_1d, window_per_sample, plan)
@@ -391,13 +187,3 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     per_token = {name: t.reshape(label_shape) for name, t in named.items()}
     first_error = first_error.reshape(label_shape[:-1]) if labels.dim() >= 2 else first_error.reshape(())
     return loss, TokenStats(**per_token, first_error=first_error)
-
-
-def _call_custom_op(hidden, weight, bias, labels, token_weights, window, plan: _CallPlan):
-    cfg, opt = plan.config, plan.options
-    outputs = torch.ops.fastmem.linear_cross_entropy(
-        hidden, weight, bias, labels, token_weights, window, cfg.objective, cfg.threshold, cfg.eps, cfg.kappa,
-        cfg.tau, cfg.floor, opt.softcap, opt.label_smoothing, opt.lse_square_scale, plan.ignore_index,
-        plan.reduction, plan.seq_len, plan.num_samples, plan.chunk_rows, plan.backend, plan.weighted,
-        _wants_grad(hidden), _wants_grad(weight), _wants_grad(bias))
-    return outputs[:1 + len(STAT_FIELDS)]

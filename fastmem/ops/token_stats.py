@@ -11,7 +11,7 @@ from fastmem.constants import L_CRIT
 
 # The per-call statistics in the order the op returns them (first_error last: it is per sample).
 # TokenStats is built from them by name, so a new per-token field is: its name here, a
-# dataclass field, its tensor in linear_cross_entropy._forward_pass (the chunk loop's result
+# dataclass field, its tensor in cross_entropy_pass.forward_pass (the chunk loop's result
 # also carries each row's target and best non-target logit) and its shape in the op's fake.
 STAT_FIELDS = ("loss", "prob", "correct", "lse", "weight", "valid", "margin", "first_error")
 

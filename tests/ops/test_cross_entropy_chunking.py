@@ -16,7 +16,7 @@ from tests.ops.test_linear_cross_entropy import make_case
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on CUDA here
 LLAMA3_V, QWEN_V, SMOLLM2_V = 128256, 151936, 49152
-lce_op = importlib.import_module("fastmem.ops.linear_cross_entropy")
+lce_op = importlib.import_module("fastmem.ops.cross_entropy_pass")
 
 
 def test_ridge_rows_from_the_gpu_arithmetic_intensity():

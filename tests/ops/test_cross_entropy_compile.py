@@ -85,7 +85,7 @@ def test_fullgraph_compile_through_inductor():
 
 def test_custom_op_passes_opcheck():
     """Schema, fake impl (shapes / dtypes), autograd registration and AOT dispatch of the op."""
-    from fastmem.ops.linear_cross_entropy import _OP_ARG_NAMES  # noqa: F401  (the op is registered on import)
+    from fastmem.ops.cross_entropy_custom_op import _OP_ARG_NAMES  # noqa: F401  (the op is registered on import)
 
     hidden, weight, bias, labels = make_case(torch.float32, batch=1, seq=9, hidden_size=8, vocab=13, seed=34, ignore="none")
     args = (hidden.reshape(-1, 8).requires_grad_(True), weight.requires_grad_(True), bias, labels.reshape(-1),
