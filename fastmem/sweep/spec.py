@@ -60,6 +60,10 @@ class SweepSpec:
     modules: list[str] = field(default_factory=lambda: ["down_proj"])
     threshold: float | None = None  # MemFT weighting threshold; None: ln 2
     stop_on_recall: bool = False  # the law wants the loss after a fixed budget, not at first recall
+    # After training, greedy-decode every sample as an independent check of the teacher-forced
+    # verdict (the paper's recall claim: every token at p > 0.5 => exact greedy recall). Costs
+    # one decode step per answer token; off: samples are decoded only to settle near ties.
+    decode_check: bool = False
     # Where each cell writes its adapter (`<adapters>/<cell.slug>/adapter`, safetensors), by the
     # process that trained it: shared storage under Ray. None: adapters are not kept.
     adapters: str | None = None

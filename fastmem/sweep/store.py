@@ -30,11 +30,13 @@ CREATE TABLE IF NOT EXISTS runs (
     owner TEXT, claimed_at REAL, heartbeat REAL, finished_at REAL, attempts INTEGER DEFAULT 0,
     layers TEXT, base_loss REAL, final_loss REAL, delta_loss REAL, token_acc REAL, exact_match REAL,
     stubborn_tokens INTEGER, steps INTEGER, wall_s REAL, peak_mem_bytes INTEGER,
-    config TEXT, versions TEXT, error TEXT
+    config TEXT, versions TEXT, error TEXT, details TEXT
 )
 """
 RESULT_COLUMNS = ("layers", "base_loss", "final_loss", "delta_loss", "token_acc", "exact_match",
                   "stubborn_tokens", "steps", "wall_s", "peak_mem_bytes", "config", "versions")
+# Everything else a cell reports (per-sample recall data, min p, ...) as one JSON object.
+DETAILS_COLUMN = "details"
 
 
 def owner_id() -> str:
@@ -64,6 +66,9 @@ class ResultsStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            if DETAILS_COLUMN not in columns:  # a database from before the column existed
+                db.execute(f"ALTER TABLE runs ADD COLUMN {DETAILS_COLUMN} TEXT")
 
     @contextlib.contextmanager
     def _connect(self):
@@ -173,7 +178,8 @@ class ResultsStore:
     def complete(self, key: str, result: dict, owner: str | None = None) -> None:
         values = [json.dumps(result[c]) if isinstance(result.get(c), (dict, list)) else result.get(c)
                   for c in RESULT_COLUMNS]
-        assignments = ", ".join(f"{c}=?" for c in RESULT_COLUMNS)
+        values.append(json.dumps({k: v for k, v in result.items() if k not in RESULT_COLUMNS}, sort_keys=True))
+        assignments = ", ".join(f"{c}=?" for c in (*RESULT_COLUMNS, DETAILS_COLUMN))
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             db.execute(f"UPDATE runs SET {assignments}, status='done', finished_at=? WHERE key=? AND owner=?",

@@ -50,17 +50,35 @@ def cell_config(cell: Cell, spec: SweepSpec):
                        stop_on_recall=spec.stop_on_recall, progress=False, out=spec.adapter_dir(cell), **extra)
 
 
+def recall_check(model, samples, decode_all: bool) -> dict:
+    """Per sample of a trained cell: min token p, mean loss, teacher-forced EM and (decoded
+    samples only, else None) greedy-decoded EM — the data of the recall-threshold study."""
+    from fastmem.eval.evaluator import evaluate
+
+    report = evaluate(model, samples, decode="all" if decode_all else "auto", fast_fail=False, progress=False)
+    records = report.records
+    return {"min_p_per_sample": [r.min_prob for r in records],
+            "mean_loss_per_sample": [r.mean_loss for r in records],
+            "teacher_forced_em_per_sample": [bool(r.scores.exact_match) for r in records],
+            "decoded_em_per_sample": [None if r.greedy is None else bool(r.greedy.exact_match) for r in records],
+            "answer_len_per_sample": [r.answer_len for r in records],
+            "decoding_s": report.timing["decoding_s"]}
+
+
 def train_cell(cell: Cell, spec: SweepSpec, model, tokenizer) -> dict:
     from fastmem.train import train
 
     config = cell_config(cell, spec)
-    result = train(config, cell_samples(cell, tokenizer), model=model, tokenizer=tokenizer,
+    samples = cell_samples(cell, tokenizer)
+    result = train(config, samples, model=model, tokenizer=tokenizer,
                    overwrite=True)  # a redone cell replaces its own earlier attempt
+    check = recall_check(result.model, samples, spec.decode_check)
     result.model.unload()  # the base model goes back to the next cell without the adapter
     summary = result.summary
     return {**{k: summary.get(k) for k in ("base_loss", "final_loss", "delta_loss", "token_acc", "exact_match",
-                                           "stubborn_tokens", "steps", "wall_s", "peak_mem_bytes")},
-            "layers": summary.get("layers"), "config": config.to_dict(), "versions": versions()}
+                                           "stubborn_tokens", "steps", "wall_s", "peak_mem_bytes", "min_p",
+                                           "stopped_on_recall")},
+            **check, "layers": summary.get("layers"), "config": config.to_dict(), "versions": versions()}
 
 
 class _Heartbeat(threading.Thread):

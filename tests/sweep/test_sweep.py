@@ -1,5 +1,6 @@
 """Sweeps: exclusive claims, crash-safe results, resume after a kill, several workers."""
 
+import json
 import multiprocessing
 import os
 import signal
@@ -117,10 +118,42 @@ def test_worker_trains_every_cell_and_a_rerun_skips_them(tmp_path, spec, tiny_mo
         assert row["steps"] == 2 and row["base_loss"] > 0 and row["final_loss"] > 0
         assert row["delta_loss"] == pytest.approx(row["base_loss"] - row["final_loss"])
         assert row["layers"] == "[2, 3]" and '"torch"' in row["versions"]
+        details = json.loads(row["details"])  # the recall data of each sample, decoded on request only
+        assert len(details["min_p_per_sample"]) == len(details["teacher_forced_em_per_sample"]) == 1
+        assert 0.0 <= details["min_p_per_sample"][0] <= 1.0 and details["decoded_em_per_sample"] in ([None], [False])
     assert not any("lora" in name for name, _ in model.named_modules())  # the base came back clean
     finished = {row["key"]: row["finished_at"] for row in rows}
     assert run_worker(spec, db, model=model, tokenizer=tokenizer, progress=False) == 0
     assert {row["key"]: row["finished_at"] for row in ResultsStore(db).rows()} == finished
+
+
+def test_decode_check_decodes_every_sample_and_agrees_with_teacher_forcing(tmp_path, tiny_model_dir):
+    from fastmem.models import load_model
+
+    spec = SweepSpec(model=str(tiny_model_dir), ranks=[2], lengths=[8], max_steps=3, ratios=[0.25],
+                     data=["stress", "phonebook"], decode_check=True)
+    model, tokenizer = load_model(str(tiny_model_dir))
+    db = tmp_path / "r.sqlite"
+    assert run_worker(spec, db, model=model, tokenizer=tokenizer, progress=False) == 2
+    for row in ResultsStore(db).rows():
+        details = json.loads(row["details"])
+        decoded, forced = details["decoded_em_per_sample"], details["teacher_forced_em_per_sample"]
+        assert None not in decoded and decoded == forced and len(decoded) >= 1
+        assert len(details["min_p_per_sample"]) == len(decoded) == len(details["answer_len_per_sample"])
+
+
+def test_a_database_from_before_the_details_column_gains_it(tmp_path):
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE runs (key TEXT PRIMARY KEY, model TEXT, data TEXT, ratio REAL, length INTEGER, "
+                     "rank INTEGER, objective TEXT, seed INTEGER, status TEXT NOT NULL DEFAULT 'pending', owner TEXT, "
+                     "claimed_at REAL, heartbeat REAL, finished_at REAL, attempts INTEGER DEFAULT 0, layers TEXT, "
+                     "base_loss REAL, final_loss REAL, delta_loss REAL, token_acc REAL, exact_match REAL, "
+                     "stubborn_tokens INTEGER, steps INTEGER, wall_s REAL, peak_mem_bytes INTEGER, config TEXT, "
+                     "versions TEXT, error TEXT)")
+        conn.execute("INSERT INTO runs (key, status, final_loss) VALUES ('old-cell', 'done', 1.5)")
+    rows = ResultsStore(db).rows()
+    assert rows[0]["final_loss"] == 1.5 and rows[0]["details"] is None
 
 
 def test_killed_sweep_resumes_and_redoes_the_half_done_cell(tmp_path, tiny_model_dir):
