@@ -55,7 +55,9 @@ def recall_check(model, samples, decode_all: bool) -> dict:
     samples only, else None) greedy-decoded EM — the data of the recall-threshold study."""
     from fastmem.eval.evaluator import evaluate
 
-    report = evaluate(model, samples, decode="all" if decode_all else "auto", fast_fail=False, progress=False)
+    # fast_fail: a sample that is not recalled stops decoding at its first wrong token (EM is
+    # still exact); a recalled one is decoded to its end, which is what the check is about.
+    report = evaluate(model, samples, decode="all" if decode_all else "auto", fast_fail=True, progress=False)
     records = report.records
     return {"min_p_per_sample": [r.min_prob for r in records],
             "mean_loss_per_sample": [r.mean_loss for r in records],
