@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 
-.PHONY: venv test test-fast demo bench bench-smoke nvcc-check gpu-check clean
+.PHONY: venv test test-fast demo bench bench-smoke nvcc-check gpu-check clean reproduce-cpu
 
 venv: $(VENV)/.installed
 
@@ -49,6 +49,12 @@ gpu-check:
 
 demo: venv
 	$(PY) -m fastmem demo
+
+# Issue 15: a CPU subset of the paper's reproduction on SmolLM2 (law, recall check, MemFT vs SFT,
+# threshold, wall time to EM), < 1 h on 2 cores; report in runs/reproduce-subset/reproduction.md.
+# The full CPU grids (hours, resumable): python -m benchmarks.reproduce --scale cpu -> docs/reproduction.md
+reproduce-cpu: venv
+	$(PY) -m benchmarks.reproduce --scale subset
 
 # The pytest-benchmark suite: every case this device can run (a CPU runs the CPU-sized subset and
 # lists the GPU-only cases as skipped), then JSON -> Markdown + PNG in benchmarks/results/.

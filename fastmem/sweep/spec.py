@@ -64,6 +64,10 @@ class SweepSpec:
     # verdict (the paper's recall claim: every token at p > 0.5 => exact greedy recall). Costs
     # one decode step per answer token; off: samples are decoded only to settle near ties.
     decode_check: bool = False
+    # Samples per step; 0: every sample of the cell in one batch, so a step is an epoch for a
+    # PhoneBook cell as for a one-sample stress cell (the fixed budget means the same for both).
+    batch_size: int = 0
+    curriculum: bool = False  # the Inter-Batch Temporal Curriculum (multi-sample cells, MemFT-OT)
     # Where each cell writes its adapter (`<adapters>/<cell.slug>/adapter`, safetensors), by the
     # process that trained it: shared storage under Ray. None: adapters are not kept.
     adapters: str | None = None
@@ -87,6 +91,8 @@ class SweepSpec:
             raise ValueError(f"sweep data kinds (--dataset) must be among {DATA_KINDS}, got {self.data}")
         if any(not 0.0 <= r <= 1.0 for r in self.ratios):
             raise ValueError(f"sweep ratios must lie in [0, 1], got {self.ratios}")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0 (0: every sample of a cell), got {self.batch_size}")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
 

@@ -40,13 +40,14 @@ def cell_samples(cell: Cell, tokenizer):
     return phonebook(tokenizer, cell.length, seed=cell.seed)
 
 
-def cell_config(cell: Cell, spec: SweepSpec):
+def cell_config(cell: Cell, spec: SweepSpec, n_samples: int = 1):
     from fastmem.train import TrainConfig
 
     extra = {} if spec.threshold is None else {"threshold": spec.threshold}
     return TrainConfig(model=cell.model, objective=cell.objective, rank=cell.rank,
                        alpha=spec.alpha_per_rank * cell.rank, dropout=spec.dropout, modules=list(spec.modules),
                        layers=spec.layers, lr=spec.lr, max_steps=spec.max_steps, seed=cell.seed,
+                       batch_size=spec.batch_size or n_samples, curriculum=spec.curriculum,
                        stop_on_recall=spec.stop_on_recall, progress=False, out=spec.adapter_dir(cell), **extra)
 
 
@@ -70,11 +71,13 @@ def recall_check(model, samples, decode_all: bool) -> dict:
 def train_cell(cell: Cell, spec: SweepSpec, model, tokenizer) -> dict:
     from fastmem.train import train
 
-    config = cell_config(cell, spec)
     samples = cell_samples(cell, tokenizer)
+    config = cell_config(cell, spec, len(samples))
     result = train(config, samples, model=model, tokenizer=tokenizer,
                    overwrite=True)  # a redone cell replaces its own earlier attempt
     check = recall_check(result.model, samples, spec.decode_check)
+    # tokens that fell back above the recall line after crossing below it, summed over steps
+    check["recrossings"] = sum(int(row.get("recrossed") or 0) for row in result.metrics)
     result.model.unload()  # the base model goes back to the next cell without the adapter
     summary = result.summary
     return {**{k: summary.get(k) for k in ("base_loss", "final_loss", "delta_loss", "token_acc", "exact_match",

@@ -1,0 +1,9 @@
+"""Reproduce "How LoRA Remembers?" on SmolLM2 with fastmem's own commands (issue 15).
+
+    python -m benchmarks.reproduce --scale subset    # `make reproduce-cpu`: < 1 h on 2 cores
+    python -m benchmarks.reproduce --scale cpu       # the full CPU grids (hours; resumable)
+    python -m benchmarks.reproduce --scale cpu --report-only
+
+Every stage is resumable: the grids are `fastmem sweep` databases (finished cells are skipped),
+the headline runs are `fastmem train` directories (a finished run is read back, not redone).
+"""

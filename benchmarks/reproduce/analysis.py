@@ -1,0 +1,225 @@
+"""Tables and figures of the reproduction, read back from the stages' databases and runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from fastmem.sweep.store import ResultsStore
+
+LN2 = math.log(2.0)
+
+
+def rows(db: Path) -> list[dict]:
+    """Finished cells of a sweep database, `details` parsed (empty list when there is none)."""
+    if not db.exists():
+        return []
+    found = []
+    for row in ResultsStore(db).rows():
+        row["details"] = json.loads(row["details"]) if row.get("details") else {}
+        found.append(row)
+    return found
+
+
+def _fmt(value, spec=".3g") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def law_table(root: Path, families: dict, figures: Path) -> list[str]:
+    lines = ["| family | runs used (dropped) | C | α | β | b | R² | MAPE % |", "|---|---|---|---|---|---|---|---|"]
+    for name in families:
+        fit_file = root / "fit" / name / "fit.json"
+        if not fit_file.exists():
+            lines.append(f"| {name} | not fitted yet | | | | | | |")
+            continue
+        fit = json.loads(fit_file.read_text())
+        ci = fit.get("ci", {})
+        cell = lambda k: f"{fit[k]:.3g} [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else f"{fit[k]:.3g}"  # noqa: E731
+        lines.append(f"| {name} | {fit['n_used']} ({fit['n_dropped']}) | {cell('C')} | {cell('alpha')} | "
+                     f"{cell('beta')} | {cell('b')} | {fit['r2']:.3f} | {fit['mape']:.1f} |")
+        for plot in ("fit_surface.png", "fit_residuals.png"):
+            if (fit_file.parent / plot).exists():
+                shutil.copy(fit_file.parent / plot, figures / f"law_{name}_{plot}")
+    return lines
+
+
+def recall_table(law_rows: list[dict]) -> tuple[list[str], dict]:
+    """Item 2: every decoded sequence, by its minimum token p."""
+    sequences = []
+    for row in law_rows:
+        d = row["details"]
+        for i, min_p in enumerate(d.get("min_p_per_sample", [])):
+            sequences.append({"min_p": min_p, "mean_loss": d["mean_loss_per_sample"][i],
+                              "forced": d["teacher_forced_em_per_sample"][i],
+                              "decoded": d["decoded_em_per_sample"][i]})
+    bins = [(0.0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 0.5 + 1e-12), (0.5 + 1e-12, 1.0 + 1e-9)]
+    labels = ["p_min < 0.1", "0.1 ≤ p_min < 0.3", "0.3 ≤ p_min < 0.5", "p_min = 0.5", "p_min > 0.5"]
+    lines = ["| min token p | sequences | decoded | recalled exactly (decoded) | teacher-forced EM |",
+             "|---|---|---|---|---|"]
+    for (lo, hi), label in zip(bins, labels):
+        chosen = [s for s in sequences if lo <= s["min_p"] < hi]
+        decoded = [s for s in chosen if s["decoded"] is not None]
+        if not chosen:
+            continue
+        lines.append(f"| {label} | {len(chosen)} | {len(decoded)} | {sum(s['decoded'] for s in decoded)} | "
+                     f"{sum(s['forced'] for s in chosen)} |")
+    above = [s for s in sequences if s["min_p"] > 0.5]
+    hidden = [s for s in sequences if s["mean_loss"] < LN2 and not s["forced"]]
+    low_mean = [s for s in sequences if s["mean_loss"] < LN2]
+    facts = {"sequences": len(sequences), "above": len(above),
+             "above_decoded_exact": sum(1 for s in above if s["decoded"]),
+             "above_decoded": sum(1 for s in above if s["decoded"] is not None),
+             "counterexamples": sum(1 for s in above if s["decoded"] is False),
+             "disagreements": sum(1 for s in sequences if s["decoded"] is not None and s["decoded"] != s["forced"]),
+             "low_mean_loss": len(low_mean), "low_mean_loss_not_recalled": len(hidden)}
+    return lines, {"facts": facts, "sequences": sequences}
+
+
+def recall_figure(sequences: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for exact, color, label in ((True, "#2a7ab9", "recalled exactly (greedy decode)"),
+                                (False, "#c0392b", "not recalled")):
+        chosen = [s for s in sequences if (s["decoded"] if s["decoded"] is not None else s["forced"]) == exact]
+        ax.scatter([max(s["min_p"], 1e-8) for s in chosen], [s["mean_loss"] for s in chosen], s=14, c=color,
+                   label=f"{label} ({len(chosen)})", alpha=0.75)
+    ax.axvline(0.5, color="k", linestyle="--", linewidth=1)
+    ax.axhline(LN2, color="#999999", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_xlabel("minimum token p of the sequence (dashed: 0.5)")
+    ax.set_ylabel("mean answer loss (dotted: ln 2)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def memft_table(memft_rows: list[dict], curriculum_rows: list[dict]) -> list[str]:
+    lines = ["| data | ρ | ℓ | rank | objective | EM | token acc | steps | stopped on recall | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, chosen in (("", memft_rows), (" + curriculum", curriculum_rows)):
+        for r in sorted(chosen, key=lambda r: (r["data"], r["ratio"], r["length"], r["rank"], r["objective"])):
+            lines.append(f"| {r['data']} | {r['ratio']:g} | {r['length']} | {r['rank']} | {r['objective']}{label} | "
+                         f"{_fmt(r['exact_match'], '.0%')} | {_fmt(r['token_acc'], '.3f')} | {r['steps']} | "
+                         f"{'yes' if r['details'].get('stopped_on_recall') else 'no'} | {_fmt(r['wall_s'], '.0f')} |")
+    return lines
+
+
+def memft_figure(memft_rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["data"], r["ratio"], r["length"]) for r in memft_rows})
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False)
+    for ax, (data, ratio, length) in zip(axes[0], groups):
+        for objective, color in (("sft", "#999999"), ("ot", "#2a7ab9"), ("sw", "#27ae60")):
+            chosen = sorted((r for r in memft_rows if (r["data"], r["ratio"], r["length"]) == (data, ratio, length)
+                             and r["objective"] == objective), key=lambda r: r["rank"])
+            if chosen:
+                ax.plot([r["rank"] for r in chosen], [r["token_acc"] for r in chosen], "o-", color=color,
+                        label=objective)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{data} ρ={ratio:g} ℓ={length}", fontsize=9)
+        ax.set_xlabel("LoRA rank")
+        ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel("token accuracy at the end")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def threshold_table(root: Path, names) -> tuple[list[str], list[dict]]:
+    found = []
+    for name in (*names, "sft"):
+        for r in rows(root / f"threshold_{name}.sqlite"):
+            found.append({**r, "threshold": "–" if name == "sft" else name})
+    lines = ["| data | ρ | objective | threshold | EM | steps | stopped on recall | re-crossings | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(found, key=lambda r: (r["data"], r["ratio"], r["objective"], str(r["threshold"]))):
+        lines.append(f"| {r['data']} | {r['ratio']:g} | {r['objective']} | {r['threshold']} | "
+                     f"{_fmt(r['exact_match'], '.0%')} | {r['steps']} | "
+                     f"{'yes' if r['details'].get('stopped_on_recall') else 'no'} | "
+                     f"{r['details'].get('recrossings', '–')} | {_fmt(r['wall_s'], '.0f')} |")
+    return lines, found
+
+
+def threshold_figure(found: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = sorted({(r["data"], r["ratio"]) for r in found})
+    if not regimes:
+        return
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4.2 * len(regimes), 3.2), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        chosen = sorted((r for r in found if (r["data"], r["ratio"]) == regime),
+                        key=lambda r: (r["objective"], str(r["threshold"])))
+        names = [f"{r['objective']} {r['threshold']}" for r in chosen]
+        colors = ["#2a7ab9" if r["details"].get("stopped_on_recall") else "#c0392b" for r in chosen]
+        ax.barh(names, [r["steps"] for r in chosen], color=colors)
+        ax.set_title(f"{regime[0]} ρ={regime[1]:g} (red: budget spent, no full recall)", fontsize=8)
+        ax.set_xlabel("steps to 100% recall")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]:
+    out = root / "headline"
+    lines = ["| ℓ | recipe | steps | s / step | + reference forward s / step | wall to 100% EM s | EM (fastmem eval) |"
+             " × fastmem |", "|---|---|---|---|---|---|---|---|"]
+    found = []
+    for length in lengths:
+        ref_file = out / f"reference_forward_{length}.json"
+        ref = json.loads(ref_file.read_text())["seconds"] if ref_file.exists() else None
+        cells = {}
+        for name, *_ in recipes:
+            summary_file, report_file = out / f"{length}-{name}" / "summary.json", out / f"{length}-{name}-eval" / "report.json"
+            if not summary_file.exists():
+                continue
+            summary = json.loads(summary_file.read_text())
+            report = json.loads(report_file.read_text()) if report_file.exists() else {}
+            steps, wall = summary["steps"], summary["wall_s"]
+            extra = steps * ref if (name == "authors" and ref is not None) else 0.0
+            cells[name] = {"length": length, "recipe": name, "steps": steps, "step_s": wall / max(steps, 1),
+                           "ref_s": ref if name == "authors" else None, "wall": wall + extra,
+                           "em": report.get("totals", {}).get("exact_match"),
+                           "recalled": bool(summary.get("stopped_on_recall"))}
+        base = cells.get("fastmem", {}).get("wall")
+        for cell in cells.values():
+            ratio = f"{cell['wall'] / base:.2f}×" if base else "–"
+            lines.append(f"| {length} | {cell['recipe']} | {cell['steps']}{'' if cell['recalled'] else ' (budget)'} | "
+                         f"{cell['step_s']:.2f} | {_fmt(cell['ref_s'], '.2f')} | {cell['wall']:.0f} | "
+                         f"{_fmt(cell['em'], '.0%')} | {ratio} |")
+            found.append(cell)
+    return lines, found
+
+
+def headline_figure(found: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not found:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(found) + 1.2))
+    names = [f"ℓ={c['length']} {c['recipe']}" for c in found]
+    ax.barh(names, [c["wall"] / 60 for c in found],
+            color=["#2a7ab9" if c["recipe"] == "fastmem" else "#999999" for c in found])
+    ax.set_xlabel("wall minutes to 100% exact recall (steps × s/step; authors: + reference forward)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

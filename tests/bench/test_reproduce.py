@@ -1,0 +1,75 @@
+"""The reproduction driver (benchmarks/reproduce): its commands and its report, without training."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks.reproduce import __main__ as driver
+from benchmarks.reproduce import stages
+from fastmem.sweep import ResultsStore, SweepSpec
+
+
+def _finished_db(path, cells_details):
+    """A sweep database whose cells are done with the given (result, details) values."""
+    spec = SweepSpec(ranks=[r for r, _ in cells_details], lengths=[64], ratios=[1.0])
+    store = ResultsStore(path)
+    cells = spec.cells()
+    store.add_cells(cells)
+    for cell, (_, result) in zip(cells, cells_details):
+        key = store.claim([cell.key], "me")
+        store.complete(key, {"base_loss": 10.0, "final_loss": result.pop("final_loss", 1.0), "delta_loss": 9.0,
+                             "token_acc": 0.5, "exact_match": result.pop("exact_match", 0.0), "steps": 40,
+                             "wall_s": 3.0, **result}, "me")
+
+
+def test_report_of_the_recall_check(tmp_path):
+    _finished_db(tmp_path / "law.sqlite", [
+        (1, {"min_p_per_sample": [0.2], "mean_loss_per_sample": [0.3], "teacher_forced_em_per_sample": [False],
+             "decoded_em_per_sample": [False]}),
+        (2, {"min_p_per_sample": [0.7], "mean_loss_per_sample": [0.01], "teacher_forced_em_per_sample": [True],
+             "decoded_em_per_sample": [True], "exact_match": 1.0}),
+    ])
+    report = driver.write_report(tmp_path, "subset", {"law": 12.0})
+    text = report.read_text()
+    assert report == tmp_path / "reproduction.md"
+    # one sequence above the line, decoded exactly; one with a low mean loss hiding a stubborn token
+    assert "1 with every token at p > 0.5, of which 1 of 1 decoded were recalled exactly (0 counterexamples)" in text
+    assert "in 1 of 2 sequences" in text and "| p_min > 0.5 | 1 | 1 | 1 | 1 |" in text
+    assert (tmp_path / "figures" / "recall_min_p.png").is_file()
+    assert "not fitted yet" in text  # no fit.json: said so, not invented
+
+
+def test_threshold_stage_writes_one_config_per_threshold(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(stages, "fastmem", lambda *args, log=None: calls.append(args))
+    stages.run_threshold(tmp_path, "subset")
+    dbs = [args[args.index("--db") + 1] for args in calls]
+    assert [p.rsplit("/", 1)[1] for p in dbs] == ["threshold_ln2.sqlite", "threshold_0.3.sqlite",
+                                                 "threshold_sft.sqlite"]
+    ln2 = SweepSpec.from_file(tmp_path / "threshold_ln2.toml")
+    assert ln2.threshold == pytest.approx(math.log(2)) and ln2.stop_on_recall and ln2.objectives == ["ot"]
+    assert SweepSpec.from_file(tmp_path / "threshold_sft.toml").objectives == ["sft"]
+
+
+@pytest.mark.parametrize("scale", ["subset", "cpu"])
+def test_every_stage_config_is_a_valid_sweep(scale):
+    for stage in ("law", "memft", "threshold"):
+        spec = SweepSpec.from_file(stages.config_path(stage, scale))
+        assert spec.cells(), stage
+    if scale == "cpu":
+        assert len(SweepSpec.from_file(stages.config_path("law", scale)).cells()) == 6 * 5 * (3 + 1)
+
+
+def test_headline_reads_finished_runs(tmp_path):
+    out = tmp_path / "headline"
+    for name, steps, wall in (("fastmem", 50, 100.0), ("authors", 80, 800.0)):
+        (out / f"256-{name}").mkdir(parents=True)
+        (out / f"256-{name}" / "summary.json").write_text(json.dumps({"steps": steps, "wall_s": wall,
+                                                                       "stopped_on_recall": True}))
+    (out / "reference_forward_256.json").write_text(json.dumps({"seconds": 2.0}))
+    lines, cells = driver.analysis.headline_table(tmp_path, (256,), stages.RECIPES)
+    authors = next(c for c in cells if c["recipe"] == "authors")
+    assert authors["wall"] == pytest.approx(800.0 + 80 * 2.0) and "9.60×" in "\n".join(lines)
