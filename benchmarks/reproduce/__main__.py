@@ -42,6 +42,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _figure(draw, data, path: Path, alt: str, rel) -> list[str]:
+    """Draw `data` to `path` and link it, or nothing while no data has landed."""
+    if not data:
+        return []
+    draw(data, path)
+    return [f"![{alt}]({rel(path)})", ""]
+
+
 def _load_timings(root: Path) -> dict:
     file = root / "stage_seconds.json"
     return json.loads(file.read_text()) if file.exists() else {}
@@ -87,17 +95,13 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
               f"{facts['disagreements']} sequences. A mean loss below ln 2 hid a token that breaks recall in "
               f"{facts['low_mean_loss_not_recalled']} of {facts['low_mean_loss']} sequences.", ""]
     lines += recall_lines + [""]
-    if recall["sequences"]:
-        analysis.recall_figure(recall["sequences"], figures / "recall_min_p.png")
-        lines += [f"![recall vs min p]({rel(figures / 'recall_min_p.png')})", ""]
+    lines += _figure(analysis.recall_figure, recall["sequences"], figures / "recall_min_p.png", "recall vs min p", rel)
 
     memft_rows = analysis.rows(root / "memft.sqlite")
     curriculum_rows = analysis.rows(root / "memft_curriculum.sqlite")
     lines += ["## 3. MemFT against SFT", "", f"Config `{stages.config_path('memft', scale).relative_to(REPO)}`.", ""]
     lines += analysis.memft_table(memft_rows, curriculum_rows) + [""]
-    if memft_rows:
-        analysis.memft_figure(memft_rows, figures / "memft_token_acc.png")
-        lines += [f"![token accuracy vs rank]({rel(figures / 'memft_token_acc.png')})", ""]
+    lines += _figure(analysis.memft_figure, memft_rows, figures / "memft_token_acc.png", "token accuracy vs rank", rel)
 
     names = stages.SUBSET_THRESHOLDS if scale == "subset" else tuple(stages.THRESHOLDS)
     threshold_lines, found = analysis.threshold_table(root, names)
@@ -105,9 +109,7 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
               " (one database per threshold); re-crossings: tokens that fell back above the recall line after "
               "crossing it, summed over the steps.", ""]
     lines += threshold_lines + [""]
-    if found:
-        analysis.threshold_figure(found, figures / "threshold_steps.png")
-        lines += [f"![steps per threshold]({rel(figures / 'threshold_steps.png')})", ""]
+    lines += _figure(analysis.threshold_figure, found, figures / "threshold_steps.png", "steps per threshold", rel)
 
     headline_lines, cells = analysis.headline_table(root, stages.headline_lengths(scale), stages.RECIPES)
     lines += ["## 5. Wall time to 100% exact recall", "",
@@ -116,9 +118,7 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
               "adapter (timed separately, `reference_forward_<ℓ>.json`, and added per step); hf-sft: plain SFT "
               "through HF. Every run then checked by `fastmem eval`.", ""]
     lines += headline_lines + [""]
-    if cells:
-        analysis.headline_figure(cells, figures / "headline_wall.png")
-        lines += [f"![wall time to EM]({rel(figures / 'headline_wall.png')})", ""]
+    lines += _figure(analysis.headline_figure, cells, figures / "headline_wall.png", "wall time to EM", rel)
     report.write_text("\n".join(lines) + "\n")
     return report
 

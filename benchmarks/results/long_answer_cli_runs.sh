@@ -24,20 +24,21 @@ printf 'verify_greedy = false\n' > $ROOT/no_verify.toml
 for spec in "ot:--threshold 0.3:${OT_STEPS:-200}" "sft::${SFT_STEPS:-200}" "sw::${SW_STEPS:-200}"; do
   IFS=: read -r obj extra steps <<< "$spec"
   dir=$ROOT/$LEN-$obj
-  mkdir -p $dir
+  logs=$ROOT/logs/$LEN-$obj  # beside the run, never inside it (fastmem refuses a non-empty --out)
+  mkdir -p $ROOT/logs
   if [ ! -f $dir/summary.json ]; then
     echo "[$(date +%H:%M:%S)] train $obj ($LEN tokens, budget $steps steps)"
     /usr/bin/time -v $PY -m fastmem train --data $DATA --out $dir --config $ROOT/no_verify.toml \
       --objective $obj $extra --rank ${RANK:-16} --alpha ${ALPHA:-32} --layers ${LAYERS:-24,25,26,27,28,29} \
       --modules ${MODULES:-q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj} --dropout 0 --lr ${LR:-1e-2} --max-steps $steps \
-      --checkpoint-every 10 --no-progress > $dir/train_stdout.txt 2> $dir/train_time.txt
-    echo "  train exit $?: $(cat $dir/train_stdout.txt | tail -1)"
+      --checkpoint-every 10 --no-progress > $logs.train_stdout.txt 2> $logs.train_time.txt
+    echo "  train exit $?: $(tail -1 $logs.train_stdout.txt)"
   fi
   if [ -f $dir/summary.json ] && [ ! -f $dir/eval/report.json ]; then
     echo "[$(date +%H:%M:%S)] eval $obj"
     /usr/bin/time -v $PY -m fastmem eval --data $DATA --adapter $dir/adapter --out $dir/eval --grids 1 \
-      --metrics $dir/metrics.jsonl > $dir/eval_stdout.txt 2> $dir/eval_time.txt
-    echo "  eval exit $?: $(cat $dir/eval_stdout.txt | tail -3)"
+      --metrics $dir/metrics.jsonl > $logs.eval_stdout.txt 2> $logs.eval_time.txt
+    echo "  eval exit $?: $(tail -3 $logs.eval_stdout.txt)"
   fi
 done
 echo "[$(date +%H:%M:%S)] done"
