@@ -321,8 +321,9 @@ def report(args) -> Path:
         "time = the step (forward + backward + AdamW) on the ℓ-token sample; step peak = peak RSS during that "
         "step (VmHWM reset just before it; model, prefix cache and libraries included)",
         f"- command: `python benchmarks/bench_long_answer.py` (raw rows: `{Path(args.results).name}`)", "",
-        "Time: the step's process CPU seconds (one torch thread, so ≈ its time on a quiet core), wall seconds in "
-        "brackets (inflated by the other jobs on the machine); ratios likewise: CPU (wall).", "",
+        f"Time: the step's process CPU seconds ({any_row.get('threads', '?')} torch thread(s): CPU seconds ≈ "
+        "threads × the step's time on quiet cores), wall seconds in brackets (inflated by any other jobs on the "
+        "machine); ratios likewise: CPU (wall).", "",
         "| ℓ | weights | active | fast s | fast-ckpt s | hf s | hf ÷ fast | hf ÷ fast-ckpt | fast GiB "
         "| fast-ckpt GiB | hf GiB | fast ÷ hf mem | fast-ckpt ÷ hf mem |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
