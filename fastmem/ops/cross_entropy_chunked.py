@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from fastmem.ops.cross_entropy_options import NO_OPTIONS, LogitOptions
 from fastmem.ops.cpu_gemm import matmul_nn, matmul_nt, onednn_applies, onednn_serves
+from fastmem.ops.cross_entropy_options import NO_OPTIONS, LogitOptions
 from fastmem.ops.host_buffers import empty_scratch
 
 # ---- how many token rows a chunk takes ----

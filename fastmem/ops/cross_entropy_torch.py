@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from fastmem.ops.host_buffers import empty_scratch
 from fastmem.ops.cross_entropy_options import NO_OPTIONS, ChunkStats, LogitOptions, row_losses, target_grad
+from fastmem.ops.host_buffers import empty_scratch
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
