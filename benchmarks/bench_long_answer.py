@@ -391,6 +391,7 @@ def _plot(rows, lengths, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    threads = next((r.get("threads") for r in rows.values() if r.get("threads")), "?")
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     for engine, marker in zip(ENGINES, "os^"):
         ok = [(n, rows[(engine, n)]) for n in lengths if rows.get((engine, n), {}).get("status") == "ok"]
@@ -404,7 +405,7 @@ def _plot(rows, lengths, path: Path) -> None:
             cap = rows[(engine, over[0])]["cap_gb"]
             ax_m.scatter(over, [cap] * len(over), marker="x", color="red", zorder=5,
                          label=f"{engine}: over {cap} GiB cap")
-    ax_t.set(xlabel="answer tokens ℓ", ylabel="s / training step", title="step time: CPU s (1 thread); dotted: wall")
+    ax_t.set(xlabel="answer tokens ℓ", ylabel="s / training step", title=f"step time: CPU s ({threads} thread(s)); dotted: wall")
     ax_m.set(xlabel="answer tokens ℓ", ylabel="peak RSS during the step (GiB)", title="step peak memory")
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
