@@ -12,6 +12,7 @@ from pathlib import Path
 from benchmarks.reproduce import analysis, stages
 
 REPO = Path(__file__).resolve().parents[2]
+KEPT = REPO / "benchmarks" / "results" / "reproduce"  # <scale>/<stage>.sqlite, committed
 STAGES = {"law": stages.run_law, "memft": stages.run_memft, "threshold": stages.run_threshold,
           "headline": stages.run_headline}
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; choose from {sorted(STAGES)}")
+    kept = KEPT / args.scale  # the databases live in git, so that the next session resumes them
+    restore_databases(kept, root)
     timings = _load_timings(root)
     if not args.report_only:
         for name in chosen:
@@ -37,6 +40,8 @@ def main(argv=None) -> int:
             STAGES[name](root, args.scale)
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
             (root / "stage_seconds.json").write_text(json.dumps(timings, indent=1))
+            keep_databases(root, kept)
+    keep_databases(root, kept)
     path = write_report(root, args.scale, timings)
     print(f"wrote {path}")
     return 0
@@ -48,6 +53,30 @@ def _figure(draw, data, path: Path, alt: str, rel) -> list[str]:
         return []
     draw(data, path)
     return [f"![{alt}]({rel(path)})", ""]
+
+
+def keep_databases(root: Path, kept: Path) -> None:
+    """Snapshot every sweep database of `root` into `kept` (sqlite's backup API: consistent
+    even while a sweep is writing), with the stage timings."""
+    import sqlite3
+
+    kept.mkdir(parents=True, exist_ok=True)
+    for db in sorted(root.glob("*.sqlite")):
+        tmp = kept / (db.name + ".tmp")
+        with sqlite3.connect(db) as source, sqlite3.connect(tmp) as target:
+            source.backup(target)
+        tmp.replace(kept / db.name)
+    if (root / "stage_seconds.json").exists():
+        (kept / "stage_seconds.json").write_text((root / "stage_seconds.json").read_text())
+
+
+def restore_databases(kept: Path, root: Path) -> None:
+    """Seed `root` with the kept databases it lacks (a fresh machine or clone resumes the grids)."""
+    for db in sorted(kept.glob("*.sqlite")) if kept.exists() else []:
+        if not (root / db.name).exists():
+            (root / db.name).write_bytes(db.read_bytes())
+    if (kept / "stage_seconds.json").exists() and not (root / "stage_seconds.json").exists():
+        (root / "stage_seconds.json").write_text((kept / "stage_seconds.json").read_text())
 
 
 def _load_timings(root: Path) -> dict:

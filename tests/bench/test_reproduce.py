@@ -73,3 +73,16 @@ def test_headline_reads_finished_runs(tmp_path):
     lines, cells = driver.analysis.headline_table(tmp_path, (256,), stages.RECIPES)
     authors = next(c for c in cells if c["recipe"] == "authors")
     assert authors["wall"] == pytest.approx(800.0 + 80 * 2.0) and "9.60×" in "\n".join(lines)
+
+
+def test_databases_are_kept_and_restored(tmp_path):
+    root, kept, fresh = tmp_path / "runs", tmp_path / "kept", tmp_path / "fresh"
+    root.mkdir()
+    _finished_db(root / "law.sqlite", [(1, {"min_p_per_sample": [0.9]})])
+    driver.keep_databases(root, kept)
+    fresh.mkdir()
+    driver.restore_databases(kept, fresh)
+    assert [r["rank"] for r in ResultsStore(fresh / "law.sqlite").rows()] == [1]
+    _finished_db(fresh / "memft.sqlite", [(2, {})])
+    driver.restore_databases(kept, fresh)  # never overwrites what a machine already has
+    assert (fresh / "memft.sqlite").exists() and len(ResultsStore(fresh / "law.sqlite").rows()) == 1
