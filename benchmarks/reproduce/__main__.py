@@ -142,8 +142,9 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
 
     headline_lines, cells = analysis.headline_table(root, stages.headline_lengths(scale), stages.RECIPES)
     lines += ["## 5. Wall time to 100% exact recall", "",
-              "Stress-test answers with 25% random tokens. fastmem: fast engine, prefix cache, fused loss, OT at "
-              "0.3; authors: `--engine hf` (full logits), OT at ln 2, plus their per-step forward without the "
+              "Stress-test answers with 25% random tokens, one LoRA setup for every recipe (`HEADLINE_LORA` in "
+              "stages.py). fastmem: fast engine, prefix cache, fused loss, OT at 0.3; fastmem-sft: the same with "
+              "SFT; authors: `--engine hf` (full logits), OT at ln 2, plus their per-step forward without the "
               "adapter (timed separately, `reference_forward_<ℓ>.json`, and added per step); hf-sft: plain SFT "
               "through HF. Every run then checked by `fastmem eval`.", ""]
     lines += headline_lines + [""]
