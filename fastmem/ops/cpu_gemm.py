@@ -5,8 +5,8 @@ GEMMs (M=128-512, H=576, V=49152) at ~90 GFLOP/s on 2 cores; oneDNN's JIT kernel
 through `torch.ops.mkldnn._linear_pointwise` (the op inductor's CPU backend emits for
 linear layers), run the same products at ~170 GFLOP/s in IEEE fp32 (relative error 4e-7
 against float64, MKL's 2.5e-7). That op has no `out=`, so its result is a fresh tensor:
-kept under glibc's mmap threshold (32 MiB, see CPU_CHUNK_BYTES) a freed chunk is reused
-without new page faults.
+kept under glibc's mmap threshold (32 MiB; cross_entropy_chunked.CPU_ONEDNN_CHUNK_BYTES),
+a freed chunk is reused without new page faults.
 
 Everything else (other dtypes, devices, a torch without the op) takes torch.mm.
 `FASTMEM_CPU_GEMM=mkl` forces torch.mm (for comparisons).
