@@ -58,7 +58,7 @@ class SweepSpec:
     dropout: float = 0.1
     layers: list[int] | None = None  # None: the trainer's default (two upper-middle layers)
     modules: list[str] = field(default_factory=lambda: ["down_proj"])
-    threshold: float | None = None  # MemFT weighting threshold; None: ln 2
+    threshold: float | None = None  # MemFT weighting threshold; None: TrainConfig's default (0.1)
     stop_on_recall: bool = False  # the law wants the loss after a fixed budget, not at first recall
     # After training, greedy-decode every sample as an independent check of the teacher-forced
     # verdict (the paper's recall claim: every token at p > 0.5 => exact greedy recall). Costs

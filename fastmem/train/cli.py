@@ -78,7 +78,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-steps", type=int, help="step budget (overrides --epochs)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--threshold", type=float,
-                        help="MemFT weighting threshold on the token loss (recall stays p > 0.5)")
+                        help="MemFT weighting threshold on the token loss (default 0.1, see TrainConfig; "
+                             "recall stays p > 0.5)")
     parser.add_argument("--curriculum", action="store_true", help="Inter-Batch Temporal Curriculum (with ot)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--engine", choices=ENGINES,
