@@ -47,6 +47,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _progress(root: Path) -> list[str]:
+    """`name done/all` per sweep database: a grid still running says so in the report."""
+    from fastmem.sweep.store import ResultsStore
+
+    found = []
+    for db in sorted(root.glob("*.sqlite")):
+        counts = ResultsStore(db).status_counts()
+        found.append(f"{db.stem} {counts.get('done', 0)}/{sum(counts.values())}")
+    return found
+
+
 def _figure(draw, data, path: Path, alt: str, rel) -> list[str]:
     """Draw `data` to `path` and link it, or nothing while no data has landed."""
     if not data:
@@ -99,7 +110,8 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
              f"--scale {scale}`; runs in `{root.relative_to(REPO) if root.is_relative_to(REPO) else root}`",
              f"- device: CPU ({platform.machine()}, {torch.get_num_threads()} torch threads); "
              f"torch {torch.__version__}, Python {platform.python_version()}; no GPU",
-             "- stage wall times (s): " + (", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "none yet"), ""]
+             "- stage wall times (s): " + (", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "none yet"),
+             "- cells done per database: " + (", ".join(_progress(root)) or "none yet"), ""]
 
     families = stages.law_families(scale)
     law_rows = analysis.rows(root / "law.sqlite")
