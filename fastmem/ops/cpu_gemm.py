@@ -46,15 +46,23 @@ def onednn_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
             and not torch.is_grad_enabled())
 
 
-def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b.T (+ bias): a `[M, K]`, b `[N, K]` -> `[M, N]`, a new tensor."""
+def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return result if out is None else out.copy_(result)
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b.T (+ bias): a `[M, K]`, b `[N, K]` -> `[M, N]`, into `out` when given (torch.mm
+    writes there directly; oneDNN's fresh result is copied in), else a new tensor."""
     if onednn_applies(a, b) and (bias is None or bias.dtype == torch.float32):
-        return _ONEDNN_LINEAR(a, b, bias, "none", [], "")
-    return torch.addmm(bias, a, b.t()) if bias is not None else torch.mm(a, b.t())
+        return _into(_ONEDNN_LINEAR(a, b, bias, "none", [], ""), out)
+    if bias is not None:
+        return torch.addmm(bias, a, b.t(), out=out) if out is not None else torch.addmm(bias, a, b.t())
+    return torch.mm(a, b.t(), out=out) if out is not None else torch.mm(a, b.t())
 
 
-def matmul_nn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b: a `[M, K]`, b `[K, N]` -> `[M, N]`, a new tensor."""
+def matmul_nn(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b: a `[M, K]`, b `[K, N]` -> `[M, N]`, into `out` when given (as matmul_nt)."""
     if onednn_applies(a, b):
-        return _ONEDNN_LINEAR(a, b.t(), None, "none", [], "")
-    return torch.mm(a, b)
+        return _into(_ONEDNN_LINEAR(a, b.t(), None, "none", [], ""), out)
+    return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)

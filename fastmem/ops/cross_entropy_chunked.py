@@ -143,14 +143,7 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         else:
             rows_c = rows[c0:c1]
             hidden_c, labels_c = hidden.index_select(0, rows_c), labels.index_select(0, rows_c)
-        if fresh_logits:
-            logits = matmul_nt(hidden_c, weight, bias)
-        else:
-            logits = logits_buffer[: c1 - c0]
-            if bias is not None:
-                torch.addmm(bias, hidden_c, weight.t(), out=logits)
-            else:
-                torch.mm(hidden_c, weight.t(), out=logits)
+        logits = matmul_nt(hidden_c, weight, bias, out=None if fresh_logits else logits_buffer[: c1 - c0])
         out = process_chunk(logits, labels_c, lambda nll_c, ok: weigh(c0, c1, rows_c, nll_c, ok), want_grad, options)
         lse[c0:c1], nll[c0:c1], loss[c0:c1], target[c0:c1] = out.lse, out.nll, out.loss, out.target
         best_other[c0:c1], correct[c0:c1], weight_rows[c0:c1] = out.best_other, out.correct, out.weight
@@ -179,10 +172,8 @@ def _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, 
             out_rows = None
     dlogits = dlogits.to(hidden_c.dtype)
     if grad_hidden is not None:
-        if out_rows is not None and not onednn_applies(dlogits, weight):
-            torch.mm(dlogits, weight, out=grad_hidden[out_rows])
-        elif out_rows is not None:
-            grad_hidden[out_rows] = matmul_nn(dlogits, weight)
+        if out_rows is not None:
+            matmul_nn(dlogits, weight, out=grad_hidden[out_rows])
         else:
             grad_hidden.index_copy_(0, rows_c, matmul_nn(dlogits, weight))
     if grad_weight is not None:

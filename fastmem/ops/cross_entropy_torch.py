@@ -114,7 +114,7 @@ def _working_copy(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _all_ones(weight: torch.Tensor) -> bool:
     """SFT's weights are all 1 (a host sync, but only where it saves a pass over [C, V])."""
-    return weight.device.type == "cpu" and bool((weight == 1).all())
+    return _host_sync_is_free(weight) and bool((weight == 1).all())
 
 
 def _host_sync_is_free(work: torch.Tensor) -> bool:
