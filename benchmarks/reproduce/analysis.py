@@ -7,6 +7,9 @@ import math
 import shutil
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from fastmem.plotting import save_figure
 from fastmem.sweep.store import ResultsStore
 
 LN2 = math.log(2.0)
@@ -78,11 +81,8 @@ def recall_table(law_rows: list[dict]) -> tuple[list[str], dict]:
 
 
 def recall_figure(sequences: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
     for exact, color, label in ((True, "#2a7ab9", "recalled exactly (greedy decode)"),
                                 (False, "#c0392b", "not recalled")):
         chosen = [s for s in sequences if (s["decoded"] if s["decoded"] is not None else s["forced"]) == exact]
@@ -95,9 +95,7 @@ def recall_figure(sequences: list[dict], path: Path) -> None:
     ax.set_xlabel("minimum token p of the sequence (dashed: 0.5)")
     ax.set_ylabel("mean answer loss (dotted: ln 2)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def memft_table(memft_rows: list[dict], curriculum_rows: list[dict]) -> list[str]:
@@ -112,14 +110,11 @@ def memft_table(memft_rows: list[dict], curriculum_rows: list[dict]) -> list[str
 
 
 def memft_figure(memft_rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = sorted({(r["data"], r["ratio"], r["length"]) for r in memft_rows})
     if not groups:
         return
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False)
+    fig = Figure(figsize=(3.6 * len(groups), 3.2))
+    axes = fig.subplots(1, len(groups), squeeze=False)
     for ax, (data, ratio, length) in zip(axes[0], groups):
         for objective, color in (("sft", "#999999"), ("ot", "#2a7ab9"), ("sw", "#27ae60")):
             chosen = sorted((r for r in memft_rows if (r["data"], r["ratio"], r["length"]) == (data, ratio, length)
@@ -133,9 +128,7 @@ def memft_figure(memft_rows: list[dict], path: Path) -> None:
         ax.set_ylim(0, 1.02)
     axes[0][0].set_ylabel("token accuracy at the end")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def threshold_table(root: Path, names) -> tuple[list[str], list[dict]]:
@@ -154,14 +147,11 @@ def threshold_table(root: Path, names) -> tuple[list[str], list[dict]]:
 
 
 def threshold_figure(found: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     regimes = sorted({(r["data"], r["ratio"]) for r in found})
     if not regimes:
         return
-    fig, axes = plt.subplots(1, len(regimes), figsize=(4.2 * len(regimes), 3.2), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(regimes), 3.2))
+    axes = fig.subplots(1, len(regimes), squeeze=False)
     for ax, regime in zip(axes[0], regimes):
         chosen = sorted((r for r in found if (r["data"], r["ratio"]) == regime),
                         key=lambda r: (r["objective"], str(r["threshold"])))
@@ -171,9 +161,7 @@ def threshold_figure(found: list[dict], path: Path) -> None:
         ax.set_title(f"{regime[0]} ρ={regime[1]:g} (red: budget spent, no full recall)", fontsize=8)
         ax.set_xlabel("steps to 100% recall")
         ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]:
@@ -209,18 +197,13 @@ def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]
 
 
 def headline_figure(found: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not found:
         return
-    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(found) + 1.4))
+    fig = Figure(figsize=(7.5, 0.5 * len(found) + 1.4))
+    ax = fig.subplots()
     names = [f"ℓ={c['length']} {c['recipe']}" for c in found]
     ax.barh(names, [c["wall"] / 60 for c in found],
             color=["#2a7ab9" if c["recipe"].startswith("fastmem") else "#999999" for c in found])
     ax.set_xlabel("wall minutes to 100% exact recall\n(authors: + their reference forward per step)")
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -12,24 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from fastmem.constants import L_CRIT, P_RECALL
+from fastmem.plotting import save_figure
 
 # matplotlib refuses images past 2^16 pixels a side: cap the figure height (inches at DPI).
 DPI = 100
 MAX_HEIGHT_IN = 600
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    return path
 
 
 # token text in the grid: a monospace font, so a token's box is as wide as its text
@@ -120,7 +112,7 @@ def plot_probability_grid(prob, path: str | Path, *, width: int = 50, first_erro
     if tokens is not None and len(tokens) != p.size:
         raise ValueError(f"tokens has {len(tokens)} entries for {p.size} probabilities")
     if tokens is not None and p.size <= MAX_TEXT_TOKENS:
-        return _save(_text_grid(p, list(tokens), width, first_error, title), path)
+        return save_figure(_text_grid(p, list(tokens), width, first_error, title), path, dpi=DPI)
     width = min(width, p.size)
     rows = math.ceil(p.size / width)
     cells = np.full(rows * width, np.nan)
@@ -144,7 +136,7 @@ def plot_probability_grid(prob, path: str | Path, *, width: int = 50, first_erro
     ax.set_ylabel("first token of the row")
     ax.set_title(title or f"{p.size} answer tokens, {stubborn.size} with p ≤ 0.5", fontsize=9)
     fig.colorbar(image, ax=ax, label="p(target)", fraction=0.04)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -261,4 +253,4 @@ def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Path:
     for ax in axes[len(keys):]:
         ax.set_visible(False)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI)

@@ -9,18 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fastmem.law.fit import LawFit
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+from fastmem.plotting import save_figure
 
 
 def _runs(fit: LawFit):
@@ -56,7 +48,7 @@ def plot_residuals(fit: LawFit, path: str | Path) -> Path:
     ax_res.set(xlabel="predicted ΔL", ylabel="observed − predicted", title="residuals")
     fig.colorbar(by_rank, ax=ax_res, label=f"log2 {_x_label(fit)}")
     fig.suptitle(f"ΔL = {fit.C:.4g}·{_x_label(fit)}^{fit.alpha:.3f}·ℓ^-{fit.beta:.3f} + {fit.b:.4g}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_surface(fit: LawFit, path: str | Path) -> Path:
@@ -85,4 +77,4 @@ def plot_surface(fit: LawFit, path: str | Path) -> Path:
     ax_log.set(xlabel=f"ln {_x_label(fit)}", ylabel="ln length", zlabel="ln(ΔL − b)",
                title="log-space plane" + (f" ({omitted} runs with ΔL ≤ b omitted)" if omitted else ""))
     ax_log.view_init(elev=22, azim=-130)
-    return _save(fig, path)
+    return save_figure(fig, path)
