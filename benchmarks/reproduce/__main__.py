@@ -137,6 +137,9 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
               f"{facts['low_mean_loss_not_recalled']} of {facts['low_mean_loss']} sequences.", ""]
     lines += recall_lines + [""]
     lines += _figure(analysis.recall_figure, recall["sequences"], figures / "recall_min_p.png", "recall vs min p", rel)
+    text, pictures = analysis.stubborn_case(root / "stubborn" / "eval" / "report.json", figures)
+    lines += [text, ""] if text else []
+    lines += [f"![{p.stem}]({rel(p)})" for p in pictures] + ([""] if pictures else [])
 
     memft_rows = analysis.rows(root / "memft.sqlite")
     curriculum_rows = analysis.rows(root / "memft_curriculum.sqlite")
@@ -155,8 +158,8 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
     headline_lines, cells = analysis.headline_table(root, stages.headline_lengths(scale), stages.RECIPES)
     lines += ["## 5. Wall time to 100% exact recall", "",
               "Stress-test answers with 25% random tokens, one LoRA setup for every recipe (`HEADLINE_LORA` in "
-              "stages.py). fastmem: fast engine, prefix cache, fused loss, OT at 0.3; fastmem-sft: the same with "
-              "SFT; authors: `--engine hf` (full logits), OT at ln 2, plus their per-step forward without the "
+              "stages.py). fastmem: fast engine, prefix cache, fused loss, the trainer's defaults (SFT); "
+              "fastmem-ot: the same with MemFT-OT at the default threshold (0.1); authors: `--engine hf` (full logits), OT at ln 2, plus their per-step forward without the "
               "adapter (timed separately, `reference_forward_<ℓ>.json`, and added per step); hf-sft: plain SFT "
               "through HF. Every run then checked by `fastmem eval`.", ""]
     lines += headline_lines + [""]

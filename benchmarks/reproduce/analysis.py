@@ -98,6 +98,26 @@ def recall_figure(sequences: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def stubborn_case(report_file: Path, figures: Path) -> tuple[str, list[Path]]:
+    """The stubborn case's sentence and its figures (probability grid, training curves), copied
+    next to the report; nothing while its evaluation has not run."""
+    if not report_file.exists():
+        return "", []
+    record = json.loads(report_file.read_text())["records"][0]
+    copied = []
+    for name, target in ((record.get("prob_grid"), "stubborn_prob_grid.png"),
+                         ("training_curves.png", "stubborn_training_curves.png")):
+        if name and (report_file.parent / name).exists():
+            shutil.copy(report_file.parent / name, figures / target)
+            copied.append(figures / target)
+    verdict = "recalled exactly" if record["exact_match"] else f"not recalled: greedy decoding leaves it at token {record['first_error']}"
+    text = (f"A stubborn case (`{record['name']}`, SFT at rank 2 for 60 steps, `stages.STUBBORN`): mean answer loss "
+            f"{record['mean_loss']:.3f} (ln 2 = 0.693), token accuracy {record['token_acc']:.1%}, "
+            f"{record['n_stubborn']} tokens at p ≤ 0.5 (lowest p {record['min_prob']:.2g}), {verdict}. "
+            "Each cell of the grid is one answer token, coloured by its p under teacher forcing.")
+    return text, copied
+
+
 def memft_table(memft_rows: list[dict], curriculum_rows: list[dict]) -> list[str]:
     lines = ["| data | ρ | ℓ | rank | objective | EM | token acc | steps | stopped on recall | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -164,36 +184,68 @@ def threshold_figure(found: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]:
+def headline_cells(root: Path, length: int, recipes) -> tuple[dict, float | None]:
+    """Each recipe's run at `length` (finished, or stopped at its wall-time cap) and fastmem's
+    best wall to 100% EM (None while no fastmem recipe has recalled the answer)."""
     out = root / "headline"
-    lines = ["| ℓ | recipe | steps | s / step (run wall ÷ steps) | + reference forward s / step | wall to 100% EM s "
+    ref_file = out / f"reference_forward_{length}.json"
+    ref = json.loads(ref_file.read_text())["seconds"] if ref_file.exists() else None
+    cells = {}
+    for name, *_ in recipes:
+        run = out / f"{length}-{name}"
+        summary_file, cap_file = run / "summary.json", run / "capped.json"
+        if not (summary_file.exists() or cap_file.exists()):
+            continue
+        times = step_seconds(run / "metrics.jsonl")
+        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        report_file = out / f"{length}-{name}-eval" / "report.json"
+        report = json.loads(report_file.read_text()) if report_file.exists() else {}
+        steps = len(times)
+        extra = steps * ref if (name == "authors" and ref is not None) else 0.0
+        cells[name] = {"length": length, "recipe": name, "steps": steps, "step_s": sum(times.values()) / max(steps, 1),
+                       "ref_s": ref if name == "authors" else None, "wall": sum(times.values()) + extra,
+                       "em": report.get("totals", {}).get("exact_match"),
+                       "recalled": bool(summary.get("stopped_on_recall")), "capped": cap_file.exists(),
+                       "stubborn_left": last.get("stubborn_tokens")}
+    ours = [c["wall"] for name, c in cells.items() if name.startswith("fastmem") and c["recalled"]]
+    return cells, (min(ours) if ours else None)
+
+
+def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]:
+    lines = ["| ℓ | recipe | steps | s / step | + reference forward s / step | wall to 100% EM s "
              "| EM (fastmem eval) | × fastmem's best |", "|---|---|---|---|---|---|---|---|"]
     found = []
     for length in lengths:
-        ref_file = out / f"reference_forward_{length}.json"
-        ref = json.loads(ref_file.read_text())["seconds"] if ref_file.exists() else None
-        cells = {}
-        for name, *_ in recipes:
-            summary_file, report_file = out / f"{length}-{name}" / "summary.json", out / f"{length}-{name}-eval" / "report.json"
-            if not summary_file.exists():
-                continue
-            summary = json.loads(summary_file.read_text())
-            report = json.loads(report_file.read_text()) if report_file.exists() else {}
-            steps, wall = summary["steps"], summary["wall_s"]
-            extra = steps * ref if (name == "authors" and ref is not None) else 0.0
-            cells[name] = {"length": length, "recipe": name, "steps": steps, "step_s": wall / max(steps, 1),
-                           "ref_s": ref if name == "authors" else None, "wall": wall + extra,
-                           "em": report.get("totals", {}).get("exact_match"),
-                           "recalled": bool(summary.get("stopped_on_recall"))}
-        ours = [c["wall"] for name, c in cells.items() if name.startswith("fastmem") and c["recalled"]]
-        base = min(ours) if ours else None
+        cells, base = headline_cells(root, length, recipes)
         for cell in cells.values():
-            ratio = f"{cell['wall'] / base:.2f}×" if base else "–"
-            lines.append(f"| {length} | {cell['recipe']} | {cell['steps']}{'' if cell['recalled'] else ' (budget)'} | "
-                         f"{cell['step_s']:.2f} | {_fmt(cell['ref_s'], '.2f')} | {cell['wall']:.0f} | "
-                         f"{_fmt(cell['em'], '.0%')} | {ratio} |")
+            ratio = f"{'≥ ' if cell['capped'] else ''}{cell['wall'] / base:.2f}×" if base else "–"
+            if cell["capped"]:
+                steps = f"{cell['steps']} (stopped at the cap, {cell['stubborn_left']} tokens still at p ≤ 0.5)"
+            else:
+                steps = f"{cell['steps']}{'' if cell['recalled'] else ' (budget)'}"
+            lines.append(f"| {length} | {cell['recipe']} | {steps} | {cell['step_s']:.2f} | {_fmt(cell['ref_s'], '.2f')} | "
+                         f"{'> ' if cell['capped'] else ''}{cell['wall']:.0f} | {_fmt(cell['em'], '.0%')} | {ratio} |")
             found.append(cell)
     return lines, found
+
+
+def step_seconds(metrics: Path) -> dict[int, float]:
+    """step -> step_s from a run's metrics.jsonl: whole across a kill and resume (summary.json's
+    wall_s covers only the last process), a step redone after a resume counted once. Model
+    loading, the prefix cache and the base / final passes are left out for every recipe alike."""
+    by_step = {}
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line still being written (a run in progress)
+            continue
+        by_step[row["step"]] = row["step_s"]
+    return by_step
+
+
+def training_seconds(metrics: Path) -> float:
+    return sum(step_seconds(metrics).values())
 
 
 def headline_figure(found: list[dict], path: Path) -> None:

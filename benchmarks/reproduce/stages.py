@@ -47,11 +47,39 @@ def law_families(scale: str) -> dict[str, list[str]]:
 
 def run_memft(root: Path, scale: str) -> None:
     """Item 3: sft / ot / sw over ranks to 100% recall or the budget (and OT + curriculum)."""
+    run_stubborn_case(root)
     fastmem("sweep", "--db", str(root / "memft.sqlite"), "--config", str(config_path("memft", scale)),
             "--no-progress", log=root / "memft.log")
     if scale != "subset":
         fastmem("sweep", "--db", str(root / "memft_curriculum.sqlite"), "--config",
                 str(HERE / "memft_curriculum_cpu.toml"), "--no-progress", log=root / "memft.log")
+
+
+# The probability grid of a stubborn case: a law cell (stress ρ = 0, ℓ = 256, rank 2, SFT, the
+# law grid's 60-step budget) that ended at mean loss 0.32 and 96% token accuracy yet is not
+# recalled: a few tokens far below p = 0.5 break greedy decoding.
+STUBBORN = {"length": 256, "ratio": 0.0, "rank": 2, "max_steps": 60}
+
+
+def run_stubborn_case(root: Path) -> None:
+    """`fastmem train` of the STUBBORN cell with the law grid's settings, then `fastmem eval`
+    draws its probability grid (its training curves too)."""
+    out = root / "stubborn"
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / f"stress_{STUBBORN['length']}_rho{STUBBORN['ratio']:g}.jsonl"
+    if not data.exists():
+        write_stress_data(data, STUBBORN["length"], STUBBORN["ratio"])
+    config = out / "train.toml"
+    config.write_text(f"rank = {STUBBORN['rank']}\nalpha = {2 * STUBBORN['rank']}\ndropout = 0.1\n"
+                      f"modules = [\"down_proj\"]\nlr = 1e-2\nmax_steps = {STUBBORN['max_steps']}\n"
+                      "objective = \"sft\"\nstop_on_recall = false\nseed = 42\n")
+    if not (out / "run" / "summary.json").exists():
+        fastmem("train", "--data", str(data), "--out", str(out / "run"), "--config", str(config), "--no-progress",
+                log=out / "stubborn.log")
+    if not (out / "eval" / "report.json").exists():
+        fastmem("eval", "--data", str(data), "--adapter", str(out / "run" / "adapter"), "--out", str(out / "eval"),
+                "--grids", "1", "--metrics", str(out / "run" / "metrics.jsonl"), "--no-progress",
+                log=out / "stubborn.log")
 
 
 def run_threshold(root: Path, scale: str) -> None:
@@ -70,12 +98,13 @@ def run_threshold(root: Path, scale: str) -> None:
             log=root / "threshold.log")
 
 
-# The headline's recipes: (name, engine, objective, threshold). fastmem's two: OT at 0.3 and
-# SFT, both on the fast engine (which objective is best depends on how close the adapter is to
-# its capacity: item 4's question); the ratio column is against the faster of the two. The
-# authors' recipe adds a forward without the adapter per step (their reference loss), timed separately.
-RECIPES = (("fastmem", "fast", "ot", 0.3), ("fastmem-sft", "fast", "sft", None), ("authors", "hf", "ot", math.log(2.0)),
-           ("hf-sft", "hf", "sft", None))
+# The headline's recipes: (name, engine, objective, threshold; None: the trainer's default).
+# fastmem's two: its defaults (SFT; item 4's evidence) and MemFT-OT at its default threshold,
+# both on the fast engine; the ratio column is against the faster of the two. The authors'
+# recipe adds a forward without the adapter per step (their reference loss), timed separately.
+# fastmem's default recipe runs first: the baselines' wall-time cap (HEADLINE_CAP) is set from it.
+RECIPES = (("fastmem", "fast", "sft", None), ("authors", "hf", "ot", math.log(2.0)), ("hf-sft", "hf", "sft", None),
+           ("fastmem-ot", "fast", "ot", None))
 # One adapter for every recipe: what memorized 4096 real tokens in 81 steps (issue 12, item 5).
 HEADLINE_LORA = ["--rank", "16", "--alpha", "32", "--layers", "24,25,26,27,28,29", "--modules",
                  "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--dropout", "0", "--lr", "1e-2"]
@@ -85,27 +114,80 @@ def headline_lengths(scale: str) -> tuple[int, ...]:
     return (256,) if scale == "subset" else (1024, 4096)
 
 
+# The baselines' wall-time cap, as a multiple of fastmem's best wall at that length (None: run
+# to 100% recall or the step budget). At 4096 tokens the authors' recipe costs ~40 CPU-s a step
+# on 2 cores and would take hours; it is stopped once its wall reaches the issue's goal ratio,
+# which proves ">= 5x" by measurement (the report says "not recalled after N steps", never a guess).
+HEADLINE_CAP = {4096: 5.0}
+
+
 def run_headline(root: Path, scale: str) -> None:
-    """Item 5: each recipe trained to 100% recall (or its budget), then checked by `fastmem eval`."""
+    """Item 5: each recipe trained to 100% recall (or its budget or cap), then checked by `fastmem eval`."""
+    from benchmarks.reproduce.analysis import headline_cells
+
     out = root / "headline"
     out.mkdir(parents=True, exist_ok=True)
     for length in headline_lengths(scale):
         data = out / f"stress_{length}_rho0.25.jsonl"
         if not data.exists():
             write_stress_data(data, length, 0.25)
+        timing = out / f"reference_forward_{length}.json"
+        if not timing.exists():  # first: the authors' cap counts it per step
+            timing.write_text(json.dumps(reference_forward_seconds(data)))
         for name, engine, objective, threshold in RECIPES:
             run = out / f"{length}-{name}"
-            if not (run / "summary.json").exists():
+            cap_file = run / "capped.json"
+            if not (run / "summary.json").exists() and not cap_file.exists():
                 extra = [] if threshold is None else ["--threshold", repr(threshold)]
-                fastmem("train", "--data", str(data), "--out", str(run), "--engine", engine, "--objective", objective,
+                args = ["train", "--data", str(data), "--out", str(run), "--engine", engine, "--objective", objective,
                         *extra, *HEADLINE_LORA, "--max-steps", str(400 if length <= 1024 else 300),
-                        "--checkpoint-every", "10", "--no-progress", log=out / "headline.log")
-            if not (out / f"{length}-{name}-eval" / "report.json").exists():
+                        "--checkpoint-every", "10", "--no-progress"]
+                cap = None
+                if not name.startswith("fastmem") and HEADLINE_CAP.get(length):
+                    best = headline_cells(root, length, RECIPES)[1]
+                    if best is None:
+                        raise RuntimeError(f"no fastmem recipe recalled the {length}-token answer: no cap to set")
+                    cap = HEADLINE_CAP[length] * best
+                ref_s = json.loads(timing.read_text())["seconds"] if name == "authors" else 0.0
+                if not fastmem_capped(args, run / "metrics.jsonl", cap, ref_s, log=out / "headline.log"):
+                    cap_file.write_text(json.dumps({"cap_s": cap, "times_fastmem_best": HEADLINE_CAP[length]}))
+                    continue
+            if (run / "summary.json").exists() and not (out / f"{length}-{name}-eval" / "report.json").exists():
                 fastmem("eval", "--data", str(data), "--adapter", str(run / "adapter"), "--out",
                         str(out / f"{length}-{name}-eval"), "--grids", "1", "--no-progress", log=out / "headline.log")
-        timing = out / f"reference_forward_{length}.json"
-        if not timing.exists():
-            timing.write_text(json.dumps(reference_forward_seconds(data)))
+
+
+def fastmem_capped(args: list[str], metrics: Path, cap_s: float | None, per_step_s: float, log: Path) -> bool:
+    """`fastmem train ARGS`, stopped like a Ctrl-C (checkpointed, resumable) once its steps'
+    time plus `per_step_s` a step passes `cap_s`. True if it finished on its own."""
+    if cap_s is None:
+        fastmem(*args, log=log)
+        return True
+    print(f"$ fastmem {' '.join(args)}   # stopped at {cap_s:.0f} s", flush=True)
+    return run_capped([sys.executable, "-m", "fastmem", *args], metrics, cap_s, per_step_s, log)
+
+
+def run_capped(command: list[str], metrics: Path, cap_s: float, per_step_s: float, log: Path,
+               poll_s: float = 2.0) -> bool:
+    """Run `command` (a trainer writing `metrics`); SIGINT it once Σ step_s + steps × per_step_s
+    passes `cap_s`. True if it finished on its own, False if stopped; a failure raises."""
+    import signal
+    import time
+
+    from benchmarks.reproduce.analysis import step_seconds
+
+    with open(log, "a") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(poll_s)
+            times = step_seconds(metrics) if metrics.exists() else {}
+            if sum(times.values()) + len(times) * per_step_s > cap_s:
+                proc.send_signal(signal.SIGINT)  # the trainer stops after this step, with a checkpoint
+                proc.wait()
+                return False
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, command)
+    return True
 
 
 def write_stress_data(path: Path, length: int, ratio: float) -> None:

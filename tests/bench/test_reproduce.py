@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -65,10 +67,14 @@ def test_every_stage_config_is_a_valid_sweep(scale):
 
 def test_headline_reads_finished_runs(tmp_path):
     out = tmp_path / "headline"
-    for name, steps, wall in (("fastmem", 50, 100.0), ("authors", 80, 800.0)):
-        (out / f"256-{name}").mkdir(parents=True)
-        (out / f"256-{name}" / "summary.json").write_text(json.dumps({"steps": steps, "wall_s": wall,
-                                                                       "stopped_on_recall": True}))
+    for name, steps, step_s in (("fastmem", 50, 2.0), ("authors", 80, 10.0)):
+        run = out / f"256-{name}"
+        run.mkdir(parents=True)
+        # summary.json's wall_s covers only the last process of a resumed run: the steps' own
+        # times (metrics.jsonl) are what counts, a step redone after the resume once
+        (run / "summary.json").write_text(json.dumps({"steps": steps, "wall_s": 1.0, "stopped_on_recall": True}))
+        rows = [{"step": i, "step_s": step_s} for i in (*range(1, 11), *range(10, steps + 1))]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "reference_forward_256.json").write_text(json.dumps({"seconds": 2.0}))
     lines, cells = driver.analysis.headline_table(tmp_path, (256,), stages.RECIPES)
     authors = next(c for c in cells if c["recipe"] == "authors")
@@ -86,3 +92,30 @@ def test_databases_are_kept_and_restored(tmp_path):
     _finished_db(fresh / "memft.sqlite", [(2, {})])
     driver.restore_databases(kept, fresh)  # never overwrites what a machine already has
     assert (fresh / "memft.sqlite").exists() and len(ResultsStore(fresh / "law.sqlite").rows()) == 1
+
+
+_FAKE_TRAINER = """
+import json, signal, sys, time
+signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+with open(sys.argv[1], "a") as f:
+    for step in range(1, int(sys.argv[2]) + 1):
+        f.write(json.dumps({"step": step, "step_s": 1.0}) + "\\n")
+        f.flush()
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("steps, finished", [(3, True), (400, False)])
+def test_a_baseline_is_stopped_at_its_wall_time_cap(tmp_path, steps, finished):
+    metrics = tmp_path / "metrics.jsonl"
+    command = [sys.executable, "-c", _FAKE_TRAINER, str(metrics), str(steps)]
+    # 1 s a step + 0.5 s of reference forward: the cap of 15 s is passed at step 11
+    assert stages.run_capped(command, metrics, 15.0, 0.5, tmp_path / "log", poll_s=0.05) is finished
+    seen = len(metrics.read_text().splitlines())
+    assert seen == steps if finished else 10 <= seen < 60
+
+
+def test_a_failing_baseline_raises(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError):
+        stages.run_capped([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "m.jsonl", 15.0, 0.0,
+                          tmp_path / "log", poll_s=0.01)
