@@ -145,7 +145,8 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
     curriculum_rows = analysis.rows(root / "memft_curriculum.sqlite")
     lines += ["## 3. MemFT against SFT", "", f"Config `{stages.config_path('memft', scale).relative_to(REPO)}`.", ""]
     lines += analysis.memft_table(memft_rows, curriculum_rows) + [""]
-    lines += _figure(analysis.memft_figure, memft_rows, figures / "memft_token_acc.png", "token accuracy vs rank", rel)
+    every = memft_rows + [{**r, "objective": r["objective"] + " + curriculum"} for r in curriculum_rows]
+    lines += _figure(analysis.memft_figure, every, figures / "memft_vs_rank.png", "EM, token accuracy, steps vs rank", rel)
 
     names = stages.SUBSET_THRESHOLDS if scale == "subset" else tuple(stages.THRESHOLDS)
     threshold_lines, found = analysis.threshold_table(root, names)
@@ -164,6 +165,13 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
               "through HF. Every run then checked by `fastmem eval`.", ""]
     lines += headline_lines + [""]
     lines += _figure(analysis.headline_figure, cells, figures / "headline_wall.png", "wall time to EM", rel)
+    discussion = stages.HERE / f"discussion_{scale}.md"
+    if discussion.exists():
+        lines += [discussion.read_text().rstrip(), ""]
+    lines += ["## How this was run", "", f"`python -m benchmarks.reproduce --scale {scale}` ran these fastmem commands "
+              "(from the stages' logs, paths relative to the repository):", "", "```"]
+    lines += analysis.commands(root, REPO) or ["(none logged yet)"]
+    lines += ["```", ""]
     report.write_text("\n".join(lines) + "\n")
     return report
 

@@ -119,34 +119,63 @@ def stubborn_case(report_file: Path, figures: Path) -> tuple[str, list[Path]]:
 
 
 def memft_table(memft_rows: list[dict], curriculum_rows: list[dict]) -> list[str]:
-    lines = ["| data | ρ | ℓ | rank | objective | EM | token acc | steps | stopped on recall | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, chosen in (("", memft_rows), (" + curriculum", curriculum_rows)):
-        for r in sorted(chosen, key=lambda r: (r["data"], r["ratio"], r["length"], r["rank"], r["objective"])):
-            lines.append(f"| {r['data']} | {r['ratio']:g} | {r['length']} | {r['rank']} | {r['objective']}{label} | "
-                         f"{_fmt(r['exact_match'], '.0%')} | {_fmt(r['token_acc'], '.3f')} | {r['steps']} | "
-                         f"{'yes' if r['details'].get('stopped_on_recall') else 'no'} | {_fmt(r['wall_s'], '.0f')} |")
+    """Steps to 100% recall per rank and objective (the budget when it stalled), then every cell."""
+    chosen = memft_rows + [{**r, "objective": r["objective"] + " + curriculum"} for r in curriculum_rows]
+    objectives = [o for o in ("sft", "ot", "sw", "ot + curriculum") if any(r["objective"] == o for r in chosen)]
+    lines = ["Steps to 100% exact recall (EM at the end where the budget ran out first):", "",
+             "| data | ρ | ℓ | rank | " + " | ".join(objectives) + " |", "|---" * (4 + len(objectives)) + "|"]
+    for data, ratio, length, rank in sorted({(r["data"], r["ratio"], r["length"], r["rank"]) for r in chosen}):
+        cells = []
+        for objective in objectives:
+            found = [r for r in chosen if (r["data"], r["ratio"], r["length"], r["rank"], r["objective"])
+                     == (data, ratio, length, rank, objective)]
+            if not found:
+                cells.append("")
+            elif found[0]["details"].get("stopped_on_recall"):
+                cells.append(f"**{found[0]['steps']}**")
+            else:
+                cells.append(f"> {found[0]['steps']} (EM {_fmt(found[0]['exact_match'], '.0%')}, "
+                             f"acc {_fmt(found[0]['token_acc'], '.3f')})")
+        lines.append(f"| {data} | {ratio:g} | {length} | {rank} | " + " | ".join(cells) + " |")
+    lines += ["", "Every cell:", "",
+              "| data | ρ | ℓ | rank | objective | EM | token acc | steps | stopped on recall | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(chosen, key=lambda r: (r["data"], r["ratio"], r["length"], r["rank"], r["objective"])):
+        lines.append(f"| {r['data']} | {r['ratio']:g} | {r['length']} | {r['rank']} | {r['objective']} | "
+                     f"{_fmt(r['exact_match'], '.0%')} | {_fmt(r['token_acc'], '.3f')} | {r['steps']} | "
+                     f"{'yes' if r['details'].get('stopped_on_recall') else 'no'} | {_fmt(r['wall_s'], '.0f')} |")
     return lines
 
 
-def memft_figure(memft_rows: list[dict], path: Path) -> None:
-    groups = sorted({(r["data"], r["ratio"], r["length"]) for r in memft_rows})
+def memft_figure(rows_: list[dict], path: Path) -> None:
+    """EM, token accuracy and steps against rank, one column per data family, one line per objective."""
+    groups = sorted({(r["data"], r["ratio"], r["length"]) for r in rows_})
     if not groups:
         return
-    fig = Figure(figsize=(3.6 * len(groups), 3.2))
-    axes = fig.subplots(1, len(groups), squeeze=False)
-    for ax, (data, ratio, length) in zip(axes[0], groups):
-        for objective, color in (("sft", "#999999"), ("ot", "#2a7ab9"), ("sw", "#27ae60")):
-            chosen = sorted((r for r in memft_rows if (r["data"], r["ratio"], r["length"]) == (data, ratio, length)
+    fig = Figure(figsize=(3.8 * len(groups), 7.5))
+    axes = fig.subplots(3, len(groups), squeeze=False, sharex=True)
+    styles = {"sft": ("#999999", "s"), "ot": ("#2a7ab9", "o"), "sw": ("#27ae60", "^"),
+              "ot + curriculum": ("#8e44ad", "D")}
+    for column, (data, ratio, length) in enumerate(groups):
+        for objective, (color, marker) in styles.items():
+            chosen = sorted((r for r in rows_ if (r["data"], r["ratio"], r["length"]) == (data, ratio, length)
                              and r["objective"] == objective), key=lambda r: r["rank"])
-            if chosen:
-                ax.plot([r["rank"] for r in chosen], [r["token_acc"] for r in chosen], "o-", color=color,
-                        label=objective)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{data} ρ={ratio:g} ℓ={length}", fontsize=9)
-        ax.set_xlabel("LoRA rank")
-        ax.set_ylim(0, 1.02)
-    axes[0][0].set_ylabel("token accuracy at the end")
+            if not chosen:
+                continue
+            ranks = [r["rank"] for r in chosen]
+            style = dict(color=color, marker=marker, alpha=0.8)
+            axes[0][column].plot(ranks, [r["exact_match"] for r in chosen], label=objective, **style)
+            axes[1][column].plot(ranks, [r["token_acc"] for r in chosen], **style)
+            axes[2][column].plot(ranks, [r["steps"] for r in chosen], **style)
+            stalled = [r for r in chosen if not r["details"].get("stopped_on_recall")]
+            axes[2][column].scatter([r["rank"] for r in stalled], [r["steps"] for r in stalled], marker="x",
+                                    color="#c0392b", zorder=3)
+        axes[0][column].set_title(f"{data} ρ={ratio:g} ℓ={length}", fontsize=9)
+        axes[2][column].set_xscale("log", base=2)
+        axes[2][column].set_xlabel("LoRA rank")
+    axes[0][0].set_ylabel("exact match at the end")
+    axes[1][0].set_ylabel("token accuracy at the end")
+    axes[2][0].set_ylabel("steps (x: budget spent)")
     axes[0][0].legend(fontsize=8)
     save_figure(fig, path)
 
@@ -246,6 +275,18 @@ def step_seconds(metrics: Path) -> dict[int, float]:
 
 def training_seconds(metrics: Path) -> float:
     return sum(step_seconds(metrics).values())
+
+
+def commands(root: Path, repo: Path) -> list[str]:
+    """The `$ fastmem ...` lines of every log under `root`, in order, once each, paths relative."""
+    seen = []
+    for log in sorted(root.rglob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("$ fastmem "):
+                line = line.replace(str(repo) + "/", "")
+                if line not in seen:
+                    seen.append(line)
+    return seen
 
 
 def headline_figure(found: list[dict], path: Path) -> None:

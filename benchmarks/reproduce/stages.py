@@ -17,9 +17,18 @@ SUBSET_THRESHOLDS = ("ln2", "0.3")
 def fastmem(*args: str, log: Path | None = None) -> None:
     """`python -m fastmem ARGS`, output appended to `log`; a failure stops the reproduction."""
     command = [sys.executable, "-m", "fastmem", *args]
-    print("$ fastmem " + " ".join(args), flush=True)
+    announce(args, log)
     with open(log, "a") if log else open(os.devnull, "w") as out:
         subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def announce(args, log: Path | None, note: str = "") -> None:
+    """The command on stdout and as a `$ fastmem ...` line in its log (the report lists them)."""
+    line = "$ fastmem " + " ".join(args) + (f"   # {note}" if note else "")
+    print(line, flush=True)
+    if log:
+        with open(log, "a") as out:
+            out.write(line + "\n")
 
 
 def config_path(stage: str, scale: str) -> Path:
@@ -114,11 +123,12 @@ def headline_lengths(scale: str) -> tuple[int, ...]:
     return (256,) if scale == "subset" else (1024, 4096)
 
 
-# The baselines' wall-time cap, as a multiple of fastmem's best wall at that length (None: run
-# to 100% recall or the step budget). At 4096 tokens the authors' recipe costs ~40 CPU-s a step
-# on 2 cores and would take hours; it is stopped once its wall reaches the issue's goal ratio,
-# which proves ">= 5x" by measurement (the report says "not recalled after N steps", never a guess).
-HEADLINE_CAP = {4096: 5.0}
+# The baselines' wall-time cap, as a multiple of fastmem's best wall at that length. On 2 CPU
+# cores the authors' recipe costs ~10 s a step at 1024 tokens (6 s of training, 4 s of its
+# reference forward) and ~45 s at 4096, hundreds of steps: hours. A baseline is stopped like a
+# Ctrl-C (checkpointed: a longer session resumes it) once its wall passes the cap, which proves
+# "≥ cap×" by measurement; the report says how far it got, never a guess at the rest.
+HEADLINE_CAP = {1024: 20.0, 4096: 5.0}
 
 
 def run_headline(root: Path, scale: str) -> None:
@@ -163,7 +173,7 @@ def fastmem_capped(args: list[str], metrics: Path, cap_s: float | None, per_step
     if cap_s is None:
         fastmem(*args, log=log)
         return True
-    print(f"$ fastmem {' '.join(args)}   # stopped at {cap_s:.0f} s", flush=True)
+    announce(args, log, f"stopped once its wall passes {cap_s:.0f} s")
     return run_capped([sys.executable, "-m", "fastmem", *args], metrics, cap_s, per_step_s, log)
 
 

@@ -119,3 +119,21 @@ def test_a_failing_baseline_raises(tmp_path):
     with pytest.raises(subprocess.CalledProcessError):
         stages.run_capped([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "m.jsonl", 15.0, 0.0,
                           tmp_path / "log", poll_s=0.01)
+
+
+def test_report_lists_the_logged_commands_once_with_relative_paths(tmp_path):
+    (tmp_path / "headline").mkdir()
+    (tmp_path / "law.log").write_text(f"$ fastmem sweep --db {tmp_path}/law.sqlite\nsome output\n"
+                                      f"$ fastmem sweep --db {tmp_path}/law.sqlite\n")
+    (tmp_path / "headline" / "headline.log").write_text(f"$ fastmem train --out {tmp_path}/headline/run\n")
+    assert driver.analysis.commands(tmp_path, tmp_path) == ["$ fastmem train --out headline/run",
+                                                            "$ fastmem sweep --db law.sqlite"]
+
+
+def test_memft_table_marks_the_runs_that_spent_their_budget():
+    row = {"data": "stress", "ratio": 0.25, "length": 256, "rank": 1, "wall_s": 1.0}
+    lines = driver.analysis.memft_table(
+        [{**row, "objective": "sft", "steps": 300, "exact_match": 0.0, "token_acc": 0.9, "details": {}},
+         {**row, "objective": "ot", "steps": 80, "exact_match": 1.0, "token_acc": 1.0,
+          "details": {"stopped_on_recall": True}}], [])
+    assert "| stress | 0.25 | 256 | 1 | > 300 (EM 0%, acc 0.900) | **80** |" in lines
