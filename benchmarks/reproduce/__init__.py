@@ -6,4 +6,6 @@
 
 Every stage is resumable: the grids are `fastmem sweep` databases (finished cells are skipped),
 the headline runs are `fastmem train` directories (a finished run is read back, not redone).
+The cpu scale's databases are snapshot into benchmarks/results/reproduce/cpu/ (committed) and
+restored on a machine that lacks them; the subset always starts from nothing in its --root.
 """
