@@ -188,8 +188,10 @@ def run_capped(command: list[str], metrics: Path, cap_s: float, per_step_s: floa
 
     with open(log, "a") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
+        while True:
             time.sleep(poll_s)
+            if proc.poll() is not None:  # finished (or failed) on its own
+                break
             times = step_seconds(metrics) if metrics.exists() else {}
             if sum(times.values()) + len(times) * per_step_s > cap_s:
                 proc.send_signal(signal.SIGINT)  # the trainer stops after this step, with a checkpoint
