@@ -33,7 +33,10 @@ def _fmt(value, spec=".3g") -> str:
 def law_table(root: Path, families: dict, figures: Path) -> list[str]:
     lines = ["| family | runs used (dropped) | C | α | β | b | R² | MAPE % |", "|---|---|---|---|---|---|---|---|"]
     for name in families:
-        fit_file = root / "fit" / name / "fit.json"
+        fit_file, refused = root / "fit" / name / "fit.json", root / "fit" / name / "not_fitted.txt"
+        if refused.exists():
+            lines.append(f"| {name} | not fitted: {refused.read_text().strip()} | | | | | | |")
+            continue
         if not fit_file.exists():
             lines.append(f"| {name} | not fitted yet | | | | | | |")
             continue

@@ -41,7 +41,24 @@ def run_law(root: Path, scale: str) -> None:
     fastmem("sweep", "--db", str(db), "--config", str(config_path("law", scale)), "--no-progress",
             log=root / "law.log")
     for name, where in law_families(scale).items():
-        fastmem("fit", "--db", str(db), "--out", str(root / "fit" / name), *where, log=root / "law.log")
+        fit_family(db, root / "fit" / name, where, log=root / "law.log")
+
+
+def fit_family(db: Path, out: Path, where: list[str], log: Path) -> None:
+    """`fastmem fit` of one family. A family it refuses (exit 2: e.g. fewer than 5 cells left
+    once the saturated ones are dropped) gets OUT/not_fitted.txt with the reason, for the report."""
+    args = ["fit", "--db", str(db), "--out", str(out), *where]
+    announce(args, log)
+    done = subprocess.run([sys.executable, "-m", "fastmem", *args], capture_output=True, text=True)
+    with open(log, "a") as file:
+        file.write(done.stdout + done.stderr)
+    if done.returncode == 2:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "not_fitted.txt").write_text(done.stderr.strip().splitlines()[-1] + "\n")
+    elif done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, args, done.stdout, done.stderr)
+    else:
+        (out / "not_fitted.txt").unlink(missing_ok=True)
 
 
 def law_families(scale: str) -> dict[str, list[str]]:

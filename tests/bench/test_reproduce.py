@@ -137,3 +137,13 @@ def test_memft_table_marks_the_runs_that_spent_their_budget():
          {**row, "objective": "ot", "steps": 80, "exact_match": 1.0, "token_acc": 1.0,
           "details": {"stopped_on_recall": True}}], [])
     assert "| stress | 0.25 | 256 | 1 | > 300 (EM 0%, acc 0.900) | **80** |" in lines
+
+
+def test_a_family_too_small_to_fit_is_reported_not_fatal(tmp_path):
+    _finished_db(tmp_path / "law.sqlite", [(1, {"final_loss": 2.0}), (2, {"final_loss": 1.5})])
+    out = tmp_path / "fit" / "stress_rho1"
+    stages.fit_family(tmp_path / "law.sqlite", out, [], log=tmp_path / "law.log")
+    assert "need at least 5 runs" in (out / "not_fitted.txt").read_text()
+    lines = driver.analysis.law_table(tmp_path, {"stress_rho1": []}, tmp_path)
+    assert lines[-1].startswith("| stress_rho1 | not fitted: ") and "need at least 5 runs" in lines[-1]
+    assert "$ fastmem fit --db" in (tmp_path / "law.log").read_text()
