@@ -62,7 +62,7 @@ def fit_family(db: Path, out: Path, where: list[str], log: Path) -> None:
 
 
 def law_families(scale: str) -> dict[str, list[str]]:
-    """Fit name -> `--where` filters: per data family, and pooled over the stress ratios."""
+    """Fit name -> `--where` filters: per data family, and pooled (every cell of the grid)."""
     if scale == "subset":
         return {"stress_rho1": ["--where", "data=stress", "--where", "ratio=1.0"]}
     families = {f"stress_rho{r:g}": ["--where", "data=stress", "--where", f"ratio={r}"] for r in (0.0, 0.5, 1.0)}
