@@ -44,7 +44,7 @@ def law_table(root: Path, families: dict, figures: Path) -> list[str]:
         ci = fit.get("ci", {})
         cell = lambda k: f"{fit[k]:.3g} [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else f"{fit[k]:.3g}"  # noqa: E731
         lines.append(f"| {name} | {fit['n_used']} ({fit['n_dropped']}) | {cell('C')} | {cell('alpha')} | "
-                     f"{cell('beta')} | {cell('b')} | {fit['r2']:.3f} | {fit['mape']:.1f} |")
+                     f"{cell('beta')} | {cell('b')} | {cell('r2')} | {cell('mape')} |")
         for plot in ("fit_surface.png", "fit_residuals.png"):
             if (fit_file.parent / plot).exists():
                 shutil.copy(fit_file.parent / plot, figures / f"law_{name}_{plot}")

@@ -97,7 +97,7 @@ def run_fit(args) -> int:
     for name in ("C", "alpha", "beta", "b"):
         print(f"  {name:5s} = {getattr(fit, name):.6g}{_interval(fit, name)}")
     boot = f", 95% intervals from {fit.n_bootstrap} bootstrap refits" if fit.ci else ""
-    print(f"  R² = {fit.r2:.4f}   MAPE = {fit.mape:.2f}%{boot}")
+    print(f"  R² = {fit.r2:.4f}{_interval(fit, 'r2')}   MAPE = {fit.mape:.2f}%{_interval(fit, 'mape')}{boot}")
     if runs.final_loss is None:
         print("  note: no final_loss column, so the final-loss exclusion rule was not applied")
     print(f"wrote {out / 'fit.json'}, {residual_png}, {surface_png}")

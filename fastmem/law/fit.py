@@ -42,8 +42,9 @@ class LawFit:
         r2: coefficient of determination on the runs used, in ΔL space.
         mape: mean absolute percentage error on the runs used, in percent.
         n_used, n_dropped: runs fitted / left out by the final-loss exclusion rule.
-        ci: bootstrap 95% percentile intervals, `{"C": (lo, hi), ...}`; empty when
-            bootstrap=0 or too few resamples could be refitted.
+        ci: bootstrap 95% percentile intervals, `{"C": (lo, hi), ...}` for C, alpha, beta, b
+            and for "r2" and "mape" (each refit's, on its resample); empty when bootstrap=0
+            or too few resamples could be refitted.
         n_bootstrap: resamples successfully refitted.
         layers: the common layer count of the runs in "rank" mode, when it was given.
         ranks, lengths, delta_loss, run_layers: the runs used (for plots and reports).
@@ -224,7 +225,16 @@ def _identifiable(x, length) -> bool:
     return np.unique(x).size >= 2 and np.unique(length).size >= 2
 
 
+def _quality(x, length, y, params) -> tuple[float, float]:
+    """R² and MAPE (%) of the law with `params` on the runs (x, length, y), in ΔL space."""
+    residuals = y - _law((x, length), *params)
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(residuals ** 2)) / ss_tot if ss_tot > 0 else math.nan
+    return r2, float(np.mean(np.abs(residuals) / np.abs(y)) * 100.0)
+
+
 def _bootstrap(x, length, y, start, n_resamples: int, seed: int) -> tuple[dict, int]:
+    """Percentile 95% intervals of the parameters and of each refit's R² and MAPE on its resample."""
     rng = np.random.default_rng(seed)
     n = y.size
     draws = []
@@ -237,12 +247,13 @@ def _bootstrap(x, length, y, start, n_resamples: int, seed: int) -> tuple[dict, 
             p = _curve_fit(x[idx], length[idx], y[idx], start)
         except (RuntimeError, ValueError):
             continue
-        draws.append((math.exp(p[0]) if p[0] < 700 else math.inf, p[1], p[2], p[3]))
+        draws.append((math.exp(p[0]) if p[0] < 700 else math.inf, p[1], p[2], p[3],
+                      *_quality(x[idx], length[idx], y[idx], p)))
     if len(draws) < MIN_BOOTSTRAP_FITS:
         return {}, len(draws)
     table = np.asarray(draws)
-    lo, hi = np.percentile(table, [2.5, 97.5], axis=0)
-    return {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(PARAMETERS)}, len(draws)
+    lo, hi = np.nanpercentile(table, [2.5, 97.5], axis=0)
+    return {name: (float(lo[i]), float(hi[i])) for i, name in enumerate((*PARAMETERS, "r2", "mape"))}, len(draws)
 
 
 def fit_law(ranks, lengths, delta_loss, final_loss=None, *, layers=None, bootstrap: int = 1000,
@@ -309,10 +320,7 @@ def fit_law(ranks, lengths, delta_loss, final_loss=None, *, layers=None, bootstr
     log_c, alpha, beta, b = (float(p) for p in params)
     if log_c > 700:
         raise ValueError(f"the law could not be fitted to these runs: C = exp({log_c:.4g}) overflows")
-    residuals = y - _law((x, length_arr), *params)
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(residuals ** 2)) / ss_tot
-    mape = float(np.mean(np.abs(residuals) / np.abs(y)) * 100.0)
+    r2, mape = _quality(x, length_arr, y, params)
     ci, n_boot = _bootstrap(x, length_arr, y, params, bootstrap, seed) if bootstrap else ({}, 0)
     return LawFit(C=math.exp(log_c), alpha=alpha, beta=beta, b=b, r2=r2, mape=mape, n_used=n_used,
                   n_dropped=n - n_used, variable=variable, layers=common_layers, ci=ci,

@@ -40,6 +40,9 @@ def test_recovers_known_parameters_from_noisy_data():
         lo, hi = fit.ci[name]
         assert lo <= value <= hi, (name, lo, hi)
         assert lo < getattr(fit, name) < hi
+    # R² and MAPE get intervals too (each refit's on its resample), around the fit's own
+    assert 0.99 < fit.ci["r2"][0] <= fit.ci["r2"][1] <= 1.0
+    assert 0 < fit.ci["mape"][0] < fit.mape < fit.ci["mape"][1] < 3.0
 
 
 def test_exact_data_fits_exactly_and_r2_mape_match_definitions():
