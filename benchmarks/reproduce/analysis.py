@@ -239,14 +239,15 @@ def headline_cells(root: Path, length: int, recipes) -> tuple[dict, float | None
                        "ref_s": ref if name == "authors" else None, "wall": sum(times.values()) + extra,
                        "em": report.get("totals", {}).get("exact_match"),
                        "recalled": bool(summary.get("stopped_on_recall")), "capped": cap_file.exists(),
-                       "stubborn_left": last.get("stubborn_tokens")}
+                       "stubborn_left": last.get("stubborn_tokens"),
+                       "peak_gib": summary["peak_mem_bytes"] / 2**30 if summary.get("peak_mem_bytes") else None}
     ours = [c["wall"] for name, c in cells.items() if name.startswith("fastmem") and c["recalled"]]
     return cells, (min(ours) if ours else None)
 
 
 def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]:
     lines = ["| ℓ | recipe | steps | s / step | + reference forward s / step | wall to 100% EM s "
-             "| EM (fastmem eval) | × fastmem's best |", "|---|---|---|---|---|---|---|---|"]
+             "| EM (fastmem eval) | peak memory GiB | × fastmem's best |", "|---|---|---|---|---|---|---|---|---|"]
     found = []
     for length in lengths:
         cells, base = headline_cells(root, length, recipes)
@@ -257,7 +258,8 @@ def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]
             else:
                 steps = f"{cell['steps']}{'' if cell['recalled'] else ' (budget)'}"
             lines.append(f"| {length} | {cell['recipe']} | {steps} | {cell['step_s']:.2f} | {_fmt(cell['ref_s'], '.2f')} | "
-                         f"{'> ' if cell['capped'] else ''}{cell['wall']:.0f} | {_fmt(cell['em'], '.0%')} | {ratio} |")
+                         f"{'> ' if cell['capped'] else ''}{cell['wall']:.0f} | {_fmt(cell['em'], '.0%')} | "
+                         f"{_fmt(cell['peak_gib'], '.2f')} | {ratio} |")
             found.append(cell)
     return lines, found
 
