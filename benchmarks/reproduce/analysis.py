@@ -101,9 +101,9 @@ def recall_figure(sequences: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def stubborn_case(report_file: Path, figures: Path) -> tuple[str, list[Path]]:
+def stubborn_case(report_file: Path, figures: Path, trained: str) -> tuple[str, list[Path]]:
     """The stubborn case's sentence and its figures (probability grid, training curves), copied
-    next to the report; nothing while its evaluation has not run."""
+    next to the report; nothing while its evaluation has not run. `trained` says how it was trained."""
     if not report_file.exists():
         return "", []
     record = json.loads(report_file.read_text())["records"][0]
@@ -113,8 +113,9 @@ def stubborn_case(report_file: Path, figures: Path) -> tuple[str, list[Path]]:
         if name and (report_file.parent / name).exists():
             shutil.copy(report_file.parent / name, figures / target)
             copied.append(figures / target)
-    verdict = "recalled exactly" if record["exact_match"] else f"not recalled: greedy decoding leaves it at token {record['first_error']}"
-    text = (f"A stubborn case (`{record['name']}`, SFT at rank 2 for 60 steps, `stages.STUBBORN`): mean answer loss "
+    verdict = ("recalled exactly" if record["exact_match"]
+               else f"not recalled: greedy decoding leaves it at token {record['first_error']}")
+    text = (f"A stubborn case (`{record['name']}`, {trained}): mean answer loss "
             f"{record['mean_loss']:.3f} (ln 2 = 0.693), token accuracy {record['token_acc']:.1%}, "
             f"{record['n_stubborn']} tokens at p ≤ 0.5 (lowest p {record['min_prob']:.2g}), {verdict}. "
             "Each cell of the grid is one answer token, coloured by its p under teacher forcing.")
@@ -257,7 +258,8 @@ def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]
                 steps = f"{cell['steps']} (stopped at the cap, {cell['stubborn_left']} tokens still at p ≤ 0.5)"
             else:
                 steps = f"{cell['steps']}{'' if cell['recalled'] else ' (budget)'}"
-            lines.append(f"| {length} | {cell['recipe']} | {steps} | {cell['step_s']:.2f} | {_fmt(cell['ref_s'], '.2f')} | "
+            lines.append(f"| {length} | {cell['recipe']} | {steps} | {cell['step_s']:.2f} | "
+                         f"{_fmt(cell['ref_s'], '.2f')} | "
                          f"{'> ' if cell['capped'] else ''}{cell['wall']:.0f} | {_fmt(cell['em'], '.0%')} | "
                          f"{_fmt(cell['peak_gib'], '.2f')} | {ratio} |")
             found.append(cell)
@@ -278,10 +280,6 @@ def step_seconds(metrics: Path) -> dict[int, float]:
     return by_step
 
 
-def training_seconds(metrics: Path) -> float:
-    return sum(step_seconds(metrics).values())
-
-
 def commands(root: Path, repo: Path) -> list[str]:
     """The `$ fastmem ...` lines of every log under `root`, in order, once each, paths relative."""
     seen = []
@@ -295,13 +293,22 @@ def commands(root: Path, repo: Path) -> list[str]:
 
 
 def headline_figure(found: list[dict], path: Path) -> None:
+    """Wall time to 100% EM per recipe and length, log scale; a hatched bar is a baseline stopped
+    at its cap (its true time is longer)."""
     if not found:
         return
     fig = Figure(figsize=(7.5, 0.5 * len(found) + 1.4))
     ax = fig.subplots()
     names = [f"ℓ={c['length']} {c['recipe']}" for c in found]
-    ax.barh(names, [c["wall"] / 60 for c in found],
-            color=["#2a7ab9" if c["recipe"].startswith("fastmem") else "#999999" for c in found])
-    ax.set_xlabel("wall minutes to 100% exact recall\n(authors: + their reference forward per step)")
+    bars = ax.barh(names, [c["wall"] / 60 for c in found],
+                   color=["#2a7ab9" if c["recipe"].startswith("fastmem") else "#999999" for c in found])
+    for bar, cell in zip(bars, found):
+        if cell["capped"]:
+            bar.set_hatch("//")
+            ax.annotate(" stopped: ≥", (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center",
+                        fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall minutes to 100% exact recall, log scale\n"
+                  "(authors: + their reference forward per step; hatched: stopped at the cap)")
     ax.invert_yaxis()
     save_figure(fig, path)
