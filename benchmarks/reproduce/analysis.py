@@ -218,8 +218,9 @@ def threshold_figure(found: list[dict], path: Path) -> None:
 
 
 def headline_cells(root: Path, length: int, recipes) -> tuple[dict, float | None]:
-    """Each recipe's run at `length` (finished, or stopped at its wall-time cap) and fastmem's
-    best wall to 100% EM (None while no fastmem recipe has recalled the answer)."""
+    """Each recipe's run at `length` — finished, stopped at its wall-time cap, or unfinished (killed
+    or still running: what it measured so far) — and fastmem's best wall to 100% EM (None while no
+    fastmem recipe has recalled the answer)."""
     out = root / "headline"
     ref_file = out / f"reference_forward_{length}.json"
     ref = json.loads(ref_file.read_text())["seconds"] if ref_file.exists() else None
@@ -227,9 +228,9 @@ def headline_cells(root: Path, length: int, recipes) -> tuple[dict, float | None
     for name, *_ in recipes:
         run = out / f"{length}-{name}"
         summary_file, cap_file = run / "summary.json", run / "capped.json"
-        if not (summary_file.exists() or cap_file.exists()):
+        times = step_seconds(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else {}
+        if not times:
             continue
-        times = step_seconds(run / "metrics.jsonl")
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         report_file = out / f"{length}-{name}-eval" / "report.json"
@@ -240,6 +241,7 @@ def headline_cells(root: Path, length: int, recipes) -> tuple[dict, float | None
                        "ref_s": ref if name == "authors" else None, "wall": sum(times.values()) + extra,
                        "em": report.get("totals", {}).get("exact_match"),
                        "recalled": bool(summary.get("stopped_on_recall")), "capped": cap_file.exists(),
+                       "unfinished": not summary_file.exists() and not cap_file.exists(),
                        "stubborn_left": last.get("stubborn_tokens"),
                        "peak_gib": summary["peak_mem_bytes"] / 2**30 if summary.get("peak_mem_bytes") else None}
     ours = [c["wall"] for name, c in cells.items() if name.startswith("fastmem") and c["recalled"]]
@@ -253,14 +255,16 @@ def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]
     for length in lengths:
         cells, base = headline_cells(root, length, recipes)
         for cell in cells.values():
-            ratio = f"{'≥ ' if cell['capped'] else ''}{cell['wall'] / base:.2f}×" if base else "–"
-            if cell["capped"]:
-                steps = f"{cell['steps']} (stopped at the cap, {cell['stubborn_left']} tokens still at p ≤ 0.5)"
+            bound = cell["capped"] or cell["unfinished"]
+            ratio = f"{'≥ ' if bound else ''}{cell['wall'] / base:.2f}×" if base else "–"
+            if bound:
+                how = "stopped at the cap" if cell["capped"] else "unfinished (interrupted, resumable)"
+                steps = f"{cell['steps']} ({how}, {cell['stubborn_left']} tokens still at p ≤ 0.5)"
             else:
                 steps = f"{cell['steps']}{'' if cell['recalled'] else ' (budget)'}"
             lines.append(f"| {length} | {cell['recipe']} | {steps} | {cell['step_s']:.2f} | "
                          f"{_fmt(cell['ref_s'], '.2f')} | "
-                         f"{'> ' if cell['capped'] else ''}{cell['wall']:.0f} | {_fmt(cell['em'], '.0%')} | "
+                         f"{'> ' if bound else ''}{cell['wall']:.0f} | {_fmt(cell['em'], '.0%')} | "
                          f"{_fmt(cell['peak_gib'], '.2f')} | {ratio} |")
             found.append(cell)
     return lines, found
@@ -303,12 +307,12 @@ def headline_figure(found: list[dict], path: Path) -> None:
     bars = ax.barh(names, [c["wall"] / 60 for c in found],
                    color=["#2a7ab9" if c["recipe"].startswith("fastmem") else "#999999" for c in found])
     for bar, cell in zip(bars, found):
-        if cell["capped"]:
+        if cell["capped"] or cell["unfinished"]:
             bar.set_hatch("//")
             ax.annotate(" stopped: ≥", (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center",
                         fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("wall minutes to 100% exact recall, log scale\n"
-                  "(authors: + their reference forward per step; hatched: stopped at the cap)")
+                  "(authors: + their reference forward per step; hatched: stopped before recall)")
     ax.invert_yaxis()
     save_figure(fig, path)

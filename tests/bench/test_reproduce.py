@@ -79,6 +79,13 @@ def test_headline_reads_finished_runs(tmp_path):
     lines, cells = driver.analysis.headline_table(tmp_path, (256,), stages.RECIPES)
     authors = next(c for c in cells if c["recipe"] == "authors")
     assert authors["wall"] == pytest.approx(800.0 + 80 * 2.0) and "9.60×" in "\n".join(lines)  # vs fastmem's best
+    # a baseline interrupted before recall (no summary.json yet) counts as a lower bound
+    (out / "256-hf-sft").mkdir()
+    (out / "256-hf-sft" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i, "step_s": 5.0, "stubborn_tokens": 7}) + "\n" for i in range(1, 41)))
+    lines, cells = driver.analysis.headline_table(tmp_path, (256,), stages.RECIPES)
+    assert "| 256 | hf-sft | 40 (unfinished (interrupted, resumable), 7 tokens still at p ≤ 0.5) |" in "\n".join(lines)
+    assert "> 200 |" in lines[-1] and lines[-1].endswith("≥ 2.00× |")
 
 
 def test_databases_are_kept_and_restored(tmp_path):
