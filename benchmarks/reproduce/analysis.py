@@ -137,6 +137,8 @@ def memft_table(memft_rows: list[dict], curriculum_rows: list[dict]) -> list[str
                 cells.append("")
             elif found[0]["details"].get("stopped_on_recall"):
                 cells.append(f"**{found[0]['steps']}**")
+            elif found[0]["exact_match"] == 1.0:  # the budget's last update completed the recall
+                cells.append(f"**{found[0]['steps']}** (recalled by the last step)")
             else:
                 cells.append(f"> {found[0]['steps']} (EM {_fmt(found[0]['exact_match'], '.0%')}, "
                              f"acc {_fmt(found[0]['token_acc'], '.3f')})")
