@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -58,8 +59,10 @@ def _progress(root: Path) -> list[str]:
 
     found = []
     for db in sorted(root.glob("*.sqlite")):
-        counts = ResultsStore(db).status_counts()
-        found.append(f"{db.stem} {counts.get('done', 0)}/{sum(counts.values())}")
+        store = ResultsStore(db)
+        counts = store.status_counts()
+        hours = sum(r["wall_s"] or 0.0 for r in store.rows()) / 3600
+        found.append(f"{db.stem} {counts.get('done', 0)}/{sum(counts.values())} ({hours:.1f} h of cell wall)")
     return found
 
 
@@ -113,10 +116,11 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
     lines = [f"# Reproducing “How LoRA Remembers?” on SmolLM2-135M-Instruct ({scale} scale)", "",
              f"- written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python -m benchmarks.reproduce "
              f"--scale {scale}`; runs in `{root.relative_to(REPO) if root.is_relative_to(REPO) else root}`",
-             f"- device: CPU ({platform.machine()}, {torch.get_num_threads()} torch threads); "
+             f"- device: CPU ({platform.machine()}, {os.cpu_count()} cores; each job's torch threads: OMP_NUM_THREADS); "
              f"torch {torch.__version__}, Python {platform.python_version()}; no GPU",
-             "- stage wall times (s): " + (", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "none yet"),
-             "- cells done per database: " + (", ".join(_progress(root)) or "none yet"), ""]
+             "- stage wall times (s; a stage interrupted and resumed counts its last, completing run): " + (", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "none yet"),
+             "- cells done per database (Σ of the cells' own wall times): "
+             + (", ".join(_progress(root)) or "none yet"), ""]
 
     families = stages.law_families(scale)
     law_rows = analysis.rows(root / "law.sqlite")
