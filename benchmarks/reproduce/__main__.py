@@ -42,6 +42,7 @@ def main(argv=None) -> int:
         for name in chosen:
             start = time.perf_counter()
             STAGES[name](root, args.scale)
+            timings = _load_timings(root)  # re-read: another driver may have finished a stage meanwhile
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
             (root / "stage_seconds.json").write_text(json.dumps(timings, indent=1))
             if kept:
