@@ -117,9 +117,10 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
     lines = [f"# Reproducing “How LoRA Remembers?” on SmolLM2-135M-Instruct ({scale} scale)", "",
              f"- written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python -m benchmarks.reproduce "
              f"--scale {scale}`; runs in `{root.relative_to(REPO) if root.is_relative_to(REPO) else root}`",
-             f"- device: CPU ({platform.machine()}, {os.cpu_count()} cores; each job's torch threads: OMP_NUM_THREADS); "
-             f"torch {torch.__version__}, Python {platform.python_version()}; no GPU",
-             "- stage wall times (s; a stage interrupted and resumed counts its last, completing run): " + (", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "none yet"),
+             f"- device: CPU ({platform.machine()}, {os.cpu_count()} cores; each job's torch threads: "
+             f"OMP_NUM_THREADS); torch {torch.__version__}, Python {platform.python_version()}; no GPU",
+             "- stage wall times (s; a stage interrupted and resumed counts its last, completing run): "
+             + (", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "none yet"),
              "- cells done per database (Σ of the cells' own wall times): "
              + (", ".join(_progress(root)) or "none yet"), ""]
 
@@ -147,18 +148,19 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
               f"{facts['low_mean_loss_not_recalled']} of {facts['low_mean_loss']} sequences.", ""]
     lines += recall_lines + [""]
     lines += _figure(analysis.recall_figure, recall["sequences"], figures / "recall_min_p.png", "recall vs min p", rel)
-    stubborn = stages.STUBBORN
+    stubborn = stages.stubborn_settings()
     text, pictures = analysis.stubborn_case(
         root / "stubborn" / "eval" / "report.json", figures,
-        f"SFT at rank {stubborn['rank']} for {stubborn['max_steps']} steps as in the law grid, `stages.STUBBORN`")
+        f"{stubborn['objective'].upper()} at rank {stubborn['rank']} for {stubborn['max_steps']} steps as in the law "
+        "grid, `stages.STUBBORN`")
     lines += [text, ""] if text else []
     lines += [f"![{p.stem}]({rel(p)})" for p in pictures] + ([""] if pictures else [])
 
     memft_rows = analysis.rows(root / "memft.sqlite")
     curriculum_rows = analysis.rows(root / "memft_curriculum.sqlite")
     lines += ["## 3. MemFT against SFT", "", f"Config `{stages.config_path('memft', scale).relative_to(REPO)}`.", ""]
-    lines += analysis.memft_table(memft_rows, curriculum_rows) + [""]
-    every = memft_rows + [{**r, "objective": r["objective"] + " + curriculum"} for r in curriculum_rows]
+    every = memft_rows + analysis.with_curriculum_label(curriculum_rows)
+    lines += analysis.memft_table(every) + [""]
     lines += _figure(analysis.memft_figure, every, figures / "memft_vs_rank.png", "EM, token accuracy, steps vs rank",
                      rel)
 

@@ -122,9 +122,13 @@ def stubborn_case(report_file: Path, figures: Path, trained: str) -> tuple[str, 
     return text, copied
 
 
-def memft_table(memft_rows: list[dict], curriculum_rows: list[dict]) -> list[str]:
+def with_curriculum_label(curriculum_rows: list[dict]) -> list[dict]:
+    """The curriculum database's cells, their objective named "<objective> + curriculum"."""
+    return [{**r, "objective": r["objective"] + " + curriculum"} for r in curriculum_rows]
+
+
+def memft_table(chosen: list[dict]) -> list[str]:
     """Steps to 100% recall per rank and objective (the budget when it stalled), then every cell."""
-    chosen = memft_rows + [{**r, "objective": r["objective"] + " + curriculum"} for r in curriculum_rows]
     objectives = [o for o in ("sft", "ot", "sw", "ot + curriculum") if any(r["objective"] == o for r in chosen)]
     lines = ["Steps to 100% exact recall (EM at the end where the budget ran out first):", "",
              "| data | ρ | ℓ | rank | " + " | ".join(objectives) + " |", "|---" * (4 + len(objectives)) + "|"]
@@ -230,17 +234,17 @@ def headline_cells(root: Path, length: int, recipes) -> tuple[dict, float | None
     for name, *_ in recipes:
         run = out / f"{length}-{name}"
         summary_file, cap_file = run / "summary.json", run / "capped.json"
-        times = step_seconds(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else {}
-        if not times:
+        by_step = metrics_by_step(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else {}
+        if not by_step:
             continue
-        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        seconds, last = sum(row["step_s"] for row in by_step.values()), by_step[max(by_step)]
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         report_file = out / f"{length}-{name}-eval" / "report.json"
         report = json.loads(report_file.read_text()) if report_file.exists() else {}
-        steps = len(times)
+        steps = len(by_step)
         extra = steps * ref if (name == "authors" and ref is not None) else 0.0
-        cells[name] = {"length": length, "recipe": name, "steps": steps, "step_s": sum(times.values()) / max(steps, 1),
-                       "ref_s": ref if name == "authors" else None, "wall": sum(times.values()) + extra,
+        cells[name] = {"length": length, "recipe": name, "steps": steps, "step_s": seconds / steps,
+                       "ref_s": ref if name == "authors" else None, "wall": seconds + extra,
                        "em": report.get("totals", {}).get("exact_match"),
                        "recalled": bool(summary.get("stopped_on_recall")), "capped": cap_file.exists(),
                        "unfinished": not summary_file.exists() and not cap_file.exists(),
@@ -272,18 +276,23 @@ def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]
     return lines, found
 
 
-def step_seconds(metrics: Path) -> dict[int, float]:
-    """step -> step_s from a run's metrics.jsonl: whole across a kill and resume (summary.json's
-    wall_s covers only the last process), a step redone after a resume counted once. Model
-    loading, the prefix cache and the base / final passes are left out for every recipe alike."""
+def metrics_by_step(metrics: Path) -> dict[int, dict]:
+    """step -> its row of a run's metrics.jsonl: whole across a kill and resume (summary.json's
+    wall_s covers only the last process), a step redone after a resume counted once."""
     by_step = {}
     for line in metrics.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line still being written (a run in progress)
             continue
-        by_step[row["step"]] = row["step_s"]
+        by_step[row["step"]] = row
     return by_step
+
+
+def step_seconds(metrics: Path) -> dict[int, float]:
+    """step -> step_s (metrics_by_step). Model loading, the prefix cache and the base / final
+    passes are left out for every recipe alike."""
+    return {step: row["step_s"] for step, row in metrics_by_step(metrics).items()}
 
 
 def commands(root: Path, repo: Path) -> list[str]:

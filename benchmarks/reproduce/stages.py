@@ -84,7 +84,21 @@ def run_memft(root: Path, scale: str) -> None:
 # The probability grid of a stubborn case: a law cell (stress ρ = 0, ℓ = 256, rank 2, SFT, the
 # law grid's 60-step budget) that ended at mean loss 0.32 and 96% token accuracy yet is not
 # recalled: a few tokens far below p = 0.5 break greedy decoding.
-STUBBORN = {"length": 256, "ratio": 0.0, "rank": 2, "max_steps": 60}
+STUBBORN = {"data": "stress", "ratio": 0.0, "length": 256, "rank": 2, "objective": "sft"}
+# The TrainConfig settings `fastmem train --config` takes from the law cell.
+_STUBBORN_KEYS = ("objective", "rank", "alpha", "dropout", "modules", "layers", "lr", "max_steps", "batch_size",
+                  "stop_on_recall", "seed")
+
+
+def stubborn_settings() -> dict:
+    """The STUBBORN cell's trainer settings, as the law sweep builds them (`cell_config`)."""
+    from fastmem.sweep import SweepSpec
+    from fastmem.sweep.worker import cell_config
+
+    spec = SweepSpec.from_file(config_path("law", "cpu"))
+    cell = next(c for c in spec.cells() if all(getattr(c, k) == v for k, v in STUBBORN.items()))
+    config = cell_config(cell, spec).to_dict()
+    return {k: config[k] for k in _STUBBORN_KEYS if config[k] is not None}
 
 
 def run_stubborn_case(root: Path) -> None:
@@ -95,10 +109,8 @@ def run_stubborn_case(root: Path) -> None:
     data = out / f"stress_{STUBBORN['length']}_rho{STUBBORN['ratio']:g}.jsonl"
     if not data.exists():
         write_stress_data(data, STUBBORN["length"], STUBBORN["ratio"])
-    config = out / "train.toml"
-    config.write_text(f"rank = {STUBBORN['rank']}\nalpha = {2 * STUBBORN['rank']}\ndropout = 0.1\n"
-                      f"modules = [\"down_proj\"]\nlr = 1e-2\nmax_steps = {STUBBORN['max_steps']}\n"
-                      "objective = \"sft\"\nstop_on_recall = false\nseed = 42\n")
+    config = out / "train.toml"  # JSON numbers, booleans, strings and lists of them are TOML values
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in stubborn_settings().items()))
     if not (out / "run" / "summary.json").exists():
         fastmem("train", "--data", str(data), "--out", str(out / "run"), "--config", str(config), "--no-progress",
                 log=out / "stubborn.log")

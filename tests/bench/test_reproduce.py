@@ -142,7 +142,7 @@ def test_memft_table_marks_the_runs_that_spent_their_budget():
     lines = driver.analysis.memft_table(
         [{**row, "objective": "sft", "steps": 300, "exact_match": 0.0, "token_acc": 0.9, "details": {}},
          {**row, "objective": "ot", "steps": 80, "exact_match": 1.0, "token_acc": 1.0,
-          "details": {"stopped_on_recall": True}}], [])
+          "details": {"stopped_on_recall": True}}])
     assert "| stress | 0.25 | 256 | 1 | > 300 (EM 0%, acc 0.900) | **80** |" in lines
 
 
