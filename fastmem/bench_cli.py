@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastmem.cli import UsageError
+from fastmem.errors import UsageError
 
 SUITE = "suite"
 SCRIPTS = {"cross-entropy": "bench_cross_entropy.py", "lora": "bench_lora.py"}

@@ -17,6 +17,8 @@ import os
 import sqlite3
 import sys
 
+from fastmem.errors import UsageError  # noqa: F401  (re-exported for older imports)
+
 # command modules, in the order `--help` lists them
 COMMAND_MODULES = (
     "fastmem.train.demo",
@@ -30,11 +32,6 @@ COMMAND_MODULES = (
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported in one line with exit code 2."""
-
 
 # Exceptions that mean "the input is wrong" wherever they come from: one line, exit 2. A bug
 # (any other exception) keeps its traceback. UnicodeDecodeError is a ValueError.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastmem.cli import UsageError
+from fastmem.errors import UsageError
 from fastmem.data.jsonl import _KNOWN_FIELDS as KNOWN_FIELDS
 
 SQLITE_HEADER = b"SQLite format 3\x00"

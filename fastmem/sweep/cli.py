@@ -85,7 +85,7 @@ def add_ray_arguments(parser) -> None:
 
 def check_executor(args) -> None:
     """Refuse an unusable executor before anything is loaded or created."""
-    from fastmem.cli import UsageError
+    from fastmem.errors import UsageError
 
     if args.executor == "local":
         return

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastmem.cli import UsageError
+from fastmem.errors import UsageError
 from fastmem.cli_checks import check_nearest_parent
 from fastmem.train.checkpoint import clean_stale_temps, latest_checkpoint
 from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig
