@@ -31,31 +31,63 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def _source(name_or_path: str) -> tuple[str, dict]:
+    """Where from_pretrained reads the model: (directory, extra kwargs)."""
+    if name_or_path == SMOLLM2:
+        gguf = smollm2_gguf_path()
+        return str(gguf.parent), dict(gguf_file=gguf.name)
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r} is neither 'smollm2' nor a local "
+                                "checkpoint directory (nothing is downloaded)")
+    return name_or_path, {}
+
+
+def load_config(name_or_path: str = SMOLLM2, *, context: int | None = None):
+    """The model's transformers config (no weights: seconds), stretched to `context` positions
+    by `fastmem.rope_scaling.extend_context` when that exceeds the model's own."""
+    from transformers import AutoConfig
+
+    from fastmem.rope_scaling import extend_context
+
+    source, kwargs = _source(name_or_path)
+    with _quiet_loading():
+        config = AutoConfig.from_pretrained(source, local_files_only=True, **kwargs)
+    if context is not None:
+        extend_context(config, context)
+    return config
+
+
 def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", context: int | None = None, config=None):
     """Return `(model, tokenizer)` of a causal LM, frozen and in eval mode.
 
     Args:
         name_or_path: "smollm2" (the embedded model) or a local HF checkpoint directory.
         dtype: defaults to bf16 on a GPU and fp32 on the CPU.
+        context: positions the run needs (prompt + answer). Past the model's
+            `max_position_embeddings` the model is loaded with RoPE scaling (YaRN; see
+            `fastmem.rope_scaling`), said in one log line; None or within the model's own
+            context: the model as trained.
+        config: a config from `load_config` (already stretched to `context`) to load with.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fastmem.rope_scaling import check_rope_applied, context_record
+
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if name_or_path == SMOLLM2:
-        gguf = smollm2_gguf_path()
-        kwargs = dict(gguf_file=gguf.name)
-        source = str(gguf.parent)
-    else:
-        if not os.path.isdir(name_or_path):
-            raise FileNotFoundError(f"model {name_or_path!r} is neither 'smollm2' nor a local "
-                                    "checkpoint directory (nothing is downloaded)")
-        kwargs, source = {}, name_or_path
+    source, kwargs = _source(name_or_path)
+    if config is None and context is not None:
+        config = load_config(name_or_path, context=context)
+    if config is not None:
+        kwargs["config"] = config
     with _quiet_loading():
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True,
+                                                  **{k: v for k, v in kwargs.items() if k != "config"})
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype,
                                                      attn_implementation="sdpa", **kwargs)
+    if context_record(model.config)["rope_scaling"]:
+        check_rope_applied(model)
     if name_or_path == SMOLLM2:
         # The GGUF is dequantized to plain tensors on load, but transformers still marks the
         # model quantized, and HF Trainer / PEFT then refuse to train an adapter on it.

@@ -84,7 +84,8 @@ def check_length(prompt_len: int, answer_len: int, max_length: int | None, where
     if prompt_len + answer_len > max_length:
         raise ValueError(f"{where}prompt ({prompt_len} tokens) + answer ({answer_len} tokens) = "
                          f"{prompt_len + answer_len} tokens exceeds max_length={max_length} "
-                         "(the model's context)")
+                         f"(the model's context); pass --context {prompt_len + answer_len} (or more) to "
+                         "train past it with RoPE scaling")
 
 
 def encode_pair(tokenizer, prompt: str, answer: str, name: str = "", meta: dict | None = None,

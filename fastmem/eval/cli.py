@@ -47,15 +47,22 @@ def register(subparsers) -> None:
     parser.add_argument("--grids", type=int, default=16, help="probability-grid PNGs for the first N records")
     parser.add_argument("--grid-width", type=int, default=50, help="tokens per row of a probability grid")
     parser.add_argument("--metrics", help="a trainer metrics.jsonl to plot as training_curves.png")
+    parser.add_argument("--context", type=int, default=None,
+                        help="the --context the adapter was trained with (RoPE scaling past the model's own "
+                             "positions; an adapter trained with it is refused without it)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (as train and sweep)")
     parser.set_defaults(func=run)
 
 
 def _load(args):
-    from fastmem.models import load_model
+    from fastmem.models import load_config, load_model
+    from fastmem.rope_scaling import check_adapter_context
 
-    model, tokenizer = load_model(args.model, device=args.device)
+    config = load_config(args.model, context=args.context)
+    if args.adapter:  # the config alone (seconds) tells a mismatched scaling before the weights load
+        check_adapter_context(args.adapter, config, args.context)
+    model, tokenizer = load_model(args.model, device=args.device, context=args.context, config=config)
     if args.adapter:
         from peft import PeftModel
 
@@ -86,12 +93,14 @@ def run(args) -> int:
     from fastmem.data import load_jsonl  # imported here: only this command needs the data layer
     from fastmem.eval.evaluator import evaluate
     from fastmem.eval.plots import plot_training_curves
+    from fastmem.rope_scaling import context_record
 
     model, tokenizer = _load(args)
     max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     samples = load_jsonl(args.data, tokenizer, max_length=max_length)
     report = evaluate(model, samples, tokenizer, batch_size=args.batch_size, decode=args.decode,
                       fast_fail=not args.no_fast_fail, progress=not args.no_progress)
+    report.model = context_record(model.config)
     out = Path(args.out)
     path = report.write(out, grids=args.grids, grid_width=args.grid_width)
     if args.metrics:

@@ -133,6 +133,7 @@ class EvalReport:
     records: list[RecordResult]
     tokenizer: object = None  # draws each token's text in the probability grids
     timing: dict = field(default_factory=dict)  # wall seconds: teacher_forcing_s, decoding_s
+    model: dict | None = None  # the model's context and RoPE scaling (fastmem.rope_scaling.context_record)
 
     def totals(self) -> dict:
         tokens = sum(r.answer_len for r in self.records)
@@ -159,7 +160,8 @@ class EvalReport:
         }
 
     def to_dict(self) -> dict:
-        return {"records": [r.to_dict() for r in self.records], "totals": self.totals(), "timing": self.timing}
+        return {"records": [r.to_dict() for r in self.records], "totals": self.totals(), "timing": self.timing,
+                "model": self.model}
 
     def write(self, out_dir: str | Path, *, grids: int = 16, grid_width: int = 50) -> Path:
         """Write `out_dir/report.json` and a probability-grid PNG for each of the first `grids`

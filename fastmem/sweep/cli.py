@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="the fixed step budget of every cell")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--layers", type=_ints, default=None, help="adapted layers (default: two upper-middle)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="positions a cell needs past the model's own context (YaRN RoPE scaling)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine (CPU)")
     parser.add_argument("--lease-s", type=float, default=600.0,
                         help="a running cell whose heartbeat is older than this is redone (other hosts)")
@@ -109,7 +111,7 @@ def build_spec(args):
 
     overrides = dict(model=args.model, ranks=args.ranks, lengths=args.lengths, objectives=args.objectives,
                      data=args.data, ratios=args.ratios, seeds=args.seeds, max_steps=args.max_steps, lr=args.lr,
-                     layers=args.layers, adapters=args.adapters)
+                     layers=args.layers, adapters=args.adapters, context=args.context)
     if args.config:
         return SweepSpec.from_file(args.config, **overrides)
     return SweepSpec(**{k: v for k, v in overrides.items() if v is not None})

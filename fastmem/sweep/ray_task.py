@@ -24,16 +24,16 @@ def where() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _base_model(name: str):
+def _base_model(name: str, context: int | None = None):
     import torch
 
     from fastmem.models import load_model
 
-    if name not in _LOADED:
+    if (name, context) not in _LOADED:
         _LOADED.clear()
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        _LOADED[name] = load_model(name, device=device)
-    return _LOADED[name]
+        _LOADED[name, context] = load_model(name, device=device, context=context)
+    return _LOADED[name, context]
 
 
 def run_cell(cell: Cell, spec: SweepSpec, tracker, threads: int) -> dict:
@@ -54,7 +54,7 @@ def run_cell(cell: Cell, spec: SweepSpec, tracker, threads: int) -> dict:
     torch.set_num_threads(max(1, threads))
     model = None
     try:
-        model, tokenizer = _base_model(spec.model)
+        model, tokenizer = _base_model(spec.model, spec.context)
         return {"key": cell.key, "place": place, "ok": True, "result": train_cell(cell, spec, model, tokenizer)}
     except Exception:  # a cell that raises is recorded as failed: retrying would raise again
         if model is not None and _has_lora_layers(model):

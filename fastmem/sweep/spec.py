@@ -71,6 +71,8 @@ class SweepSpec:
     # Where each cell writes its adapter (`<adapters>/<cell.slug>/adapter`, safetensors), by the
     # process that trained it: shared storage under Ray. None: adapters are not kept.
     adapters: str | None = None
+    # Positions a cell needs past the model's own context: RoPE-scaled (fastmem.rope_scaling).
+    context: int | None = None
 
     def adapter_dir(self, cell: Cell) -> str | None:
         return None if self.adapters is None else str(Path(self.adapters) / cell.slug)

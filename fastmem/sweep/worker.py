@@ -48,7 +48,8 @@ def cell_config(cell: Cell, spec: SweepSpec, n_samples: int = 1):
                        alpha=spec.alpha_per_rank * cell.rank, dropout=spec.dropout, modules=list(spec.modules),
                        layers=spec.layers, lr=spec.lr, max_steps=spec.max_steps, seed=cell.seed,
                        batch_size=spec.batch_size or n_samples, curriculum=spec.curriculum,
-                       stop_on_recall=spec.stop_on_recall, progress=False, out=spec.adapter_dir(cell), **extra)
+                       stop_on_recall=spec.stop_on_recall, progress=False, out=spec.adapter_dir(cell),
+                       context=spec.context, **extra)
 
 
 def recall_check(model, samples, decode_all: bool) -> dict:
@@ -121,7 +122,7 @@ def run_worker(spec: SweepSpec, db_path, *, worker: int = 0, model=None, tokeniz
     def load():
         from fastmem.models import load_model
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        return load_model(spec.model, device=device)
+        return load_model(spec.model, device=device, context=spec.context)
 
     if owns_model:
         model, tokenizer = load()

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from fastmem.rope_scaling import write_context_record
+
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
@@ -85,6 +87,7 @@ def save_adapter_atomic(peft_model, target: Path, state_dict: dict | None = None
     with _remove_on_failure(tmp):
         peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False,
                                    state_dict=state_dict)
+        write_context_record(tmp, peft_model.get_base_model().config)
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -104,6 +107,7 @@ def save_checkpoint(directory: Path, step: int, peft_model, trainer_state: dict)
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{name}."))
     with _remove_on_failure(tmp):
         peft_model.save_pretrained(str(tmp / ADAPTER_DIR), safe_serialization=True, save_embedding_layers=False)
+        write_context_record(tmp / ADAPTER_DIR, peft_model.get_base_model().config)
         torch.save(dict(trainer_state, step=step, rng=rng_state()), tmp / STATE_FILE)
     final = directory / name
     shutil.rmtree(final, ignore_errors=True)

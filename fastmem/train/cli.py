@@ -96,6 +96,9 @@ def register(subparsers) -> None:
     parser.add_argument("--distributed", choices=DISTRIBUTED,
                         help="under torchrun: ddp or fsdp2")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--context", type=int,
+                        help="positions the run needs (prompt + answer); past the model's own context the model "
+                             "is loaded with YaRN RoPE scaling, recorded with the run and its adapter")
     parser.add_argument("--require-exact-match", action="store_true",
                         help="exit 1 unless greedy decoding reproduces every answer")
     parser.set_defaults(func=run)
@@ -154,6 +157,7 @@ def run(args) -> int:
 
     from fastmem.data import load_jsonl
     from fastmem.models import load_model
+    from fastmem.rope_scaling import context_record
     from fastmem.train.distributed import init_distributed
     from fastmem.train.interrupt import StopRequest
     from fastmem.train.loop import train
@@ -169,11 +173,12 @@ def run(args) -> int:
 
         torch.cuda.set_device(torch.device(device))
     info = init_distributed()  # single process, or this rank under torchrun
-    model, tokenizer = load_model(config.model, device=info.device)
+    model, tokenizer = load_model(config.model, device=info.device, context=config.context)
     context = getattr(model.config, "max_position_embeddings", None)
     samples = load_jsonl(args.data, tokenizer, max_length=context)
     _check_adapter_targets(model, config)
     plan.check_data(run_dir.data_fingerprint(samples), len(samples), args.data)
+    plan.model = context_record(model.config)
     if info.is_main:
         plan.prepare()
     config.out = str(plan.staging if plan.action == "replace" else plan.out)

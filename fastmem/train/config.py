@@ -31,7 +31,8 @@ DEFAULT_THRESHOLD = 0.1
 RESUME_MUST_MATCH = ("model", "objective", "rank", "alpha", "dropout", "modules", "layers", "lr",
                      "weight_decay", "max_grad_norm", "batch_size", "epochs", "max_steps", "threshold",
                      "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "curriculum",
-                     "curriculum_ratios", "curriculum_boundaries", "stop_on_recall", "seed", "engine")
+                     "curriculum_ratios", "curriculum_boundaries", "stop_on_recall", "seed", "engine",
+                     "context")
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TrainConfig:
     verify_greedy: bool = True  # final pass: greedy-decode samples whose EM hinges on a near tie (margin within noise)
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp2"
     progress: bool = True
+    context: int | None = None  # positions needed past the model's own: RoPE-scaled (fastmem.rope_scaling)
 
     def validate(self) -> None:
         """Raise ValueError naming the setting for anything that cannot train."""
@@ -120,6 +122,9 @@ class TrainConfig:
             raise ValueError(f"sw_window must be >= 1, got {self.sw_window}")
         if len(self.curriculum_ratios) != len(self.curriculum_boundaries):
             raise ValueError("curriculum_ratios and curriculum_boundaries must have the same length")
+        if self.context is not None and (isinstance(self.context, bool) or not isinstance(self.context, int)
+                                         or self.context < 2):
+            raise ValueError(f"context must be a number of positions >= 2, got {self.context!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 

@@ -150,7 +150,7 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
     if model is None:
         from fastmem.models import load_model
 
-        model, tokenizer = load_model(config.model, device=device)
+        model, tokenizer = load_model(config.model, device=device, context=config.context)
     if config.engine == "hf" and info.enabled:
         raise ValueError("engine 'hf' runs in one process; use the fast engine under torchrun")
     if info.enabled and config.distributed == "fsdp2" and config.checkpoint_every:

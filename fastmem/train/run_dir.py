@@ -70,10 +70,10 @@ def is_finished(directory: Path) -> bool:
     return summary is not None and not summary.get("halted") and not summary.get("interrupted")
 
 
-def _write_manifest(directory: Path, settings: dict, data: dict) -> None:
+def _write_manifest(directory: Path, settings: dict, data: dict, model: dict | None) -> None:
     from fastmem import __version__
 
-    manifest = {"fastmem": __version__, "settings": settings, "data": data,
+    manifest = {"fastmem": __version__, "settings": settings, "data": data, "model": model,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tmp = directory / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -95,6 +95,7 @@ class RunPlan:
     created: list[Path] = field(default_factory=list)  # directories this plan made
     train_dir: Path | None = None
     data: dict | None = None
+    model: dict | None = None  # fastmem.rope_scaling.context_record of the loaded model
 
     @property
     def staging(self) -> Path:
@@ -139,7 +140,7 @@ class RunPlan:
                 missing.append(parent)
             target.mkdir(parents=True)
             self.created = missing
-        _write_manifest(target, self.settings, self.data or {})
+        _write_manifest(target, self.settings, self.data or {}, self.model)
         self.train_dir = target
         return target
 
