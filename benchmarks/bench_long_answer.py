@@ -10,8 +10,10 @@ cell that hits the cap is recorded as "over the cap". Results are appended to a 
 as each cell lands and a rerun skips the cells already there (resumable); `--report` turns the
 file into a Markdown table and a log-log PNG.
 
-Weights: SmolLM2-135M (the embedded GGUF) where prompt + answer fits its 8192-token context;
-past that, SmolLM2's architecture with random weights and a longer position range (a step's
+Weights: SmolLM2-135M (the embedded GGUF) up to 16,384 answer tokens, loaded past its 8192
+positions with YaRN RoPE scaling (`load_model(context=...)`, as `fastmem train --context`; rows of
+2026-11 files took random weights from 16,000 on); past that, SmolLM2's architecture with random
+weights and a longer position range (a step's
 cost does not depend on the weights, except through MemFT's active rows: the default objective is
 issue 12's OT at threshold 0.3, and with random weights every answer row is active — the fast
 engine's worst case; the rows each cell's step trained on are recorded).
@@ -48,6 +50,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = ("fast", "fast-ckpt", "hf")
 LENGTHS = (1000, 2000, 4000, 8000, 16000, 32000)
 SMOLLM2_CONTEXT = 8192
+PROMPT_ROOM = 64  # the chat-templated stress prompt (37 tokens) and the end of turn
+REAL_WEIGHTS_UP_TO = 16384
 WARMUP_TOKENS = 256
 CAP_EXIT = 3  # a cell's exit status when it ran out of its address-space cap
 
@@ -117,8 +121,10 @@ def build_cell(engine_name: str, length: int, weights: str, args):
     if weights == "real":
         from fastmem.data import stress_test
 
-        model, tokenizer = load_model(SMOLLM2, device=device)
-        sample = stress_test(tokenizer, length, 0.0, seed=42, max_length=SMOLLM2_CONTEXT)
+        # past SmolLM2's 8192 positions: the real weights with YaRN RoPE scaling (`--context`)
+        context = PROMPT_ROOM + length if PROMPT_ROOM + length > SMOLLM2_CONTEXT else None
+        model, tokenizer = load_model(SMOLLM2, device=device, context=context)
+        sample = stress_test(tokenizer, length, 0.0, seed=42)
         warm = stress_test(tokenizer, WARMUP_TOKENS, 0.0, seed=43)
     else:
         from transformers import AutoConfig, LlamaForCausalLM
@@ -132,7 +138,7 @@ def build_cell(engine_name: str, length: int, weights: str, args):
         sample = _random_sample("long", prompt_len, length, cfg.vocab_size, 42)
         warm = _random_sample("warm", prompt_len, WARMUP_TOKENS, cfg.vocab_size, 43)
     config = TrainConfig(model=SMOLLM2, objective=args.objective, threshold=args.threshold, rank=args.rank,
-                         alpha=2.0 * args.rank, layers=args.layers, progress=False,
+                         alpha=2.0 * args.rank, layers=args.layers, modules=args.modules, progress=False,
                          gradient_checkpointing=engine_name == "fast-ckpt",
                          engine="hf" if engine_name == "hf" else "fast")
     peft_model, layer_ids = attach_lora(model, config)
@@ -183,13 +189,16 @@ def run_cell(args) -> dict:
             "step_peak_rss": _rss_bytes("VmHWM") if peak_reset else None,
             "process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "prompt_len": len(sample.prompt_ids), "answer_len": sample.answer_len, "layers": layer_ids,
-            "rank": args.rank, "threads": torch.get_num_threads()}
+            "rank": args.rank, "modules": args.modules, "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------- the driver
 
-def weights_for(length: int, prompt_len: int = 37) -> str:
-    return "real" if prompt_len + length <= SMOLLM2_CONTEXT else "random"
+def weights_for(length: int) -> str:
+    """The real SmolLM2 (RoPE-scaled past its context) up to REAL_WEIGHTS_UP_TO answer tokens;
+    random weights past that, where the frozen prefix's setup forward alone would take a CPU
+    many minutes."""
+    return "real" if length <= REAL_WEIGHTS_UP_TO else "random"
 
 
 def load_results(path: Path) -> list[dict]:
@@ -227,6 +236,7 @@ def run_missing(args) -> None:
             weights = weights_for(length)
             cmd = [sys.executable, __file__, "--cell", engine, "--length", str(length), "--weights", weights,
                    "--steps", str(args.steps), "--objective", args.objective, "--threshold", str(args.threshold), "--threads", str(args.threads), "--rank", str(args.rank),
+                   "--modules", ",".join(args.modules),
                    "--layers", ",".join(map(str, args.layers))]
             print(f"[{dt.datetime.now():%H:%M:%S}] {engine} l={length} ({weights} weights) ...", flush=True)
             start = time.perf_counter()
@@ -310,13 +320,17 @@ def report(args) -> Path:
         f"- versions: {json.dumps(versions)}",
         f"- shapes: SmolLM2-135M (30 layers, H=576, I=1536, 9 heads / 3 KV heads, V=49152), fp32; "
         f"prompt {any_row.get('prompt_len', 37)} tokens + ℓ answer tokens, batch 1; LoRA r={any_row.get('rank', 8)} "
-        f"on down_proj of layers {any_row.get('layers', [20, 24])}; objective {any_row.get('objective', '?')} "
+        f"on {','.join(any_row.get('modules', ['down_proj']))} of layers {any_row.get('layers', [20, 24])}; objective {any_row.get('objective', '?')} "
         f"(threshold {any_row.get('threshold', '?')}); the fast engine's head backward runs only over active rows "
         "(column 'active'), hf's always over all",
-        f"- weights: ℓ ≤ 8000 the real SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized); ℓ ≥ 16000 **random weights**, "
-        "SmolLM2's architecture with max_position_embeddings = prompt + ℓ (SmolLM2's context is 8192; a step's "
-        "cost does not depend on the weights; every answer row is then active), and the fast engines' cached span "
-        "input is a random tensor instead of the frozen prefix's output (same step, no 29-layer setup forward)",
+        "- weights: " + "; ".join(
+            f"ℓ = {', '.join(str(n) for n in sorted({r['length'] for r in rows.values() if r.get('weights') == kind}))}: "
+            + {"real": "the real SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized; past 8192 positions with YaRN "
+                       "RoPE scaling)",
+               "random": "**random weights**, SmolLM2's architecture with max_position_embeddings = prompt + ℓ "
+                         "(a step's cost does not depend on the weights; every answer row is then active), and the "
+                         "fast engines' cached span input is a random tensor instead of the frozen prefix's output"}[kind]
+            for kind in ("real", "random") if any(r.get("weights") == kind for r in rows.values())),
         f"- protocol: each cell its own process under RLIMIT_AS = {cap} GiB; warm-up step on a 256-token sample; "
         "time = the step (forward + backward + AdamW) on the ℓ-token sample; step peak = peak RSS during that "
         "step (VmHWM reset just before it; model, prefix cache and libraries included)",
@@ -410,7 +424,11 @@ def _plot(rows, lengths, path: Path) -> None:
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle("SmolLM2 shape, CPU, LoRA r8 on down_proj of layers 20+24 (ℓ ≥ 16k: random weights)")
+    first = next(iter(rows.values()))
+    random_from = min((n for (_, n), r in rows.items() if r.get("weights") == "random"), default=None)
+    fig.suptitle(f"SmolLM2 shape, CPU, LoRA r{first.get('rank', 8)} on {','.join(first.get('modules', ['down_proj']))} "
+                 f"of layers {first.get('layers', [20, 24])}"
+                 + (f" (ℓ ≥ {random_from}: random weights)" if random_from else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -437,6 +455,7 @@ def main(argv=None):
     parser.add_argument("--engines", type=lambda t: t.split(","), default=list(ENGINES))
     parser.add_argument("--layers", type=lambda t: [int(v) for v in t.split(",")], default=[20, 24])
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--modules", type=lambda t: t.split(","), default=["down_proj"])
     parser.add_argument("--objective", default="ot", choices=("sft", "ot", "sw"))
     parser.add_argument("--threshold", type=float, default=0.3, help="MemFT weighting threshold (issue 12: ot 0.3)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per cell (the minimum is reported)")
