@@ -153,10 +153,6 @@ def register_op(op: str, implementations: Mapping[str, Any]) -> OpBackends:
     return entry
 
 
-def registered_ops() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
 def op_backends(op: str) -> tuple[str, ...]:
     """The backends `op` implements, in its preference order."""
     return _entry(op).preference

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from fastmem.errors import UsageError
+from fastmem.files import check_nearest_parent
 from fastmem.data.jsonl import _KNOWN_FIELDS as KNOWN_FIELDS
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -149,20 +150,6 @@ def check_out_dir(path: str, flag: str = "--out") -> Path:
         return folder
     check_nearest_parent(folder, flag)
     return folder
-
-
-def check_nearest_parent(path, flag: str) -> None:
-    """The nearest existing parent of `path` is a writable directory (where it, or a staging
-    directory beside it, will be created)."""
-    import os
-
-    for parent in Path(path).parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK):
-                raise UsageError(f"{flag} {path}: {parent} is not writable")
-            return
 
 
 def check_model(name: str, flag: str = "--model") -> str:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from fastmem.files import write_jsonl_atomic
 
 from .chat import check_length, encode_pair, template_prompt_ids
 from .sample import MemorySample
@@ -120,14 +121,4 @@ def save_jsonl(samples_or_pairs, path: str | os.PathLike) -> Path:
                              f"{record.get('prompt')!r}, {record.get('answer')!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file beside the target, then rename: a reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_jsonl_atomic(path, records)  # a reader never sees half a file

@@ -31,7 +31,7 @@ class MemorySample:
 
 
 def check_samples(samples, vocab_size: int | None = None, max_positions: int | None = None) -> None:
-    """The one input check of every workflow (train, eval, verify): refuse, naming the sample,
+    """The one input check of every workflow (train, eval, sweep): refuse, naming the sample,
     what the model cannot score before any forward runs.
 
     Args:

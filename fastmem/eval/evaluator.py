@@ -12,20 +12,18 @@ confirm, and its EM / i* are then the decode's (`confirmed_by_decoding`).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from fastmem.constants import L_CRIT
 from fastmem.data.sample import MemorySample
 from fastmem.eval.exact_match import decisive_positions, margin_tolerance, near_tie_positions
 from fastmem.eval.greedy import GreedyResult, greedy_check
 from fastmem.eval.teacher_forcing import TokenScores, teacher_forced_scores
+from fastmem.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +176,7 @@ class EvalReport:
                                   first_error=record.first_error, title=_grid_title(record), tokens=tokens)
             entry["prob_grid"] = png
         path = out / REPORT_NAME
-        # Written beside and renamed into place: a killed eval never leaves a half report.json.
-        partial = path.with_name(f".{REPORT_NAME}.partial")
-        partial.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(partial, path)
-        return path
+        return write_json_atomic(path, report, indent=1)  # a killed eval never leaves half a report
 
 
 def _file_safe(name: str) -> str:
@@ -239,7 +233,7 @@ def evaluate(model, samples: Sequence[MemorySample], tokenizer=None, *, batch_si
         timing["decoding_s"] = time.perf_counter() - start
     records = []
     for sample, score, greedy_result, ties, reason in zip(samples, scores, greedy_results, near_ties, reasons):
-        stubborn_positions = (score.loss >= L_CRIT).nonzero().flatten().tolist()
+        stubborn_positions = score.stubborn_mask().nonzero().flatten().tolist()
         stubborn = [{"position": p, "token": _token_text(tokenizer, sample.answer_ids[p]),
                      "token_id": sample.answer_ids[p], "prob": float(score.prob[p]),
                      "margin": float(score.margin[p])}

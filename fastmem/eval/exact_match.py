@@ -1,5 +1,9 @@
-"""Exact match and the first divergence i* from ONE teacher-forced pass — the definition every
-workflow uses (evaluator, the trainer's final pass, train/verify.py).
+"""When one teacher-forced pass decides exact match and i*, and when a decode must confirm it.
+
+The verdict itself is `TokenScores.exact_match` (eval/teacher_forcing.py: every argmax right);
+the evaluator (`RecordResult.exact_match`, eval/evaluator.py) takes a decode's verdict instead
+for the samples this module flags as near ties. The trainer's final pass and `fastmem eval`
+both read the evaluator. This module holds why that is sound and the noise tolerance.
 
 Greedy decoding reproduces the answer iff, under teacher forcing, every answer position's argmax
 is its target (a tie counts as wrong): by induction each decode step sees exactly the
@@ -10,7 +14,7 @@ The one caveat is numerical: a KV-cached decode and a full forward compute the s
 different kernels (other GEMM shapes, attention over a cache), so they agree only up to the
 dtype's rounding noise. A position whose top-1 margin (target logit minus best other) is within
 that noise may come out the other way when decoded; such a sample is decoded to confirm
-(`needs_decoding`), and the report says so.
+(`near_tie_positions`; the evaluator decodes those with decode="auto"), and the report says so.
 
 Noise tolerance, per position t: `MARGIN_NOISE_EPS[dtype] * eps(dtype) * max(1, |lse_t|)`.
 Rounding errors are relative to the magnitude of what is rounded, so the noise on a logit

@@ -15,12 +15,15 @@ import torch
 from tqdm.auto import tqdm
 
 from fastmem.data.sample import MemorySample
-from fastmem.eval.teacher_forcing import check_samples, eval_mode, length_batches, unwrap_model
+from fastmem.data.sample import check_samples
+from fastmem.eval.teacher_forcing import length_batches
+from fastmem.integrations.heads import causal_lm_of
+from fastmem.nn.modes import eval_mode
 
 
 def _cache_argument(model) -> str:
     # transformers 5 names the KV cache `cache`; 4.x called it `past_key_values`.
-    params = inspect.signature(unwrap_model(model).forward).parameters
+    params = inspect.signature(causal_lm_of(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -101,7 +104,7 @@ def greedy_check(model, samples: Sequence[MemorySample], *, batch_size: int = 4,
         fast_fail: stop a sample at its first wrong token (EM is then already decided).
         pad_token_id: any valid id; padded positions are masked out of attention.
     """
-    check_samples(samples, unwrap_model(model).get_input_embeddings().num_embeddings)
+    check_samples(samples, causal_lm_of(model).get_input_embeddings().num_embeddings)
     cache_arg = _cache_argument(model)
     results: list[GreedyResult | None] = [None] * len(samples)
     # One tick per sample; the postfix counts decode steps, since a long answer takes minutes.

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastmem.constants import IGNORE_INDEX
+from fastmem.constants import IGNORE_INDEX, is_stubborn
 from fastmem.data.sample import MemorySample, check_samples
 from fastmem.integrations.heads import causal_lm_of, plain_head
-from fastmem.nn.modes import eval_mode  # noqa: F401 (re-exported: greedy, callers)
+from fastmem.nn.modes import eval_mode
 from fastmem.ops import linear_cross_entropy
 
 # Logits held at once by the rank computation (elements): 64 MiB of fp32 on a CPU; 256 MiB on
@@ -53,10 +53,9 @@ class TokenScores:
         """Greedy decoding reproduces the answer iff every teacher-forced argmax is right."""
         return self.first_error < 0
 
-
-def unwrap_model(model):
-    """The transformers causal LM under a PEFT wrapper (LoRA layers stay injected in it)."""
-    return causal_lm_of(model)
+    def stubborn_mask(self) -> torch.Tensor:
+        """Answer tokens not recalled (p <= 0.5, or a NaN loss): fastmem.constants.is_stubborn."""
+        return is_stubborn(self.loss)
 
 
 def decoder_and_head(model) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
@@ -67,7 +66,7 @@ def decoder_and_head(model) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor
     soft-cap their logits are refused rather than silently mis-scored.
     """
     weight, bias = plain_head(model)
-    return unwrap_model(model).get_decoder(), weight, bias
+    return causal_lm_of(model).get_decoder(), weight, bias
 
 
 def target_ranks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -152,7 +151,7 @@ def teacher_forced_scores(model, samples: Sequence[MemorySample], *, batch_size:
     mode is restored afterwards."""
     with eval_mode(model):
         decoder, weight, bias = decoder_and_head(model)
-        max_positions = getattr(getattr(unwrap_model(model), "config", None), "max_position_embeddings", None)
+        max_positions = getattr(getattr(causal_lm_of(model), "config", None), "max_position_embeddings", None)
         check_samples(samples, min(weight.shape[0], decoder.get_input_embeddings().num_embeddings),
                       max_positions if isinstance(max_positions, int) else None)
         return _score_all(decoder, weight, bias, samples, batch_size, progress, chunk_size)

@@ -18,8 +18,8 @@ recalled" there can be luck of the mask. So when dropout is on, a candidate step
 before stopping: the step's micro-batches (their inputs captured by a forward pre-hook) run
 once more in eval mode without grad, and the stop holds only if those stats recall every token
 too; otherwise training goes on with this step's update. The confirmation costs one forward
-per micro-batch and runs only at candidate steps. Recall is read with the same TokenStats
-definition the trainer and the evaluator use (fastmem.ops.TokenStats.all_recalled).
+per micro-batch and runs only at candidate steps. Recall is read with the one definition the
+trainer and the evaluator use (fastmem.constants.is_stubborn, through TokenStats.all_recalled).
 
 Limits: a DeepSpeed / FSDP optimizer that keeps its own gradient copies is not covered; fp16
 GradScaler without gradient clipping asserts on a step with no gradients (bf16, fp32, and fp16

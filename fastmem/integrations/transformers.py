@@ -26,9 +26,11 @@ from torch import nn
 
 from fastmem.integrations import families
 from fastmem.integrations.families import ALIASES, FAMILIES
+from fastmem.integrations.heads import causal_lm_of
 from fastmem.integrations.hf_forward import (CONFIG_ATTR, ORIGINAL_ATTR, STATS_ATTR, FusedLossConfig,
                                              check_softcap_supported, head_weight_and_bias, is_fused_forward,
                                              make_fused_forward, unknown_router_loss_message)
+from fastmem.nn.modes import eval_mode
 from fastmem.ops.linear_cross_entropy import linear_cross_entropy
 from fastmem.ops.token_stats import TokenStats
 
@@ -46,7 +48,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     from transformers import PreTrainedModel
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = causal_lm_of(model)
     if not isinstance(inner, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel (or a PEFT model around one), "
                         f"got {type(model).__name__}")
@@ -106,16 +108,10 @@ def _probe_generic_forward(model, model_type) -> None:
                                   f"model.{model.base_model_prefix}; unsupported architecture")
     device = model.get_output_embeddings().weight.device
     input_ids = torch.arange(1, 4, device=device).clamp(max=model.config.vocab_size - 1)[None]
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            reference = type(model).forward(model, input_ids=input_ids).logits
-            hidden = decoder(input_ids=input_ids)[0]
-            rebuilt = model.get_output_embeddings()(hidden)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        reference = type(model).forward(model, input_ids=input_ids).logits
+        hidden = decoder(input_ids=input_ids)[0]
+        rebuilt = model.get_output_embeddings()(hidden)
     if reference.shape != rebuilt.shape or not torch.allclose(reference.float(), rebuilt.float(),
                                                               rtol=1e-5, atol=1e-6):
         raise NotImplementedError(f"fastmem: the forward of {name} (model_type={model_type!r}) is not "

@@ -5,8 +5,12 @@ span's q/k/v/o/gate/up/down forward, and their input gradients in backward); one
 them ~1.8x faster than torch's MKL sgemm on the AVX-512 CI machine, in IEEE fp32.
 `use_onednn_linears(module)` reroutes every frozen fp32 CPU nn.Linear inside `module`
 (PEFT's LoRA base layers included; trainable A / B stay as they are). A layer whose weight
-requires grad when called, a tensor off the CPU, another dtype, or a GEMM of fewer than
-ONEDNN_MIN_ROWS rows (a decode step: memory-bound, nothing to gain) takes F.linear.
+requires grad when called, a tensor off the CPU, another dtype, a GEMM of fewer than
+ONEDNN_MIN_ROWS rows (a decode step: memory-bound, nothing to gain), or a call under CPU
+autocast takes F.linear. Under autocast F.linear runs in the autocast dtype (bf16: the GEMM
+the user asked for), which an fp32 oneDNN product would silently undo, so the reroute steps
+aside there. The input gradient is the one derivative given: a double backward (e.g.
+`create_graph=True` and a gradient of the gradient) is refused (once_differentiable).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fastmem.ops.cpu_gemm import matmul_nn, matmul_nt, onednn_serves
 
@@ -31,17 +36,18 @@ class _FrozenLinear(torch.autograd.Function):
         return matmul_nt(x2d, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (weight,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        with torch.no_grad():
-            return matmul_nn(grad_out.contiguous(), weight), None, None
+        return matmul_nn(grad_out.contiguous(), weight), None, None
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     rows = x.numel() // max(x.shape[-1], 1)
-    return (onednn_serves(x.dtype, x.device) and weight.dtype == x.dtype and not weight.requires_grad
+    return (onednn_serves(x.dtype, x.device) and not torch.is_autocast_enabled("cpu")
+            and weight.dtype == x.dtype and not weight.requires_grad
             and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad))
             and rows >= ONEDNN_MIN_ROWS)
 

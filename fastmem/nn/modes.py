@@ -1,4 +1,4 @@
-"""Module-mode helpers shared by the evaluator and the trainer integrations."""
+"""Module-mode helpers shared by the evaluator, the trainer and the transformers integration."""
 
 from __future__ import annotations
 

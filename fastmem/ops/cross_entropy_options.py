@@ -29,10 +29,6 @@ class LogitOptions:
     label_smoothing: float = 0.0
     lse_square_scale: float = 0.0
 
-    @property
-    def any(self) -> bool:
-        return bool(self.softcap or self.label_smoothing or self.lse_square_scale)
-
 
 NO_OPTIONS = LogitOptions()
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastmem.constants import L_CRIT
+from fastmem.constants import L_CRIT, is_stubborn
 
 
 # The per-call statistics in the order the op returns them (first_error last: it is per sample).
@@ -48,8 +48,8 @@ class TokenStats:
     margin: torch.Tensor | None = None
 
     def stubborn_mask(self, threshold: float = L_CRIT) -> torch.Tensor:
-        """Valid tokens not yet recalled: L_t >= threshold (p <= 0.5 at ln 2)."""
-        return self.valid & (self.loss >= threshold)
+        """Valid tokens not yet recalled: L_t >= threshold (p <= 0.5 at ln 2), or a NaN loss."""
+        return self.valid & is_stubborn(self.loss, threshold)
 
     def all_recalled(self, threshold: float = L_CRIT) -> bool:
         """Every valid token has L_t < threshold (p > 0.5): greedy decoding recalls them all."""

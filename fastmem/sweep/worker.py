@@ -52,14 +52,10 @@ def cell_config(cell: Cell, spec: SweepSpec, n_samples: int = 1):
                        context=spec.context, **extra)
 
 
-def recall_check(model, samples, decode_all: bool) -> dict:
-    """Per sample of a trained cell: min token p, mean loss, teacher-forced EM and (decoded
-    samples only, else None) greedy-decoded EM — the data of the recall-threshold study."""
-    from fastmem.eval.evaluator import evaluate
-
-    # fast_fail: a sample that is not recalled stops decoding at its first wrong token (EM is
-    # still exact); a recalled one is decoded to its end, which is what the check is about.
-    report = evaluate(model, samples, decode="all" if decode_all else "auto", fast_fail=True, progress=False)
+def recall_check(report) -> dict:
+    """Per sample of a trained cell, from the trainer's final pass (an EvalReport): min token p,
+    mean loss, teacher-forced EM and (decoded samples only, else None) greedy-decoded EM — the
+    data of the recall-threshold study."""
     records = report.records
     return {"min_p_per_sample": [r.min_prob for r in records],
             "mean_loss_per_sample": [r.mean_loss for r in records],
@@ -74,9 +70,11 @@ def train_cell(cell: Cell, spec: SweepSpec, model, tokenizer) -> dict:
 
     samples = cell_samples(cell, tokenizer)
     config = cell_config(cell, spec, len(samples))
-    result = train(config, samples, model=model, tokenizer=tokenizer,
-                   overwrite=True)  # a redone cell replaces its own earlier attempt
-    check = recall_check(result.model, samples, spec.decode_check)
+    # One evaluation per cell: the trainer's final pass (decoding every sample for the decode
+    # check; a sample that is not recalled stops decoding at its first wrong token) is the check.
+    result = train(config, samples, model=model, overwrite=True,  # a redone cell replaces its own earlier attempt
+                   final_decode="all" if spec.decode_check else None)
+    check = recall_check(result.report)
     # tokens that fell back above the recall line after crossing below it, summed over steps
     check["recrossings"] = sum(int(row.get("recrossed") or 0) for row in result.metrics)
     result.model.unload()  # the base model goes back to the next cell without the adapter

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastmem.integrations.heads import plain_head
+from fastmem.integrations.heads import causal_lm_of, plain_head
 from fastmem.train.config import TrainConfig, default_layers
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def attach_lora(model: nn.Module, config: TrainConfig):
 
 
 def model_parts(peft_model: nn.Module, layer_ids: list[int]) -> ModelParts:
-    causal_lm = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    causal_lm = causal_lm_of(peft_model)
     decoder, layers, norm = _decoder_layers(causal_lm)
     cfg = causal_lm.config
     head_weight, head_bias = plain_head(causal_lm)  # the one head resolver (refuses rescaled logits)

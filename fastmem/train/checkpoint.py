@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fastmem.files import write_text_atomic
 from fastmem.rope_scaling import write_context_record
 
 LATEST = "latest"
@@ -44,17 +45,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-# temporaries this module (and run_log.write_json_atomic) leave only when killed mid-write
-_TEMP_PATTERNS = (".step-*", ".adapter.*", f".{LATEST}.*", ".summary.json.tmp", ".metrics.jsonl.*", ".run.json.tmp")
+# temporaries this module and fastmem.files leave only when killed mid-write
+_TEMP_PATTERNS = (".step-*", ".adapter.*", f".{LATEST}.*", ".summary.json.*", ".metrics.jsonl.*", ".run.json.*")
 
 
 def clean_stale_temps(directory: Path) -> None:
@@ -112,7 +104,7 @@ def save_checkpoint(directory: Path, step: int, peft_model, trainer_state: dict)
     final = directory / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _write_text_atomic(directory / LATEST, name)
+    write_text_atomic(directory / LATEST, name)
     for old in directory.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

@@ -184,7 +184,7 @@ def run(args) -> int:
     config.out = str(plan.staging if plan.action == "replace" else plan.out)
     try:
         with StopRequest(enabled=not info.enabled):
-            result = train(config, samples, model=model, tokenizer=tokenizer, resume=plan.action != "new")
+            result = train(config, samples, model=model, resume=plan.action != "new")
     except (ValueError, TypeError) as err:
         if info.is_main:
             plan.abandon()

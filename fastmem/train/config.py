@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from fastmem.constants import L_CRIT, MEMFT_EPS, SW_FLOOR, SW_KAPPA, SW_TAU, SW_WINDOW
-
-OBJECTIVES = ("sft", "ot", "sw")
+from fastmem.constants import L_CRIT, MEMFT_EPS, OBJECTIVES, SW_FLOOR, SW_KAPPA, SW_TAU, SW_WINDOW
 ENGINES = ("fast", "hf")
 DISTRIBUTED = ("ddp", "fsdp2")
 

@@ -66,7 +66,7 @@ def _memorize(title: str, samples, model, tokenizer, args, out: Path):
     config = TrainConfig(model=args.model, objective="ot", threshold=args.threshold, rank=args.rank,
                          alpha=2.0 * args.rank, max_steps=args.max_steps, batch_size=len(samples),
                          seed=args.seed, out=str(out), progress=not args.no_progress)
-    result = train(config, samples, model=model, tokenizer=tokenizer, resume=False,
+    result = train(config, samples, model=model, resume=False,
                    overwrite=True)  # the demo reruns into its own directory
     after = _recall(result.model, tokenizer, samples, device, "after")
     summary = result.summary

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastmem.errors import UsageError
-from fastmem.cli_checks import check_nearest_parent
+from fastmem.files import check_nearest_parent, write_json_atomic
 from fastmem.train.checkpoint import clean_stale_temps, latest_checkpoint
 from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig
 
@@ -75,9 +75,7 @@ def _write_manifest(directory: Path, settings: dict, data: dict, model: dict | N
 
     manifest = {"fastmem": __version__, "settings": settings, "data": data, "model": model,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, directory / MANIFEST)
+    write_json_atomic(directory / MANIFEST, manifest)
 
 
 def _samples(count) -> str:

@@ -1,14 +1,14 @@
-"""Per-step metrics (metrics.jsonl), the summary and peak memory."""
+"""Per-step metrics (metrics.jsonl), the progress-bar figures, re-crossings and peak memory."""
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 from pathlib import Path
 
 import torch
 
+from fastmem.files import write_json_atomic, write_jsonl_atomic  # noqa: F401 (write_json_atomic: older imports)
 
 
 def peak_mem_bytes(device: torch.device) -> int:
@@ -32,22 +32,13 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
         self.rows = [json.loads(line) for line in kept]
-        # rewritten through a temp file: a kill here leaves the old file, never half of one
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_jsonl_atomic(self.path, kept)  # a kill here leaves the old file, never half of one
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
         if self.path is not None:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class RunFigures:
@@ -85,3 +76,20 @@ class RunFigures:
         if len(self.latest) < self.num_samples:
             figures["seen"] = f"{len(self.latest)}/{self.num_samples}"
         return figures
+
+
+class Recrossings:
+    """Count tokens that were recalled (p > 0.5) at a sample's previous visit and are not now:
+    the drift DESIGN.md saw with OT at exactly ln 2 (the `recrossed` metric)."""
+
+    def __init__(self):
+        self.last: dict[int, torch.Tensor] = {}
+
+    def count(self, indices: list[int], stats) -> int:
+        total = 0
+        for row, index in enumerate(indices):
+            recalled = (~stats.stubborn_mask()[row])[stats.valid[row]].cpu()
+            if index in self.last:
+                total += int((self.last[index] & ~recalled).sum())
+            self.last[index] = recalled
+        return total

@@ -206,7 +206,7 @@ def test_report_json_schema_and_probability_grids(model, own_answer, tmp_path):
     report = evaluate(model, samples, progress=False)
     path = report.write(tmp_path / "out", grids=1, grid_width=5)
     data = json.loads(path.read_text())
-    assert set(data) == {"records", "totals", "timing"} and set(data["timing"]) == {"teacher_forcing_s", "decoding_s"}
+    assert set(data) == {"records", "totals", "timing", "model"} and set(data["timing"]) == {"teacher_forcing_s", "decoding_s"}
     first, second = data["records"]
     for record in data["records"]:
         assert isinstance(record["exact_match"], bool)

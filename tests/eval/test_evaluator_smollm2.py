@@ -77,7 +77,7 @@ def test_smollm2_teacher_forced_em_and_istar_equal_decoded_untrained_and_trained
     model = copy.deepcopy(base)
     text = stress_test(tokenizer, 40, 0.0, prompt="Recite the passage.")  # real text, 40 tokens
     config = TrainConfig(rank=8, lr=1e-2, dropout=0.0, max_steps=120, progress=False, verify_greedy=True)
-    result = train(config, [text], model=model, tokenizer=tokenizer)
+    result = train(config, [text], model=model)
     peft_model = result.model
     assert result.summary["stopped_on_recall"] and result.summary["exact_match"] == 1.0
 

@@ -49,3 +49,29 @@ def test_non_contiguous_input():
     weight = torch.randn(6, 10)
     x = torch.randn(20, 40)[:, ::4]
     torch.testing.assert_close(onednn_linear(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_autocast_is_followed(dtype):
+    """Under CPU autocast a rerouted layer gives what F.linear gives there (the autocast dtype),
+    not an fp32 oneDNN product."""
+    gen = torch.Generator().manual_seed(1)
+    lin = nn.Linear(24, 31).requires_grad_(False)
+    x = torch.randn(2, 37, 24, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        expected = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        use_onednn_linears(lin)
+        got = lin(x)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(got.float().sum(), x)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+
+
+def test_double_backward_is_refused():
+    lin = nn.Linear(8, 4).requires_grad_(False)
+    use_onednn_linears(lin)
+    x = torch.randn(ONEDNN_MIN_ROWS, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(lin(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

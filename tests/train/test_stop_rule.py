@@ -111,9 +111,9 @@ class TrainOnlyBoost(torch.nn.Dropout):
 
 @pytest.fixture
 def boosted_lora(monkeypatch):
-    import fastmem.train.loop as loop
+    import fastmem.train.setup as setup
 
-    real = loop.attach_lora
+    real = setup.attach_lora
 
     def attach(model, config):
         peft_model, layer_ids = real(model, config)
@@ -122,8 +122,8 @@ def boosted_lora(monkeypatch):
                 module.lora_dropout[name] = TrainOnlyBoost(p=0.1)
         return peft_model, layer_ids
 
-    monkeypatch.setattr(loop, "attach_lora", attach)
-    return loop
+    monkeypatch.setattr(setup, "attach_lora", attach)
+    return setup
 
 
 def test_a_stop_under_dropout_is_confirmed_by_an_eval_mode_pass(boosted_lora, adamw_steps):

@@ -1,0 +1,215 @@
+"""Setting up a training run: everything the loop reads, built once and held in a TrainingRun.
+
+    set_up(config, samples, model)
+        LoRA on the named modules/layers; the frozen-prefix cache and the base model's answer
+        loss (once per sample); the engine (fast or hf); the step plan; AdamW with the paper's
+        linear decay; SW windows, stop rule and re-crossing counter; then, when `<out>` holds
+        a checkpoint, all of that restored from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastmem.data.sample import MemorySample, check_samples
+from fastmem.nn.cpu_linear import use_onednn_linears
+from fastmem.train.adapters import ModelParts, adapter_parameters, attach_lora, model_parts
+from fastmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig
+from fastmem.train.distributed import DistInfo, barrier, init_distributed, wrap_span
+from fastmem.train.engine_fast import FastEngine
+from fastmem.train.engine_hf import HFEngine
+from fastmem.train.prefix_cache import PrefixCache
+from fastmem.train.run_log import MetricsLog, Recrossings, RunFigures
+from fastmem.train.schedule import build_schedule
+from fastmem.train.stop_rule import StopRule
+from fastmem.train.sw_window import SWWindowState
+
+log = logging.getLogger(__name__)
+
+
+def _make_optimizer(params, config: TrainConfig, total_steps: int):
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # The paper: linear decay to zero over the run, no warm-up.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total_steps))
+    return optimizer, scheduler
+
+
+def _curriculum(config: TrainConfig, num_samples: int):
+    if not config.curriculum:
+        return None
+    from fastmem.data import TemporalCurriculum
+
+    return TemporalCurriculum(num_samples, config.curriculum_ratios, config.curriculum_boundaries, config.seed)
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    """Does a training-mode forward of `model` drop anything (LoRA dropout, or the model's own)?"""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+@dataclass
+class TrainingRun:
+    """The state of one run: what set_up built, what the loop advances, what finish reports.
+
+    `step` counts the steps done (a resumed run starts at its checkpoint's); `stopped`: the
+    stop rule ended the run; `halted`: the process ended its work early (halt_after_steps or
+    Ctrl-C), with `interrupted` for Ctrl-C.
+    """
+
+    config: TrainConfig
+    samples: list[MemorySample]
+    info: DistInfo
+    model: nn.Module  # the PEFT model being trained
+    layer_ids: list[int]
+    engine: FastEngine | HFEngine
+    base_loss_sums: list[float]  # the base model's summed answer loss per sample
+    schedule: list
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sw_state: SWWindowState
+    stop_rule: StopRule
+    recrossings: Recrossings
+    curriculum: object | None
+    out: Path | None
+    confirm_stop: bool  # training-forward stats are noisy (dropout): confirm a stop in eval mode
+    wall_start: float
+    metrics: MetricsLog | None = None
+    figures: RunFigures | None = None
+    step: int = 0
+    start_step: int = 0
+    stopped: bool = False
+    halted: bool = False
+    interrupted: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def checkpoints(self) -> Path | None:
+        return self.out / "checkpoints" if self.out is not None else None
+
+    @property
+    def span(self) -> nn.Module | None:
+        """The fast engine's adapted span (DDP / FSDP-wrapped under torchrun), else None."""
+        return getattr(self.engine, "span", None)
+
+    def trainer_state(self) -> dict:
+        """Everything but the adapter that a resumed run needs to continue bit for bit."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "sw_window": self.sw_state.state_dict(), "stop_rule": self.stop_rule.state_dict(),
+                "recrossings": self.recrossings.last, "total_steps": self.total_steps,
+                "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
+                "config": self.config.to_dict()}
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoints is None:
+            return
+        if self.info.is_main:
+            save_checkpoint(self.checkpoints, self.step, self.model, self.trainer_state())
+        barrier(self.info)
+
+    def resume(self) -> None:
+        """Continue from `<out>/checkpoints` when a checkpoint is there (ValueError when it
+        belongs to another run)."""
+        checkpoint = latest_checkpoint(self.checkpoints) if self.checkpoints is not None else None
+        if checkpoint is None:
+            return
+        state = load_checkpoint(checkpoint, self.model)
+        config = self.config.to_dict()
+        changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != config[k]]
+        if changed or state["total_steps"] != self.total_steps:
+            raise ValueError(f"checkpoint {checkpoint} belongs to another run (differs in "
+                             f"{changed or ['data size / step plan']}); use a new --out or --no-resume")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sw_state.load_state_dict(state["sw_window"])
+        self.stop_rule.load_state_dict(state["stop_rule"])
+        self.recrossings.last = state["recrossings"]
+        if self.curriculum is not None:  # the saved order wins; the plan follows from it
+            self.curriculum.load_state_dict(state["curriculum"])
+            self.schedule = _schedule(self.config, len(self.samples), self.info, self.curriculum)
+        set_rng_state(state["rng"])
+        self.step = self.start_step = state["step"]
+        log.info("resumed from %s at step %d", checkpoint, self.step)
+
+
+def _schedule(config: TrainConfig, num_samples: int, info: DistInfo, curriculum) -> list:
+    return build_schedule(num_samples, config.batch_size, config.epochs, config.max_steps, config.seed,
+                          info.world_size, curriculum)
+
+
+def _check_settings(config: TrainConfig, info: DistInfo) -> None:
+    if config.engine == "hf" and info.enabled:
+        raise ValueError("engine 'hf' runs in one process; use the fast engine under torchrun")
+    if info.enabled and config.distributed == "fsdp2" and config.checkpoint_every:
+        raise ValueError("checkpoint_every is not supported with distributed='fsdp2' yet (sharded "
+                         "optimizer state); use ddp or checkpoint_every=0")
+
+
+def _engine(config: TrainConfig, peft_model: nn.Module, parts: ModelParts, samples: list[MemorySample],
+            info: DistInfo) -> tuple[FastEngine | HFEngine, list[float]]:
+    """The engine, and the base model's answer loss per sample (summed over its tokens, once)."""
+    if config.engine == "fast":
+        # frozen fp32 CPU linears through oneDNN (~2x MKL here); the hf engine stays plain HF
+        rerouted = use_onednn_linears(peft_model)
+        if rerouted:
+            log.info("oneDNN GEMMs for %d frozen fp32 linear layers (FASTMEM_CPU_GEMM=mkl to turn off)", rerouted)
+    # The hf engine never reads the cache: there the forward only yields the base loss.
+    cache = PrefixCache(peft_model, parts, samples, info.device,
+                        enabled=config.prefix_cache and config.engine == "fast")
+    base_loss_sums = cache.build_all()
+    if config.engine == "hf":
+        return HFEngine(config, peft_model, samples, info.device), base_loss_sums
+    engine = FastEngine(config, parts, cache)
+    engine.span = wrap_span(engine.span, config.distributed, info)
+    return engine, base_loss_sums
+
+
+def set_up(config: TrainConfig, samples: list[MemorySample], model=None, *, resume: bool = True,
+           overwrite: bool = False) -> TrainingRun:
+    """Build a TrainingRun (see the module docstring); refusals come before the model loads."""
+    config.validate()
+    if config.out and not overwrite and (Path(config.out) / "summary.json").is_file():
+        raise FileExistsError(f"{config.out} holds a finished run (summary.json): pass overwrite=True to replace "
+                              "it, or choose another out")
+    wall_start = time.perf_counter()
+    info = init_distributed()
+    if model is None:
+        from fastmem.models import load_model
+
+        model, _ = load_model(config.model, device=info.device, context=config.context)
+    _check_settings(config, info)
+    out = Path(config.out) if config.out else None
+    if out is not None and info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    peft_model, layer_ids = attach_lora(model, config)
+    parts = model_parts(peft_model, layer_ids)
+    check_samples(samples, parts.head_weight.shape[0], parts.max_positions)
+    peft_model.to(info.device).train()
+    engine, base_loss_sums = _engine(config, peft_model, parts, samples, info)
+    curriculum = _curriculum(config, len(samples))
+    schedule = _schedule(config, len(samples), info, curriculum)
+    params = list(adapter_parameters(peft_model).values())
+    optimizer, scheduler = _make_optimizer(params, config, len(schedule))
+    run = TrainingRun(config=config, samples=samples, info=info, model=peft_model, layer_ids=layer_ids,
+                      engine=engine, base_loss_sums=base_loss_sums, schedule=schedule, params=params,
+                      optimizer=optimizer, scheduler=scheduler,
+                      sw_state=SWWindowState(len(samples), config.sw_window),
+                      stop_rule=StopRule(len(samples), config.objective, config.stop_on_recall),
+                      recrossings=Recrossings(), curriculum=curriculum, out=out,
+                      confirm_stop=_has_dropout(peft_model), wall_start=wall_start)
+    if resume:
+        run.resume()
+    run.metrics = MetricsLog(out, run.step, enabled=info.is_main)
+    run.figures = RunFigures(len(samples))  # the progress bar shows the run, not the last batch
+    return run
