@@ -179,3 +179,72 @@ def check_model(name: str, flag: str = "--model") -> str:
     if not (folder / "config.json").is_file():
         raise UsageError(f"{flag} {name} has no config.json: not a Hugging Face checkpoint directory")
     return name
+
+
+def model_dimensions(name: str, flag: str = "--model") -> tuple[int, int | None]:
+    """`(width, context)` of a model from its metadata alone (no weights are read): the hidden
+    size, the highest rank a LoRA update can have, and the context in tokens (None: not stated)."""
+    from fastmem.models import SMOLLM2, smollm2_gguf_path
+
+    if name == SMOLLM2:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(smollm2_gguf_path()))
+        arch_field = reader.fields["general.architecture"]
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+
+        def number(key):
+            found = reader.fields.get(f"{arch}.{key}")
+            return None if found is None else int(found.parts[found.data[0]][0])
+
+        return number("embedding_length"), number("context_length")
+    config_file = Path(check_model(name, flag)) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{flag} {config_file} is not valid JSON ({err})") from None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    width = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(config.get(k), int)), None)
+    if width is None:
+        raise UsageError(f"{flag} {name}: config.json names no hidden size")
+    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                    if isinstance(config.get(k), int)), None)
+    return width, context
+
+
+# A chat template's prompt (system turn included) is far shorter than this; within it of the
+# context the stress prompt is measured with the tokenizer.
+PROMPT_MARGIN = 1024
+
+
+def check_sweep_fits_model(spec, cells) -> None:
+    """Every cell of a sweep is trainable on `spec.model`, before the database is created and
+    before a model loads: ranks within the model's width, stress answers within its context,
+    and each cell's trainer settings valid."""
+    from fastmem.sweep.worker import cell_config
+
+    width, context = model_dimensions(spec.model)
+    too_wide = sorted({cell.rank for cell in cells if cell.rank > width})
+    if too_wide:
+        raise UsageError(f"sweep ranks {too_wide} exceed the width {width} (hidden size) of {spec.model}: "
+                         "a LoRA update cannot have a higher rank")
+    stress = sorted({cell.length for cell in cells if cell.data == "stress"})
+    if context is not None and stress and stress[-1] >= context:  # no room even for a one-token prompt
+        raise UsageError(f"sweep lengths {[n for n in stress if n >= context]} do not fit the context of "
+                         f"{spec.model}: prompt + answer must be <= {context} tokens")
+    if context is not None and stress and stress[-1] > context - PROMPT_MARGIN:
+        from fastmem.data.chat import template_prompt_ids
+        from fastmem.data.stress import DEFAULT_PROMPT
+        from fastmem.models import load_tokenizer
+
+        prompt = len(template_prompt_ids(load_tokenizer(spec.model), DEFAULT_PROMPT)[0])
+        too_long = [length for length in stress if prompt + length > context]
+        if too_long:
+            raise UsageError(f"sweep lengths {too_long} do not fit the context of {spec.model}: {prompt} prompt "
+                             f"tokens + the answer must be <= {context} tokens (at most "
+                             f"{context - prompt} answer tokens)")
+    for cell in cells:
+        try:
+            cell_config(cell, spec).validate()
+        except ValueError as err:
+            raise UsageError(f"sweep cell {cell.key}: {err}") from None

@@ -43,15 +43,7 @@ def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype | None = None,
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if name_or_path == SMOLLM2:
-        gguf = smollm2_gguf_path()
-        kwargs = dict(gguf_file=gguf.name)
-        source = str(gguf.parent)
-    else:
-        if not os.path.isdir(name_or_path):
-            raise FileNotFoundError(f"model {name_or_path!r} is neither 'smollm2' nor a local "
-                                    "checkpoint directory (nothing is downloaded)")
-        kwargs, source = {}, name_or_path
+    source, kwargs = _source(name_or_path)
     with _quiet_loading():
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype,
@@ -64,6 +56,26 @@ def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype | None = None,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str = SMOLLM2):
+    """The model's tokenizer alone (no weights: seconds, where the model takes tens)."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = _source(name_or_path)
+    with _quiet_loading():
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
+
+
+def _source(name_or_path: str) -> tuple[str, dict]:
+    """Where `from_pretrained` reads the model: a directory and its keyword arguments."""
+    if name_or_path == SMOLLM2:
+        gguf = smollm2_gguf_path()
+        return str(gguf.parent), dict(gguf_file=gguf.name)
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r} is neither 'smollm2' nor a local "
+                                "checkpoint directory (nothing is downloaded)")
+    return name_or_path, {}
 
 
 @contextlib.contextmanager

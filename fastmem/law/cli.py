@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from fastmem.constants import L_CRIT
-from fastmem.errors import MissingInput, UsageError
+from fastmem.errors import UsageError
 
 FIT_EPILOG = """examples:
   fastmem fit --db sweep.sqlite --out fit/
@@ -107,26 +107,9 @@ def run_fit(args) -> int:
 
 def model_width(name: str) -> int:
     """The hidden size of the model (no weights are loaded): the highest useful LoRA rank."""
-    from fastmem.models import SMOLLM2, smollm2_gguf_path
+    from fastmem.cli_checks import model_dimensions
 
-    if name == SMOLLM2:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(smollm2_gguf_path()))
-        arch = reader.fields["general.architecture"]
-        field = reader.fields[f"{bytes(arch.parts[arch.data[0]]).decode()}.embedding_length"]
-        return int(field.parts[field.data[0]][0])
-    config_file = Path(name) / "config.json"
-    if not config_file.is_file():
-        raise MissingInput(f"--model {name} is neither 'smollm2' nor a checkpoint directory with config.json")
-    import json
-
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config = config.get("text_config", config)
-    for key in ("hidden_size", "n_embd", "d_model"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    raise UsageError(f"--model {name}: config.json names no hidden size")
+    return model_dimensions(name)[0]
 
 
 def _load_fit(path: str):

@@ -148,7 +148,7 @@ def _run_local_processes(spec, args, progress: bool) -> None:
 def run(args) -> int:
     import sys
 
-    from fastmem.cli_checks import check_model, check_sqlite_file
+    from fastmem.cli_checks import check_model, check_sqlite_file, check_sweep_fits_model
     from fastmem.sweep.store import ResultsStore
     from fastmem.sweep.worker import describe, run_worker, torchrun_worker_index
 
@@ -172,6 +172,7 @@ def run(args) -> int:
     spec = build_spec(args)
     cells = spec.cells()  # validates the grid
     check_model(spec.model)
+    check_sweep_fits_model(spec, cells)  # ranks vs width, lengths vs context: before the database exists
     check_sqlite_file(args.db, must_exist=False)
     store = ResultsStore(args.db, lease_s=args.lease_s)
     store.add_cells(cells)

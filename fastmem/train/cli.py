@@ -110,10 +110,8 @@ _NOT_CONFIG = {"data", "config", "no_resume", "require_exact_match", "func", "co
 def config_from_args(args) -> TrainConfig:
     values = {}
     if getattr(args, "config", None):
-        from dataclasses import fields
-
         from fastmem.config_file import load_settings
-        values.update(load_settings(args.config, {f.name for f in fields(TrainConfig)}, "train"))
+        values.update(load_settings(args.config, TrainConfig, "train"))  # names and types checked
     for name, value in vars(args).items():
         if name in _NEGATED_FLAGS:
             values[_NEGATED_FLAGS[name]] = not value
