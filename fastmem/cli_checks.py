@@ -90,12 +90,35 @@ def check_adapter_dir(path: str, flag: str = "--adapter") -> Path:
         try:
             with safe_open(str(weights[0]), framework="pt") as handle:
                 keys = list(handle.keys())
+                shapes = {key: list(handle.get_slice(key).get_shape()) for key in keys if ".lora_" in key}
         except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
             raise UsageError(f"{flag} {weights[0]} is not a readable safetensors file "
                              f"({' '.join(str(err).split())})") from None
         if not any("lora_" in key for key in keys):
             raise UsageError(f"{flag} {weights[0]} holds no LoRA tensors ({len(keys)} tensors, none named lora_*)")
+        check_adapter_ranks(config, shapes, f"{flag} {path}")
     return folder
+
+
+def check_adapter_ranks(config: dict, shapes: dict[str, list[int]], label: str) -> None:
+    """Each LoRA pair's rank in the weights (lora_A: [r, in], lora_B: [out, r]) is the `r` of
+    adapter_config.json (or its `rank_pattern` entry): PEFT would otherwise fail mid-load with
+    a size-mismatch traceback, after the model has loaded."""
+    import re
+
+    rank, pattern = config.get("r", 8), config.get("rank_pattern") or {}
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or not isinstance(pattern, dict):
+        raise UsageError(f"{label}: {ADAPTER_CONFIG} has r = {rank!r}, not an integer >= 1")
+    for key, shape in sorted(shapes.items()):
+        module, _, part = key.partition(".lora_")
+        if not part.startswith(("A.", "B.")) or len(shape) != 2:
+            continue
+        found = shape[0] if part.startswith("A.") else shape[1]
+        name = module.removeprefix("base_model.model.")
+        want = next((r for p, r in pattern.items() if re.fullmatch(rf"(.*\.)?{p}", name)), rank)
+        if found != want:
+            raise UsageError(f"{label}: {ADAPTER_CONFIG} says r = {want} but {key} has shape {shape} (rank "
+                             f"{found}): the config and the weights come from different adapters")
 
 
 def check_device(text: str | None, flag: str = "--device") -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastmem.errors import MissingInput, UsageError
+from fastmem.read_only_db import connect_read_only, table_names
 
 DONE = "done"
 # Columns that name what a run trained; fitting across several values mixes different laws.
@@ -56,13 +57,19 @@ def _layer_count(value, row_no: int) -> float | None:
 
 
 def _read_sqlite(path: Path) -> list[dict]:
-    # mode=ro: reading a results database must never create or change one.
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+    # Read-only: reading a results database never creates or changes one, and one in a
+    # read-only place (the repository's shipped results) opens.
+    conn = connect_read_only(path, "--db")
+    try:
         conn.row_factory = sqlite3.Row
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = table_names(conn)
         if "runs" not in tables:
             raise UsageError(f"{path} has no table 'runs' (tables: {sorted(tables) or 'none'})")
         return [dict(row) for row in conn.execute("SELECT * FROM runs")]
+    except sqlite3.DatabaseError as err:
+        raise UsageError(f"--db {path} cannot be read ({err})") from None
+    finally:
+        conn.close()
 
 
 def _read_csv(path: Path) -> list[dict]:

@@ -162,7 +162,7 @@ def run(args) -> int:
             print("{}")
             return 0
         from fastmem.sweep.progress import status_report
-        print(status_report(ResultsStore(args.db, lease_s=args.lease_s)))
+        print(status_report(ResultsStore(args.db, lease_s=args.lease_s, read_only=True)))
         return 0
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
