@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastmem.errors import UsageError
 from fastmem.data.jsonl import _KNOWN_FIELDS as KNOWN_FIELDS
+from fastmem.data.jsonl import check_text_fields
+from fastmem.errors import UsageError
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,6 +56,7 @@ def check_jsonl_file(path: str, flag: str = "--data", records: str = "prompt/ans
                                  "'prompt' and 'answer'")
         if not record["answer"]:
             raise UsageError(f"{flag} {path}:{number}: answer is empty: there is nothing to memorize")
+        check_text_fields(record, f"{flag} {path}:{number}")
         unknown = set(record) - KNOWN_FIELDS
         if unknown:
             raise UsageError(f"{flag} {path}:{number}: unknown field(s) {sorted(unknown)}; allowed: "

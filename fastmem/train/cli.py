@@ -201,5 +201,9 @@ def run(args) -> int:
     if info.is_main:
         print(json.dumps({k: summary.get(k) for k in keys}))
     if getattr(args, "require_exact_match", False) and summary.get("exact_match") != 1.0:
+        if info.is_main:
+            print(f"fastmem train: --require-exact-match: greedy decoding reproduced {summary.get('exact_match', 0):.1%} "
+                  f"of the {summary.get('num_samples', len(samples))} answers, not all (adapter kept in {plan.out})",
+                  file=sys.stderr)
         return 1
     return 0
