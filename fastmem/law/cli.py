@@ -153,6 +153,9 @@ def run_plan(args) -> int:
         print(f"no rank{limit} reaches ΔL = {delta:.4g} at length {args.length:g}: the fitted law "
               f"(C={fit.C:.4g}, α={fit.alpha:.4g}, β={fit.beta:.4g}, b={fit.b:.4g}) falls short")
         return 1
+    outside = fit.extrapolation(rank, args.length)
+    if outside:
+        print(f"fastmem plan: warning: extrapolating: {outside}; the law was not measured there", file=sys.stderr)
     predicted = fit.predict(rank, args.length, args.layers)
     # The rank alone on stdout, so `$(fastmem plan ...)` can feed a script; the why on stderr.
     print(rank)

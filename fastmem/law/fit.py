@@ -131,6 +131,19 @@ class LawFit:
             return None
         return rank
 
+    def extrapolation(self, rank: float | None, length: float) -> str:
+        """Where (`rank`, `length`) lies outside the runs this law was fitted on, in words ("" when
+        inside, or when the fit carries no runs): the law was not measured there."""
+        outside = []
+        for name, value, seen in (("length", length, self.lengths), ("rank", rank, self.ranks)):
+            if value is None or not seen:
+                continue
+            low, high = min(seen), max(seen)
+            if not low <= value <= high:
+                outside.append(f"{name} {value:g} is {'above' if value > high else 'below'} the fitted "
+                               f"{name}s {low:g}–{high:g}")
+        return "; ".join(outside)
+
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         out = asdict(self)
