@@ -67,6 +67,16 @@ def runs(tmp_path_factory, model_dir):
     return {"finished": finished, "unfinished": unfinished}
 
 
+def _sqlite_without_runs(path: Path) -> str:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE other (x)")
+    conn.commit()
+    conn.close()
+    return str(path)
+
+
 def _fit_file(path: Path, b: float = 0.5) -> str:
     path.write_text(json.dumps({"C": 4.0, "alpha": 0.5, "beta": 0.3, "b": b}))
     return str(path)
@@ -112,6 +122,15 @@ def _eval(tmp, model_dir, *extra):
 
 def _sweep(tmp, *extra):
     return ["sweep", "--db", str(tmp / "s.sqlite"), "--no-progress", *extra]
+
+
+def _adapter_with_other_r(runs, tmp) -> str:
+    """The finished run's adapter with adapter_config.json claiming another rank."""
+    folder = shutil.copytree(runs["finished"] / "adapter", tmp / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["r"] += 1
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return str(folder)
 
 
 CASES = {
@@ -162,6 +181,26 @@ CASES = {
     "train --config unknown key": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"rnak: 4\n")),
         2, "unknown train setting(s) ['rnak']"),
+    "train --config lr: fast": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"lr: fast\n")),
+        2, "c.yaml: lr must be a finite number, got 'fast'"),
+    "train --config epochs: many": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"epochs: many\n")),
+        2, "c.yaml: epochs must be an integer, got 'many'"),
+    "train --config modules: 3": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"modules: 3\n")),
+        2, "c.yaml: modules[0] must be a string, got 3"),
+    "train --data with a lone surrogate": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"),
+                               data=_bytes(t / "s.jsonl", b'{"prompt": "a", "answer": "b"}\n'
+                                                          b'{"prompt": "c", "answer": "x \\udc80 y"}\n')),
+        2, "s.jsonl:2: field 'answer' holds a lone surrogate"),
+    "eval --data with a lone surrogate": (
+        lambda t, m, r: ["eval", "--data", _bytes(t / "s.jsonl", b'{"prompt": "\\ud800", "answer": "b"}\n'),
+                         "--model", str(m), "--out", str(t / "ev")], 2, "s.jsonl:1: field 'prompt' holds a lone surrogate"),
+    "eval --adapter whose r differs from its weights": (
+        lambda t, m, r: _eval(t, m, "--adapter", _adapter_with_other_r(r, t)), 2,
+        "adapter_config.json says r = 3 but"),
     "eval --adapter junk adapter_config.json": (
         lambda t, m, r: _eval(t, m, "--adapter", _adapter(t, '{"r": 2}', b"")), 2,
         "is not a PEFT adapter config (no 'peft_type')"),
@@ -191,6 +230,16 @@ CASES = {
     "sweep --db not SQLite": (
         lambda t, m, r: ["sweep", "--db", _bytes(t / "x.sqlite", b"plain text"), "--ranks", "1"], 2,
         "is not an SQLite database"),
+    "sweep --lengths 9000 past the context": (
+        lambda t, m, r: _sweep(t, "--lengths", "9000"), 2, "sweep lengths [9000] do not fit the context of smollm2"),
+    "sweep --ranks 4096 past the width": (
+        lambda t, m, r: _sweep(t, "--ranks", "4096"), 2, "sweep ranks [4096] exceed the width 576"),
+    "sweep --config ranks: x": (
+        lambda t, m, r: _sweep(t, "--config", _bytes(t / "s.yaml", b"ranks: x\nlengths: 8\n")), 2,
+        "s.yaml: ranks[0] must be an integer, got 'x'"),
+    "sweep --status on a database without runs": (
+        lambda t, m, r: ["sweep", "--db", _sqlite_without_runs(t / "o.sqlite"), "--status"], 2,
+        "is not a sweep results database (no table 'runs')"),
     "sweep --status on a new path": (
         lambda t, m, r: ["sweep", "--db", str(t / "s.sqlite"), "--status"], 0, "no database at"),
     "plan --delta-loss beyond the model's width": (
