@@ -5,6 +5,7 @@ the file; none writes anything.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -242,6 +243,16 @@ def model_dimensions(name: str, flag: str = "--model") -> tuple[int, int | None]
 PROMPT_MARGIN = 1024
 
 
+@functools.lru_cache(maxsize=4)
+def stress_prompt_tokens(model: str) -> int:
+    """Tokens of the stress test's templated prompt on `model` (loads its tokenizer only)."""
+    from fastmem.data.chat import template_prompt_ids
+    from fastmem.data.stress import DEFAULT_PROMPT
+    from fastmem.models import load_tokenizer
+
+    return len(template_prompt_ids(load_tokenizer(model), DEFAULT_PROMPT)[0])
+
+
 def check_sweep_fits_model(spec, cells) -> None:
     """Every cell of a sweep is trainable on `spec.model`, before the database is created and
     before a model loads: ranks within the model's width, stress answers within its context,
@@ -258,11 +269,7 @@ def check_sweep_fits_model(spec, cells) -> None:
         raise UsageError(f"sweep lengths {[n for n in stress if n >= context]} do not fit the context of "
                          f"{spec.model}: prompt + answer must be <= {context} tokens")
     if context is not None and stress and stress[-1] > context - PROMPT_MARGIN:
-        from fastmem.data.chat import template_prompt_ids
-        from fastmem.data.stress import DEFAULT_PROMPT
-        from fastmem.models import load_tokenizer
-
-        prompt = len(template_prompt_ids(load_tokenizer(spec.model), DEFAULT_PROMPT)[0])
+        prompt = stress_prompt_tokens(spec.model)
         too_long = [length for length in stress if prompt + length > context]
         if too_long:
             raise UsageError(f"sweep lengths {too_long} do not fit the context of {spec.model}: {prompt} prompt "
