@@ -99,6 +99,11 @@ def _bytes(path: Path, content: bytes) -> str:
     return str(path)
 
 
+def _second_line(path: Path, line: bytes) -> str:
+    """A JSONL file whose first record is good and whose second is `line`."""
+    return _bytes(path, b'{"prompt": "a", "answer": "b"}\n' + line + b"\n")
+
+
 def _user_dir(tmp) -> str:
     (tmp / "mine").mkdir()
     (tmp / "mine" / "notes.txt").write_text("the user's")
@@ -160,8 +165,7 @@ CASES = {
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), data=str(t)), 2, "is a directory, not a JSONL file"),
     "train --data not UTF-8": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new"),
-                               data=_bytes(t / "latin1.jsonl", b'{"prompt": "a", "answer": "b"}\n'
-                                                               b'{"prompt": "caf\xe9", "answer": "b"}\n')),
+                               data=_second_line(t / "latin1.jsonl", b'{"prompt": "caf\xe9", "answer": "b"}')),
         2, "latin1.jsonl:2: not UTF-8 text"),
     "train --data missing": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), data=str(t / "none.jsonl")), 2, "does not exist"),
@@ -181,19 +185,16 @@ CASES = {
     "train --config unknown key": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"rnak: 4\n")),
         2, "unknown train setting(s) ['rnak']"),
-    "train --config lr: fast": (
-        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"lr: fast\n")),
-        2, "c.yaml: lr must be a finite number, got 'fast'"),
-    "train --config epochs: many": (
-        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"epochs: many\n")),
-        2, "c.yaml: epochs must be an integer, got 'many'"),
-    "train --config modules: 3": (
-        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"modules: 3\n")),
-        2, "c.yaml: modules[0] must be a string, got 3"),
+    **{f"train --config {setting}": (
+        lambda t, m, r, setting=setting: _train(t, m, "--out", str(t / "new"),
+                                                "--config", _bytes(t / "c.yaml", f"{setting}\n".encode())),
+        2, f"c.yaml: {message}")
+       for setting, message in [("lr: fast", "lr must be a finite number, got 'fast'"),
+                                ("epochs: many", "epochs must be an integer, got 'many'"),
+                                ("modules: 3", "modules[0] must be a string, got 3")]},
     "train --data with a lone surrogate": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new"),
-                               data=_bytes(t / "s.jsonl", b'{"prompt": "a", "answer": "b"}\n'
-                                                          b'{"prompt": "c", "answer": "x \\udc80 y"}\n')),
+                               data=_second_line(t / "s.jsonl", b'{"prompt": "c", "answer": "x \\udc80 y"}')),
         2, "s.jsonl:2: field 'answer' holds a lone surrogate"),
     "eval --data with a lone surrogate": (
         lambda t, m, r: ["eval", "--data", _bytes(t / "s.jsonl", b'{"prompt": "\\ud800", "answer": "b"}\n'),
