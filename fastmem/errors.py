@@ -21,3 +21,13 @@ class UsageError(FastmemError, ValueError):
 class RunFailed(FastmemError, RuntimeError):
     """The job ran and failed in a way the user must hear about (e.g. a non-finite loss):
     one line, exit code 1."""
+
+
+class MissingInput(UsageError, FileNotFoundError):
+    """A file or directory the user named does not exist: a `UsageError` that callers catching
+    `FileNotFoundError` still see."""
+
+
+class WrongInputType(UsageError, TypeError):
+    """A value of the wrong type from the user: a `UsageError` that callers catching
+    `TypeError` still see."""

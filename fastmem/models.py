@@ -98,6 +98,15 @@ def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype | None = None,
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str = SMOLLM2):
+    """The model's tokenizer alone (no weights: seconds, where the model takes tens)."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = _source(name_or_path)
+    with _quiet_loading():
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
+
+
 @contextlib.contextmanager
 def _quiet_loading():
     """No per-tensor bars (GGUF de-quantization uses plain tqdm; "Loading weights" uses

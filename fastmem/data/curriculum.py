@@ -13,6 +13,8 @@ import bisect
 import math
 import random
 
+from fastmem.errors import UsageError
+
 DEFAULT_RATIOS = (0.2, 0.4, 0.6, 0.8, 1.0)
 DEFAULT_BOUNDARIES = (20, 40, 60, 80, 200)
 
@@ -34,17 +36,17 @@ class TemporalCurriculum:
     def __init__(self, num_samples: int, ratios=DEFAULT_RATIOS, boundaries=DEFAULT_BOUNDARIES,
                  seed: int = 0):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+            raise UsageError(f"num_samples must be a positive int, got {num_samples!r}")
         ratios, boundaries = tuple(float(r) for r in ratios), tuple(boundaries)
         if not ratios or len(ratios) != len(boundaries):
-            raise ValueError(f"ratios and boundaries must be non-empty and of equal length, got "
+            raise UsageError(f"ratios and boundaries must be non-empty and of equal length, got "
                              f"{len(ratios)} ratios and {len(boundaries)} boundaries")
         if any(not 0.0 < r <= 1.0 for r in ratios) or any(
                 a > b for a, b in zip(ratios, ratios[1:])):
-            raise ValueError(f"ratios must be non-decreasing values in (0, 1], got {ratios}")
+            raise UsageError(f"ratios must be non-decreasing values in (0, 1], got {ratios}")
         if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in boundaries) or any(
                 a >= b for a, b in zip(boundaries, boundaries[1:])):
-            raise ValueError(f"boundaries must be strictly increasing ints >= 1, got {boundaries}")
+            raise UsageError(f"boundaries must be strictly increasing ints >= 1, got {boundaries}")
         self.num_samples = num_samples
         self.ratios = ratios
         self.boundaries = boundaries
@@ -59,7 +61,7 @@ class TemporalCurriculum:
     def stage(self, epoch: int) -> int:
         """Index of the stage that `epoch` (0-based) falls in; the last stage after the end."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+            raise UsageError(f"epoch must be an int >= 0, got {epoch!r}")
         return min(bisect.bisect_right(self.boundaries, epoch), len(self.boundaries) - 1)
 
     def num_active(self, epoch: int) -> int:
@@ -79,9 +81,9 @@ class TemporalCurriculum:
         """Restore a saved curriculum (its order included, so resume never re-shuffles)."""
         order = [int(i) for i in state["order"]]
         if sorted(order) != list(range(int(state["num_samples"]))):
-            raise ValueError("state 'order' is not a permutation of range(num_samples)")
+            raise UsageError("state 'order' is not a permutation of range(num_samples)")
         if int(state["num_samples"]) != self.num_samples:
-            raise ValueError(f"state has num_samples={state['num_samples']}, this curriculum "
+            raise UsageError(f"state has num_samples={state['num_samples']}, this curriculum "
                              f"{self.num_samples}: it was saved for another data set")
         fresh = TemporalCurriculum(self.num_samples, state["ratios"], state["boundaries"],
                                    state["seed"])

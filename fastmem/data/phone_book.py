@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import random
 
+from fastmem.errors import UsageError
+
 from .chat import encode_pair
 from .names import FIRST_NAMES, LAST_NAMES
 from .sample import MemorySample
@@ -79,11 +81,11 @@ def phonebook(tokenizer, total_answer_tokens: int, seed: int = 0, *,
         and `phone` ("book": `entries`, a list of [name, phone]).
     """
     if not isinstance(total_answer_tokens, int) or total_answer_tokens < 1:
-        raise ValueError(f"total_answer_tokens must be a positive int, got {total_answer_tokens!r}")
+        raise UsageError(f"total_answer_tokens must be a positive int, got {total_answer_tokens!r}")
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise UsageError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "entries" and "{name}" not in question:
-        raise ValueError(f"question must contain a '{{name}}' field, got {question!r}")
+        raise UsageError(f"question must contain a '{{name}}' field, got {question!r}")
     entries = phone_entries(seed)
     if layout == "book":
         return [_book_sample(tokenizer, entries, total_answer_tokens, seed, max_length)]
@@ -97,7 +99,7 @@ def phonebook(tokenizer, total_answer_tokens: int, seed: int = 0, *,
                              meta=dict(kind="phonebook", index=index, person=person, phone=phone))
         samples.append(sample)
         total += sample.answer_len
-    raise ValueError(f"total_answer_tokens={total_answer_tokens} needs more entries than the "
+    raise UsageError(f"total_answer_tokens={total_answer_tokens} needs more entries than the "
                      f"{len(samples)} distinct names available (reached {total} tokens)")
 
 
@@ -130,5 +132,5 @@ def _book_sample(tokenizer, entries, target: int, seed: int, max_length) -> Memo
                         break
                     sample = shorter
                 return sample
-    raise ValueError(f"total_answer_tokens={target} needs more entries than the distinct names "
+    raise UsageError(f"total_answer_tokens={target} needs more entries than the distinct names "
                      "available")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fastmem.errors import UsageError, WrongInputType
+
 
 @dataclass(frozen=True)
 class MemorySample:
@@ -39,21 +41,21 @@ def check_samples(samples, vocab_size: int | None = None, max_positions: int | N
         max_positions: prompt + answer must fit the model's context (None: not checked).
     """
     if not samples:
-        raise ValueError("samples is empty: nothing to train on or evaluate")
+        raise UsageError("samples is empty: nothing to train on or evaluate")
     for index, sample in enumerate(samples):
         if not isinstance(sample, MemorySample):
-            raise TypeError(f"samples[{index}] must be a MemorySample, got {type(sample).__name__}")
+            raise WrongInputType(f"samples[{index}] must be a MemorySample, got {type(sample).__name__}")
         label = f"samples[{index}] ({sample.name!r})"
         if not sample.prompt_ids:
-            raise ValueError(f"{label} has an empty prompt: the first answer token needs at least one "
+            raise UsageError(f"{label} has an empty prompt: the first answer token needs at least one "
                              "token before it")
         if not sample.answer_ids:
-            raise ValueError(f"{label} has an empty answer (nothing to memorize or score)")
+            raise UsageError(f"{label} has an empty answer (nothing to memorize or score)")
         if max_positions is not None and len(sample.input_ids) > max_positions:
-            raise ValueError(f"{label}: prompt + answer = {len(sample.input_ids)} tokens, longer than the "
+            raise UsageError(f"{label}: prompt + answer = {len(sample.input_ids)} tokens, longer than the "
                              f"model's context ({max_positions} positions)")
         if vocab_size is not None:
             bad = next((t for t in sample.input_ids if not 0 <= t < vocab_size), None)
             if bad is not None:
-                raise ValueError(f"{label} holds token id {bad}, outside the vocabulary [0, {vocab_size}) "
+                raise UsageError(f"{label} holds token id {bad}, outside the vocabulary [0, {vocab_size}) "
                                  "of the model (tokenized for another model?)")

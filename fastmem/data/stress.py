@@ -17,6 +17,8 @@ import os
 import random
 from pathlib import Path
 
+from fastmem.errors import MissingInput, UsageError, WrongInputType
+
 from .chat import check_length, template_prompt_ids
 from .sample import MemorySample
 from .stdlib_text import corpus_python_version, stdlib_corpus
@@ -34,7 +36,7 @@ def _text_token_ids(tokenizer, text: str, length: int) -> list[int]:
             break
         chars *= 2
     if len(ids) < length:
-        raise ValueError(f"length={length} tokens is longer than the text ({len(ids)} tokens); "
+        raise UsageError(f"length={length} tokens is longer than the text ({len(ids)} tokens); "
                          "give a longer text")
     return [int(i) for i in ids[:length]]
 
@@ -68,23 +70,23 @@ def stress_test(tokenizer, length: int, random_ratio: float, seed: int = 42,
         (the ids are not the tokenization of `answer`).
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be a positive int, got {length!r}")
+        raise UsageError(f"length must be a positive int, got {length!r}")
     if not isinstance(random_ratio, (int, float)) or not 0.0 <= random_ratio <= 1.0:
-        raise ValueError(f"random_ratio must be in [0, 1], got {random_ratio!r}")
+        raise UsageError(f"random_ratio must be in [0, 1], got {random_ratio!r}")
     if text is None:
         source, text = f"python{'.'.join(map(str, corpus_python_version()))}-docstrings", \
             stdlib_corpus()
     elif isinstance(text, os.PathLike):
         path = Path(text)
         if not path.is_file():
-            raise FileNotFoundError(f"text file {path} does not exist")
+            raise MissingInput(f"text file {path} does not exist")
         source, text = str(path), path.read_text(encoding="utf-8")
     elif isinstance(text, str):
         source = "text"
     else:
-        raise TypeError(f"text must be a str, a path or None, got {type(text).__name__}")
+        raise WrongInputType(f"text must be a str, a path or None, got {type(text).__name__}")
     if not text.strip():
-        raise ValueError("text is empty")
+        raise UsageError("text is empty")
 
     answer_ids = _text_token_ids(tokenizer, text, length)
     rng = random.Random(seed)

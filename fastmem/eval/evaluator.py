@@ -35,7 +35,9 @@ DECODE_MODES = ("auto", "all", "none")
 def _token_text(tokenizer, token_id: int) -> str:
     if tokenizer is None:
         return f"<{token_id}>"
-    return tokenizer.decode([token_id])
+    from fastmem.eval.plots import token_label  # a split multi-byte character as its bytes, not "\ufffd"
+
+    return token_label(tokenizer, token_id)
 
 
 @dataclass

@@ -5,6 +5,7 @@ Object-oriented matplotlib on an Agg canvas: headless, and no global pyplot stat
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from fastmem.constants import L_CRIT, P_RECALL
+from fastmem.errors import MissingInput, UsageError
 from fastmem.plotting import save_figure
 
 # matplotlib refuses images past 2^16 pixels a side: cap the figure height (inches at DPI).
@@ -33,9 +35,46 @@ MAX_TEXT_TOKENS = 20000  # beyond this, colours only (text would be unreadable a
 
 
 def _shown(text: str) -> str:
-    """A token's text as drawn: whitespace made visible, never empty."""
+    """A token's text as drawn: whitespace made visible, never empty, and every character the
+    grid's font cannot draw (CJK, emoji with the DejaVu fonts matplotlib ships) written as
+    U+XXXX instead of an empty box."""
     text = text.replace("\n", "↵").replace("\t", "→").replace("\r", "")
-    return text if text.strip() else (text.replace(" ", "␣") or "·")
+    text = text if text.strip() else (text.replace(" ", "␣") or "·")
+    drawable = _font_codepoints()
+    return "".join(c if ord(c) in drawable or c == " " else f"U+{ord(c):04X}" for c in text)
+
+
+@functools.lru_cache(maxsize=1)
+def _font_codepoints() -> frozenset[int]:
+    """The characters the grid's monospace font has glyphs for."""
+    from matplotlib import font_manager, ft2font
+
+    path = font_manager.findfont(font_manager.FontProperties(family="monospace"))
+    return frozenset(ft2font.FT2Font(path).get_charmap())
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE vocabularies (GPT-2 style) spell byte b as one printable character: the
+    printable Latin-1 bytes as themselves, the other bytes as chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def token_label(tokenizer, token_id: int) -> str:
+    """One token's text for the grid. A token holding part of a multi-byte character (CJK and
+    emoji are split over tokens) decodes alone to "\ufffd"; it is shown as its bytes (\\xe6)."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(int(token_id)) or ""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+        return f"\\x{piece[3:5].lower()}"
+    byte_of = _byte_of_char()
+    if piece and all(c in byte_of for c in piece):
+        return bytes(byte_of[c] for c in piece).decode("utf-8", errors="backslashreplace")
+    return text
 
 
 def _layout(texts: list[str], width: int) -> list[list[int]]:
@@ -143,7 +182,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The trainer's metrics JSONL: one JSON object per step (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"metrics file {path} does not exist")
+        raise MissingInput(f"metrics file {path} does not exist")
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -151,12 +190,12 @@ def read_metrics(path: str | Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+            raise UsageError(f"{path}:{number}: not JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object per line")
+            raise UsageError(f"{path}:{number}: expected a JSON object per line")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path} holds no metrics")
+        raise UsageError(f"{path} holds no metrics")
     return rows
 
 
@@ -227,7 +266,7 @@ def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Path:
                     names.append(key)
         keys = [(key, key) for key in names[:6]]
     if not keys:
-        raise ValueError(f"{metrics_path} has no numeric metric besides 'step'")
+        raise UsageError(f"{metrics_path} has no numeric metric besides 'step'")
     cols = min(2, len(keys))
     grid_rows = math.ceil(len(keys) / cols)
     fig = Figure(figsize=(5.0 * cols, 3.2 * grid_rows))

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from fastmem.errors import UsageError
 from fastmem.law.fit import LawFit
 from fastmem.plotting import save_figure
 
 
 def _runs(fit: LawFit):
     if not fit.ranks:
-        raise ValueError("this fit carries no runs to plot (it was loaded without them)")
+        raise UsageError("this fit carries no runs to plot (it was loaded without them)")
     rank = np.asarray(fit.ranks, dtype=np.float64)
     x = rank if fit.run_layers is None or fit.variable == "rank" else rank * np.asarray(fit.run_layers)
     return x, np.asarray(fit.lengths, dtype=np.float64), np.asarray(fit.delta_loss, dtype=np.float64)

@@ -150,7 +150,7 @@ def _run_local_processes(spec, args, progress: bool) -> None:
 def run(args) -> int:
     import sys
 
-    from fastmem.cli_checks import check_model, check_sqlite_file
+    from fastmem.cli_checks import check_model, check_sqlite_file, check_sweep_fits_model
     from fastmem.sweep.store import ResultsStore
     from fastmem.sweep.worker import describe, run_worker, torchrun_worker_index
 
@@ -164,7 +164,7 @@ def run(args) -> int:
             print("{}")
             return 0
         from fastmem.sweep.progress import status_report
-        print(status_report(ResultsStore(args.db, lease_s=args.lease_s)))
+        print(status_report(ResultsStore(args.db, lease_s=args.lease_s, read_only=True)))
         return 0
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
@@ -174,6 +174,7 @@ def run(args) -> int:
     spec = build_spec(args)
     cells = spec.cells()  # validates the grid
     check_model(spec.model)
+    check_sweep_fits_model(spec, cells)  # ranks vs width, lengths vs context: before the database exists
     check_sqlite_file(args.db, must_exist=False)
     store = ResultsStore(args.db, lease_s=args.lease_s)
     store.add_cells(cells)

@@ -6,10 +6,11 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastmem.config_file import load_settings
+from fastmem.errors import UsageError
 
 DATA_KINDS = ("stress", "phonebook")
 
@@ -39,6 +40,13 @@ class Cell:
         digest = hashlib.sha1(self.key.encode()).hexdigest()[:8]
         return (f"{model}-{self.data}-rho{self.ratio:g}-len{self.length}-r{self.rank}-{self.objective}"
                 f"-s{self.seed}-{digest}")
+
+
+def _is(value, kind) -> bool:
+    """`value` is of `kind` (a bool is no number; an int is a float)."""
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
 @dataclass
@@ -78,25 +86,32 @@ class SweepSpec:
         return None if self.adapters is None else str(Path(self.adapters) / cell.slug)
 
     def validate(self) -> None:
-        for name in ("ranks", "lengths", "objectives", "data", "seeds"):
-            if not getattr(self, name):
-                raise ValueError(f"sweep {name} must not be empty")
+        for name, kind in (("ranks", int), ("lengths", int), ("seeds", int), ("ratios", float),
+                           ("objectives", str), ("data", str)):
+            values = getattr(self, name)
+            if not isinstance(values, (list, tuple)) or not all(_is(v, kind) for v in values):
+                raise UsageError(f"sweep {name} must be a list of {kind.__name__}s, got {values!r}")
+            if not values and name != "ratios":
+                raise UsageError(f"sweep {name} must not be empty")
+        for name in ("max_steps", "batch_size"):
+            if not _is(getattr(self, name), int):
+                raise UsageError(f"sweep {name} must be an int, got {getattr(self, name)!r}")
         if any(r < 1 for r in self.ranks):
-            raise ValueError(f"sweep ranks must be >= 1, got {self.ranks}")
+            raise UsageError(f"sweep ranks must be >= 1, got {self.ranks}")
         if any(n < 1 for n in self.lengths):
-            raise ValueError(f"sweep lengths must be >= 1, got {self.lengths}")
+            raise UsageError(f"sweep lengths must be >= 1, got {self.lengths}")
         from fastmem.train.config import OBJECTIVES
 
         if any(objective not in OBJECTIVES for objective in self.objectives):
-            raise ValueError(f"sweep objectives must be among {OBJECTIVES}, got {self.objectives}")
+            raise UsageError(f"sweep objectives must be among {OBJECTIVES}, got {self.objectives}")
         if any(kind not in DATA_KINDS for kind in self.data):
-            raise ValueError(f"sweep data kinds (--dataset) must be among {DATA_KINDS}, got {self.data}")
+            raise UsageError(f"sweep data kinds (--dataset) must be among {DATA_KINDS}, got {self.data}")
         if any(not 0.0 <= r <= 1.0 for r in self.ratios):
-            raise ValueError(f"sweep ratios must lie in [0, 1], got {self.ratios}")
+            raise UsageError(f"sweep ratios must lie in [0, 1], got {self.ratios}")
         if self.batch_size < 0:
-            raise ValueError(f"batch_size must be >= 0 (0: every sample of a cell), got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 0 (0: every sample of a cell), got {self.batch_size}")
         if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise UsageError(f"max_steps must be >= 1, got {self.max_steps}")
 
     def cells(self) -> list[Cell]:
         self.validate()
@@ -113,6 +128,6 @@ class SweepSpec:
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "SweepSpec":
         """Read a YAML (.yaml/.yml) or TOML (.toml) file of SweepSpec fields; flags override it."""
-        values = load_settings(path, {f.name for f in fields(cls)}, "sweep")
+        values = load_settings(path, cls, "sweep")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -20,6 +20,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from fastmem.errors import UsageError
+from fastmem.read_only_db import connect_read_only, table_names
 from fastmem.sweep.spec import Cell
 
 SCHEMA = """
@@ -59,9 +61,18 @@ def _owner_alive(owner: str | None) -> bool:
 
 
 class ResultsStore:
-    def __init__(self, path: str | Path, lease_s: float = 600.0):
+    """`read_only=True`: an existing database opened for reading (`--status`); nothing is
+    created or changed, and one in a read-only place opens (fastmem.read_only_db)."""
+
+    def __init__(self, path: str | Path, lease_s: float = 600.0, read_only: bool = False):
         self.path = Path(path)
         self.lease_s = lease_s
+        self.read_only = read_only
+        if read_only:
+            with self._connect() as db:
+                if "runs" not in table_names(db):
+                    raise UsageError(f"--db {self.path} is not a sweep results database (no table 'runs')")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
@@ -73,7 +84,8 @@ class ResultsStore:
     @contextlib.contextmanager
     def _connect(self):
         # Autocommit mode: every write below opens its own BEGIN IMMEDIATE ... COMMIT.
-        db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        db = (connect_read_only(self.path, "--db") if self.read_only
+              else sqlite3.connect(self.path, timeout=60.0, isolation_level=None))
         try:
             db.execute("PRAGMA busy_timeout=60000")
             db.row_factory = sqlite3.Row

@@ -113,10 +113,8 @@ _NOT_CONFIG = {"data", "config", "no_resume", "require_exact_match", "func", "co
 def config_from_args(args) -> TrainConfig:
     values = {}
     if getattr(args, "config", None):
-        from dataclasses import fields
-
         from fastmem.config_file import load_settings
-        values.update(load_settings(args.config, {f.name for f in fields(TrainConfig)}, "train"))
+        values.update(load_settings(args.config, TrainConfig, "train"))  # names and types checked
     for name, value in vars(args).items():
         if name in _NEGATED_FLAGS:
             values[_NEGATED_FLAGS[name]] = not value
@@ -208,5 +206,9 @@ def run(args) -> int:
     if info.is_main:
         print(json.dumps({k: summary.get(k) for k in keys}))
     if getattr(args, "require_exact_match", False) and summary.get("exact_match") != 1.0:
+        if info.is_main:
+            print(f"fastmem train: --require-exact-match: greedy decoding reproduced {summary.get('exact_match', 0):.1%} "
+                  f"of the {summary.get('num_samples', len(samples))} answers, not all (adapter kept in {plan.out})",
+                  file=sys.stderr)
         return 1
     return 0

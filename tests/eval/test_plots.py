@@ -35,3 +35,23 @@ def test_run_level_figures_cover_every_sample_not_the_last_batch(tmp_path):
     metrics = tmp_path / "m.jsonl"
     metrics.write_text("".join(json.dumps(dict(r, epoch=0, lr=0.01)) + "\n" for r in rows))
     assert plot_training_curves(metrics, tmp_path / "c.png").is_file()
+
+
+def test_non_ascii_tokens_are_drawn_not_boxes_or_replacement_marks(smollm2_tokenizer, tmp_path):
+    """CJK and emoji split over byte-level tokens: a part of a character is shown as its bytes,
+    a character the grid's font lacks as U+XXXX, and matplotlib draws every glyph it is given."""
+    import warnings
+
+    from fastmem.eval.plots import _shown, token_label
+
+    tok = smollm2_tokenizer
+    ids = tok("中文 日本 😀 café", add_special_tokens=False)["input_ids"]
+    labels = [token_label(tok, i) for i in ids]
+    assert "\ufffd" not in "".join(labels)
+    assert "".join(labels).startswith("中文 \\xe6\\x97\\xa5本")  # 日 is split over three tokens
+    assert labels[-1] == " café"
+    shown = [_shown(label) for label in labels]
+    assert shown[:2] == ["U+4E2D", "U+6587"] and shown[-1] == " café"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Glyph ... missing from font" would raise here
+        plot_probability_grid(np.linspace(0.1, 0.9, len(ids)), tmp_path / "cjk.png", tokens=labels)

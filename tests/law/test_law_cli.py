@@ -98,3 +98,21 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     sqlite3.connect(empty).close()
     assert main(["fit", "--db", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "no table 'runs'" in capsys.readouterr().err
+
+
+def test_plan_warns_when_it_extrapolates(sweep_db, tmp_path, capsys):
+    """Lengths 64-1024 and ranks 1-16 were fitted: an answer outside them says so, on one line."""
+    out = tmp_path / "fit"
+    assert main(["fit", "--db", str(sweep_db), "--where", "objective=sft", "--out", str(out),
+                 "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--length", "512", "--delta-loss", "1.0", "--fit", str(out)]) == 0
+    assert "extrapolating" not in capsys.readouterr().err  # inside the measured grid: no warning
+    assert main(["plan", "--length", "10000", "--delta-loss", "1.0", "--fit", str(out)]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if "extrapolating" in line]
+    assert len(warning) == 1 and warning[0].startswith("fastmem plan: warning: extrapolating: length 10000 is "
+                                                       "above the fitted lengths 64–1024")
+    rank = int(captured.out.strip())
+    assert (f"rank {rank} is above the fitted ranks 1–16" in warning[0]) == (rank > 16)
+    assert LawFit(C=1, alpha=1, beta=1, b=0, r2=1, mape=0, n_used=0, n_dropped=0).extrapolation(4, 1e6) == ""

@@ -60,9 +60,9 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     dist = tmp_path / "dist"
     # sdist first, then the wheel built from the unpacked sdist (build's default): checks both
     run([sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, src], cwd=tmp_path)
-    wheel, = dist.glob("fastmem-*.whl")
-    sdist, = dist.glob("fastmem-*.tar.gz")
-    assert wheel.name.startswith(f"fastmem-{fastmem.__version__}-")
+    wheel, = dist.glob("fastmem_lora-*.whl")
+    sdist, = dist.glob("fastmem_lora-*.tar.gz")
+    assert wheel.name.startswith(f"fastmem_lora-{fastmem.__version__}-")
 
     repo_sources = sorted(p.name for p in (REPO / "csrc").iterdir() if p.suffix in CUDA_SOURCE_SUFFIXES)
     assert {".cu", ".cpp", ".h"} <= {Path(n).suffix for n in repo_sources}
@@ -70,7 +70,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     assert in_wheel == repo_sources
     with tarfile.open(sdist) as tar:
         in_sdist = sorted(Path(n).name for n in tar.getnames() if Path(n).parent.name == "csrc"
-                          and Path(n).parent.parent.name.startswith("fastmem-"))
+                          and Path(n).parent.parent.name.startswith("fastmem_lora-"))
     assert in_sdist == repo_sources  # the sdist can build the extension where CUDA torch + nvcc exist
 
     venv = tmp_path / "venv"

@@ -67,6 +67,16 @@ def runs(tmp_path_factory, model_dir):
     return {"finished": finished, "unfinished": unfinished}
 
 
+def _sqlite_without_runs(path: Path) -> str:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE other (x)")
+    conn.commit()
+    conn.close()
+    return str(path)
+
+
 def _fit_file(path: Path, b: float = 0.5) -> str:
     path.write_text(json.dumps({"C": 4.0, "alpha": 0.5, "beta": 0.3, "b": b}))
     return str(path)
@@ -87,6 +97,11 @@ def _copy_run(runs, kind, tmp):
 def _bytes(path: Path, content: bytes) -> str:
     path.write_bytes(content)
     return str(path)
+
+
+def _second_line(path: Path, line: bytes) -> str:
+    """A JSONL file whose first record is good and whose second is `line`."""
+    return _bytes(path, b'{"prompt": "a", "answer": "b"}\n' + line + b"\n")
 
 
 def _user_dir(tmp) -> str:
@@ -112,6 +127,15 @@ def _eval(tmp, model_dir, *extra):
 
 def _sweep(tmp, *extra):
     return ["sweep", "--db", str(tmp / "s.sqlite"), "--no-progress", *extra]
+
+
+def _adapter_with_other_r(runs, tmp) -> str:
+    """The finished run's adapter with adapter_config.json claiming another rank."""
+    folder = shutil.copytree(runs["finished"] / "adapter", tmp / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["r"] += 1
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return str(folder)
 
 
 CASES = {
@@ -141,8 +165,7 @@ CASES = {
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), data=str(t)), 2, "is a directory, not a JSONL file"),
     "train --data not UTF-8": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new"),
-                               data=_bytes(t / "latin1.jsonl", b'{"prompt": "a", "answer": "b"}\n'
-                                                               b'{"prompt": "caf\xe9", "answer": "b"}\n')),
+                               data=_second_line(t / "latin1.jsonl", b'{"prompt": "caf\xe9", "answer": "b"}')),
         2, "latin1.jsonl:2: not UTF-8 text"),
     "train --data missing": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), data=str(t / "none.jsonl")), 2, "does not exist"),
@@ -162,6 +185,23 @@ CASES = {
     "train --config unknown key": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--config", _bytes(t / "c.yaml", b"rnak: 4\n")),
         2, "unknown train setting(s) ['rnak']"),
+    **{f"train --config {setting}": (
+        lambda t, m, r, setting=setting: _train(t, m, "--out", str(t / "new"),
+                                                "--config", _bytes(t / "c.yaml", f"{setting}\n".encode())),
+        2, f"c.yaml: {message}")
+       for setting, message in [("lr: fast", "lr must be a finite number, got 'fast'"),
+                                ("epochs: many", "epochs must be an integer, got 'many'"),
+                                ("modules: 3", "modules[0] must be a string, got 3")]},
+    "train --data with a lone surrogate": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"),
+                               data=_second_line(t / "s.jsonl", b'{"prompt": "c", "answer": "x \\udc80 y"}')),
+        2, "s.jsonl:2: field 'answer' holds a lone surrogate"),
+    "eval --data with a lone surrogate": (
+        lambda t, m, r: ["eval", "--data", _bytes(t / "s.jsonl", b'{"prompt": "\\ud800", "answer": "b"}\n'),
+                         "--model", str(m), "--out", str(t / "ev")], 2, "s.jsonl:1: field 'prompt' holds a lone surrogate"),
+    "eval --adapter whose r differs from its weights": (
+        lambda t, m, r: _eval(t, m, "--adapter", _adapter_with_other_r(r, t)), 2,
+        "adapter_config.json says r = 3 but"),
     "eval --adapter junk adapter_config.json": (
         lambda t, m, r: _eval(t, m, "--adapter", _adapter(t, '{"r": 2}', b"")), 2,
         "is not a PEFT adapter config (no 'peft_type')"),
@@ -191,6 +231,16 @@ CASES = {
     "sweep --db not SQLite": (
         lambda t, m, r: ["sweep", "--db", _bytes(t / "x.sqlite", b"plain text"), "--ranks", "1"], 2,
         "is not an SQLite database"),
+    "sweep --lengths 9000 past the context": (
+        lambda t, m, r: _sweep(t, "--lengths", "9000"), 2, "sweep lengths [9000] do not fit the context of smollm2"),
+    "sweep --ranks 4096 past the width": (
+        lambda t, m, r: _sweep(t, "--ranks", "4096"), 2, "sweep ranks [4096] exceed the width 576"),
+    "sweep --config ranks: x": (
+        lambda t, m, r: _sweep(t, "--config", _bytes(t / "s.yaml", b"ranks: x\nlengths: 8\n")), 2,
+        "s.yaml: ranks[0] must be an integer, got 'x'"),
+    "sweep --status on a database without runs": (
+        lambda t, m, r: ["sweep", "--db", _sqlite_without_runs(t / "o.sqlite"), "--status"], 2,
+        "is not a sweep results database (no table 'runs')"),
     "sweep --status on a new path": (
         lambda t, m, r: ["sweep", "--db", str(t / "s.sqlite"), "--status"], 0, "no database at"),
     "plan --delta-loss beyond the model's width": (
