@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastmem.errors import UsageError
+
 
 def load_settings(path: str | Path, known: set[str], what: str) -> dict:
     """The file's top-level mapping, refusing keys outside `known` (a typo must not be ignored)."""
@@ -11,20 +13,20 @@ def load_settings(path: str | Path, known: set[str], what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{what} config {path} not found")
     if path.suffix not in (".toml", ".yaml", ".yml"):
-        raise ValueError(f"{what} config must be .yaml, .yml or .toml, got {path.name}")
+        raise UsageError(f"{what} config must be .yaml, .yml or .toml, got {path.name}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{what} config {path} is not UTF-8 text (byte {err.start})") from None
+        raise UsageError(f"{what} config {path} is not UTF-8 text (byte {err.start})") from None
     if path.suffix == ".toml":
         try:
             import tomllib  # Python >= 3.11
         except ImportError:
-            raise ValueError(f"{what} config {path}: TOML needs Python >= 3.11; use YAML") from None
+            raise UsageError(f"{what} config {path}: TOML needs Python >= 3.11; use YAML") from None
         try:
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{what} config {path} is not valid TOML ({err})") from None
+            raise UsageError(f"{what} config {path} is not valid TOML ({err})") from None
     else:
         import yaml
         try:
@@ -32,11 +34,11 @@ def load_settings(path: str | Path, known: set[str], what: str) -> dict:
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ValueError(f"{what} config {path} is not valid YAML{where} "
+            raise UsageError(f"{what} config {path} is not valid YAML{where} "
                              f"({getattr(err, 'problem', None) or type(err).__name__})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of {what} settings, got {type(values).__name__}")
+        raise UsageError(f"{path}: expected a mapping of {what} settings, got {type(values).__name__}")
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown {what} setting(s) {unknown}; known: {sorted(known)}")
+        raise UsageError(f"{path}: unknown {what} setting(s) {unknown}; known: {sorted(known)}")
     return values

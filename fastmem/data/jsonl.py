@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from fastmem.errors import UsageError
 from fastmem.files import write_jsonl_atomic
 
 from .chat import check_length, encode_pair, template_prompt_ids
@@ -22,42 +23,45 @@ _KNOWN_FIELDS = {"prompt", "answer", "name", "meta", "answer_ids"}
 
 def _record_sample(record, tokenizer, max_length, where: str, default_name: str) -> MemorySample:
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise UsageError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for key in ("prompt", "answer"):
         if key not in record:
-            raise ValueError(f"{where}: missing field {key!r} (records need 'prompt' and 'answer')")
+            raise UsageError(f"{where}: missing field {key!r} (records need 'prompt' and 'answer')")
         if not isinstance(record[key], str):
-            raise ValueError(f"{where}: field {key!r} must be a string, got "
+            raise UsageError(f"{where}: field {key!r} must be a string, got "
                              f"{type(record[key]).__name__}")
     unknown = set(record) - _KNOWN_FIELDS
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
+        raise UsageError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
                          f"{sorted(_KNOWN_FIELDS)}")
     name = record.get("name", default_name)
     meta = record.get("meta", {})
     if not isinstance(name, str) or not isinstance(meta, dict):
-        raise ValueError(f"{where}: 'name' must be a string and 'meta' an object")
+        raise UsageError(f"{where}: 'name' must be a string and 'meta' an object")
     if not record["answer"]:
-        raise ValueError(f"{where}: answer is empty: there is nothing to memorize")
+        raise UsageError(f"{where}: answer is empty: there is nothing to memorize")
     if "answer_ids" not in record:
         try:
             return encode_pair(tokenizer, record["prompt"], record["answer"], name=name,
                                meta=meta, max_length=max_length)
         except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+            raise UsageError(f"{where}: {error}") from None
 
     answer_ids = record["answer_ids"]
     if (not isinstance(answer_ids, list) or not answer_ids
             or any(isinstance(i, bool) or not isinstance(i, int) for i in answer_ids)):
-        raise ValueError(f"{where}: 'answer_ids' must be a non-empty list of ints")
+        raise UsageError(f"{where}: 'answer_ids' must be a non-empty list of ints")
     if min(answer_ids) < 0 or max(answer_ids) >= len(tokenizer):
-        raise ValueError(f"{where}: 'answer_ids' out of this tokenizer's range "
+        raise UsageError(f"{where}: 'answer_ids' out of this tokenizer's range "
                          f"[0, {len(tokenizer)})")
     if tokenizer.decode(answer_ids, skip_special_tokens=True) != record["answer"]:
-        raise ValueError(f"{where}: 'answer_ids' do not decode to 'answer' with this tokenizer "
+        raise UsageError(f"{where}: 'answer_ids' do not decode to 'answer' with this tokenizer "
                          "(written with another tokenizer?)")
     prompt_ids, _ = template_prompt_ids(tokenizer, record["prompt"])
-    check_length(len(prompt_ids), len(answer_ids), max_length, f"{where}: ")
+    try:
+        check_length(len(prompt_ids), len(answer_ids), max_length, f"{where}: ")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     return MemorySample(name=name, prompt=record["prompt"], answer=record["answer"],
                         prompt_ids=tuple(prompt_ids), answer_ids=tuple(answer_ids),
                         meta={**meta, "token_level": True})
@@ -82,11 +86,11 @@ def load_jsonl(path: str | os.PathLike, tokenizer, max_length: int | None = None
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON ({error.msg})") from None
+                raise UsageError(f"{where}: invalid JSON ({error.msg})") from None
             samples.append(_record_sample(record, tokenizer, max_length, where,
                                           default_name=f"{path.stem}/{len(samples)}"))
     if not samples:
-        raise ValueError(f"{path}: no records (expected one JSON object per line)")
+        raise UsageError(f"{path}: no records (expected one JSON object per line)")
     return samples
 
 
@@ -117,7 +121,7 @@ def save_jsonl(samples_or_pairs, path: str | os.PathLike) -> Path:
     records = [_to_record(item) for item in samples_or_pairs]
     for index, record in enumerate(records):
         if not isinstance(record.get("prompt"), str) or not isinstance(record.get("answer"), str):
-            raise ValueError(f"item {index}: needs string 'prompt' and 'answer', got "
+            raise UsageError(f"item {index}: needs string 'prompt' and 'answer', got "
                              f"{record.get('prompt')!r}, {record.get('answer')!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

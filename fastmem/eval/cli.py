@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastmem.errors import UsageError
 
 EPILOG = """examples:
   fastmem eval --data book.jsonl --adapter run/adapter --out eval/
@@ -69,9 +70,9 @@ def _load(args):
 
 def run(args) -> int:
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.grid_width < 1:
-        raise ValueError(f"--grid-width must be >= 1, got {args.grid_width}")
+        raise UsageError(f"--grid-width must be >= 1, got {args.grid_width}")
     # every file is checked before the model loads (~20 s), and nothing is written on a refusal
     from fastmem.cli_checks import check_adapter_dir, check_device, check_jsonl_file, check_model, check_out_dir
 

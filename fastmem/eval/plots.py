@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from fastmem.constants import L_CRIT, P_RECALL
+from fastmem.errors import UsageError
 from fastmem.plotting import save_figure
 
 # matplotlib refuses images past 2^16 pixels a side: cap the figure height (inches at DPI).
@@ -151,12 +152,12 @@ def read_metrics(path: str | Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+            raise UsageError(f"{path}:{number}: not JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object per line")
+            raise UsageError(f"{path}:{number}: expected a JSON object per line")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path} holds no metrics")
+        raise UsageError(f"{path} holds no metrics")
     return rows
 
 
@@ -227,7 +228,7 @@ def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Path:
                     names.append(key)
         keys = [(key, key) for key in names[:6]]
     if not keys:
-        raise ValueError(f"{metrics_path} has no numeric metric besides 'step'")
+        raise UsageError(f"{metrics_path} has no numeric metric besides 'step'")
     cols = min(2, len(keys))
     grid_rows = math.ceil(len(keys) / cols)
     fig = Figure(figsize=(5.0 * cols, 3.2 * grid_rows))

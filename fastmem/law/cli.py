@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from fastmem.constants import L_CRIT
+from fastmem.errors import UsageError
 
 FIT_EPILOG = """examples:
   fastmem fit --db sweep.sqlite --out fit/
@@ -77,12 +78,12 @@ def run_fit(args) -> int:
     if args.db:
         check_sqlite_file(args.db)
     if args.bootstrap < 0:
-        raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+        raise UsageError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     check_out_dir(args.out)
     try:
         runs = load_runs(db=args.db, csv_path=args.csv, where=args.where)
     except UnicodeDecodeError:
-        raise ValueError(f"--csv {args.csv} is not UTF-8 text (a CSV with the runs table's columns)") from None
+        raise UsageError(f"--csv {args.csv} is not UTF-8 text (a CSV with the runs table's columns)") from None
     fit = fit_law(runs.rank, runs.length, runs.delta_loss, runs.final_loss, layers=runs.layers,
                   bootstrap=args.bootstrap, seed=args.seed)
     out = Path(args.out)
@@ -125,7 +126,7 @@ def model_width(name: str) -> int:
     for key in ("hidden_size", "n_embd", "d_model"):
         if isinstance(config.get(key), int):
             return config[key]
-    raise ValueError(f"--model {name}: config.json names no hidden size")
+    raise UsageError(f"--model {name}: config.json names no hidden size")
 
 
 def _load_fit(path: str):
@@ -134,34 +135,34 @@ def _load_fit(path: str):
     try:
         return LawFit.from_json(path)
     except UnicodeDecodeError:
-        raise ValueError(f"--fit {path} is not a fit.json written by `fastmem fit` (not UTF-8 text)") from None
+        raise UsageError(f"--fit {path} is not a fit.json written by `fastmem fit` (not UTF-8 text)") from None
     except ValueError as err:
-        raise ValueError(f"--fit {path} is not a fit.json written by `fastmem fit` ({err})") from None
+        raise UsageError(f"--fit {path} is not a fit.json written by `fastmem fit` ({err})") from None
 
 
 def run_plan(args) -> int:
     import math
 
     if not (math.isfinite(args.length) and args.length > 0):
-        raise ValueError(f"--length must be > 0, got {args.length}")
+        raise UsageError(f"--length must be > 0, got {args.length}")
     if args.max_rank is not None and args.max_rank < 1:
-        raise ValueError(f"--max-rank must be >= 1, got {args.max_rank}")
+        raise UsageError(f"--max-rank must be >= 1, got {args.max_rank}")
     if args.layers is not None and args.layers < 1:
-        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+        raise UsageError(f"--layers must be >= 1, got {args.layers}")
     fit = _load_fit(args.fit)
     delta = args.delta_loss if args.delta_loss is not None else args.base_loss - L_CRIT
     if not math.isfinite(delta) or delta <= 0:
         why = f"--base-loss {args.base_loss:g} is not above ln 2 ({L_CRIT:.4f})" if args.delta_loss is None \
             else "a loss drop must be > 0"
-        raise ValueError(f"target ΔL = {delta:.4g} cannot be planned: {why}")
+        raise UsageError(f"target ΔL = {delta:.4g} cannot be planned: {why}")
     if delta <= fit.b:
-        raise ValueError(f"target ΔL = {delta:.4g} is at or below the fit's floor b = {fit.b:.4g}: the law "
+        raise UsageError(f"target ΔL = {delta:.4g} is at or below the fit's floor b = {fit.b:.4g}: the law "
                          "predicts it at every rank, so it cannot choose one")
     width = model_width(args.model)
     unbounded = fit.rank_for(args.length, delta, layers=args.layers)
     if unbounded is None or unbounded > width:
         need = "no finite rank" if unbounded is None else f"rank {unbounded}"
-        raise ValueError(f"target ΔL = {delta:.4g} at length {args.length:g} is beyond the fit's reach on "
+        raise UsageError(f"target ΔL = {delta:.4g} at length {args.length:g} is beyond the fit's reach on "
                          f"{args.model}: it needs {need}, above the model's width {width} (hidden size)")
     rank = fit.rank_for(args.length, delta, layers=args.layers, max_rank=args.max_rank)
     if rank is None:

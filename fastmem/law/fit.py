@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
+from fastmem.errors import UsageError
+
 # The paper discards runs "where the final loss fell below 0.69" (≈ ln 2, the recall line).
 EXCLUDE_FINAL_LOSS_BELOW = 0.69
 PARAMETERS = ("C", "alpha", "beta", "b")
@@ -73,11 +75,11 @@ class LawFit:
         rank = np.asarray(rank, dtype=np.float64)
         if self.variable == "effective_params":
             if layers is None:
-                raise ValueError("layers is required: this law was fitted on effective parameters "
+                raise UsageError("layers is required: this law was fitted on effective parameters "
                                  "(rank × adapted layers)")
             return rank * np.asarray(layers, dtype=np.float64)
         if layers is not None and self.layers is not None and np.any(np.asarray(layers) != self.layers):
-            raise ValueError(f"layers={layers!r}: this law was fitted on runs that all adapt "
+            raise UsageError(f"layers={layers!r}: this law was fitted on runs that all adapt "
                              f"{self.layers} layer(s); it cannot extrapolate to another count")
         return rank
 
@@ -87,7 +89,7 @@ class LawFit:
         x = self._x(rank, layers)
         length = np.asarray(length, dtype=np.float64)
         if np.any(x <= 0) or np.any(length <= 0):
-            raise ValueError("rank, layers and length must be > 0")
+            raise UsageError("rank, layers and length must be > 0")
         value = self.C * x ** self.alpha * length ** -self.beta + self.b
         return float(value) if np.ndim(value) == 0 else value
 
@@ -101,9 +103,9 @@ class LawFit:
         count) is required and the rank is the effective parameter count divided by it.
         """
         if not (math.isfinite(length) and length > 0):
-            raise ValueError(f"length must be a finite number > 0, got {length!r}")
+            raise UsageError(f"length must be a finite number > 0, got {length!r}")
         if not math.isfinite(delta_loss):
-            raise ValueError(f"delta_loss must be finite, got {delta_loss!r}")
+            raise UsageError(f"delta_loss must be finite, got {delta_loss!r}")
         per_rank = float(self._x(1.0, layers))
         if self.predict(1, length, layers) >= delta_loss:
             return 1
@@ -148,7 +150,7 @@ class LawFit:
         names = set(cls.__dataclass_fields__)
         missing = [k for k in ("C", "alpha", "beta", "b") if k not in data]
         if missing:
-            raise ValueError(f"not a law fit: missing {missing}")
+            raise UsageError(f"not a law fit: missing {missing}")
         kwargs = {k: v for k, v in data.items() if k in names}
         kwargs.setdefault("r2", float("nan"))
         kwargs.setdefault("mape", float("nan"))
@@ -167,7 +169,7 @@ class LawFit:
         try:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+            raise UsageError(f"{path} is not valid JSON: {err}") from None
 
 
 # -- input checks -------------------------------------------------------------------------
@@ -175,21 +177,21 @@ def _as_array(name: str, values, n: int | None) -> np.ndarray:
     try:
         arr = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a sequence of numbers") from None
+        raise UsageError(f"{name} must be a sequence of numbers") from None
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+        raise UsageError(f"{name} must be 1-D, got shape {arr.shape}")
     if n is not None and arr.shape[0] != n:
-        raise ValueError(f"{name} has {arr.shape[0]} values but ranks has {n}")
+        raise UsageError(f"{name} has {arr.shape[0]} values but ranks has {n}")
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
-        raise ValueError(f"{name} holds a non-finite value ({arr[bad[0]]}) at run {bad[0]}")
+        raise UsageError(f"{name} holds a non-finite value ({arr[bad[0]]}) at run {bad[0]}")
     return arr
 
 
 def _positive(name: str, arr: np.ndarray, why: str) -> None:
     bad = np.flatnonzero(arr <= 0)
     if bad.size:
-        raise ValueError(f"{name} must be > 0 ({why}); run {bad[0]} has {arr[bad[0]]}")
+        raise UsageError(f"{name} must be > 0 ({why}); run {bad[0]} has {arr[bad[0]]}")
 
 
 # -- fitting ------------------------------------------------------------------------------
@@ -288,7 +290,7 @@ def fit_law(ranks, lengths, delta_loss, final_loss=None, *, layers=None, bootstr
     if layer_arr is not None:
         _positive("layers", layer_arr, "an adapted layer count")
     if bootstrap < 0:
-        raise ValueError(f"bootstrap must be >= 0, got {bootstrap}")
+        raise UsageError(f"bootstrap must be >= 0, got {bootstrap}")
 
     keep = np.ones(n, dtype=bool)
     if final_loss is not None:
@@ -297,7 +299,7 @@ def fit_law(ranks, lengths, delta_loss, final_loss=None, *, layers=None, bootstr
     rank_arr, length_arr, y = rank_arr[keep], length_arr[keep], y[keep]
     layer_arr = None if layer_arr is None else layer_arr[keep]
     if n_used < len(PARAMETERS) + 1:
-        raise ValueError(f"need at least {len(PARAMETERS) + 1} runs to fit {len(PARAMETERS)} parameters, "
+        raise UsageError(f"need at least {len(PARAMETERS) + 1} runs to fit {len(PARAMETERS)} parameters, "
                          f"got {n_used} ({n - n_used} dropped: final loss < {exclude_final_loss_below})")
 
     variable, common_layers, x = "rank", None, rank_arr
@@ -307,19 +309,19 @@ def fit_law(ranks, lengths, delta_loss, final_loss=None, *, layers=None, bootstr
         else:
             common_layers = int(layer_arr[0])
     if float(np.ptp(y)) == 0.0:
-        raise ValueError(f"delta_loss is {y[0]} for every run used: no variation to fit")
+        raise UsageError(f"delta_loss is {y[0]} for every run used: no variation to fit")
     if not _identifiable(x, length_arr):
-        raise ValueError(f"need at least 2 distinct {'ranks' if np.unique(x).size < 2 else 'lengths'} "
+        raise UsageError(f"need at least 2 distinct {'ranks' if np.unique(x).size < 2 else 'lengths'} "
                          "among the runs used to fit both exponents")
 
     start = _log_space_start(x, length_arr, y)
     try:
         params = _curve_fit(x, length_arr, y, start)
     except (RuntimeError, ValueError) as err:
-        raise ValueError(f"the law could not be fitted to these runs: {err}") from None
+        raise UsageError(f"the law could not be fitted to these runs: {err}") from None
     log_c, alpha, beta, b = (float(p) for p in params)
     if log_c > 700:
-        raise ValueError(f"the law could not be fitted to these runs: C = exp({log_c:.4g}) overflows")
+        raise UsageError(f"the law could not be fitted to these runs: C = exp({log_c:.4g}) overflows")
     r2, mape = _quality(x, length_arr, y, params)
     ci, n_boot = _bootstrap(x, length_arr, y, params, bootstrap, seed) if bootstrap else ({}, 0)
     return LawFit(C=math.exp(log_c), alpha=alpha, beta=beta, b=b, r2=r2, mape=mape, n_used=n_used,

@@ -14,6 +14,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastmem.errors import UsageError
+
 DONE = "done"
 # Columns that name what a run trained; fitting across several values mixes different laws.
 CONFIG_COLUMNS = ("objective",)
@@ -39,7 +41,7 @@ def _number(column: str, value, row_no: int) -> float | None:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"run {row_no}: column {column!r} holds {value!r}, not a number") from None
+        raise UsageError(f"run {row_no}: column {column!r} holds {value!r}, not a number") from None
 
 
 def _layer_count(value, row_no: int) -> float | None:
@@ -47,7 +49,7 @@ def _layer_count(value, row_no: int) -> float | None:
     if isinstance(value, str) and ("," in value or value.strip().startswith("[")):
         indices = [v for v in value.strip().strip("[]").split(",") if v.strip()]
         if not all(v.strip().lstrip("-").isdigit() for v in indices):
-            raise ValueError(f"run {row_no}: column 'layers' holds {value!r}, neither a count nor "
+            raise UsageError(f"run {row_no}: column 'layers' holds {value!r}, neither a count nor "
                              "a list of layer indices")
         return float(len(indices))
     return _number("layers", value, row_no)
@@ -59,7 +61,7 @@ def _read_sqlite(path: Path) -> list[dict]:
         conn.row_factory = sqlite3.Row
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "runs" not in tables:
-            raise ValueError(f"{path} has no table 'runs' (tables: {sorted(tables) or 'none'})")
+            raise UsageError(f"{path} has no table 'runs' (tables: {sorted(tables) or 'none'})")
         return [dict(row) for row in conn.execute("SELECT * FROM runs")]
 
 
@@ -73,7 +75,7 @@ def _parse_filters(filters: list[str] | None) -> dict[str, str]:
     for item in filters or []:
         column, sep, value = item.partition("=")
         if not sep or not column:
-            raise ValueError(f"--where takes COLUMN=VALUE, got {item!r}")
+            raise UsageError(f"--where takes COLUMN=VALUE, got {item!r}")
         parsed[column.strip()] = value.strip()
     return parsed
 
@@ -82,7 +84,7 @@ def _select(rows: list[dict], filters: dict[str, str], source: Path) -> list[dic
     columns = set(rows[0]) if rows else set()
     for column in filters:
         if column not in columns:
-            raise ValueError(f"--where {column}=...: {source} has no column {column!r} "
+            raise UsageError(f"--where {column}=...: {source} has no column {column!r} "
                              f"(columns: {', '.join(sorted(columns))})")
     if "status" in columns:
         rows = [r for r in rows if str(r["status"]).strip() == DONE]
@@ -91,7 +93,7 @@ def _select(rows: list[dict], filters: dict[str, str], source: Path) -> list[dic
         if column in columns and column not in filters:
             values = sorted({str(r[column]) for r in rows})
             if len(values) > 1:
-                raise ValueError(f"runs of several {column}s ({', '.join(values)}) follow different "
+                raise UsageError(f"runs of several {column}s ({', '.join(values)}) follow different "
                                  f"laws: pick one with --where {column}=NAME")
     return rows
 
@@ -104,20 +106,20 @@ def load_runs(db: str | Path | None = None, csv_path: str | Path | None = None,
     'done' are skipped (a half-written cell never counts).
     """
     if (db is None) == (csv_path is None):
-        raise ValueError("give exactly one of --db or --csv")
+        raise UsageError("give exactly one of --db or --csv")
     source = Path(db if db is not None else csv_path)
     if not source.is_file():
         raise FileNotFoundError(f"no such file: {source}")
     rows = _read_sqlite(source) if db is not None else _read_csv(source)
     rows = _select(rows, _parse_filters(where), source)
     if not rows:
-        raise ValueError(f"{source} has no finished runs ('done') matching the filters")
+        raise UsageError(f"{source} has no finished runs ('done') matching the filters")
     columns = set(rows[0])
     for needed in ("rank", "length"):
         if needed not in columns:
-            raise ValueError(f"{source} has no column {needed!r}")
+            raise UsageError(f"{source} has no column {needed!r}")
     if "delta_loss" not in columns and not {"base_loss", "final_loss"} <= columns:
-        raise ValueError(f"{source} needs a delta_loss column, or base_loss and final_loss")
+        raise UsageError(f"{source} needs a delta_loss column, or base_loss and final_loss")
 
     ranks, lengths, deltas, finals, layers = [], [], [], [], []
     for i, row in enumerate(rows):
@@ -126,11 +128,11 @@ def load_runs(db: str | Path | None = None, csv_path: str | Path | None = None,
         values["layers"] = _layer_count(row.get("layers"), i)
         for needed in ("rank", "length"):
             if values[needed] is None:
-                raise ValueError(f"run {i}: column {needed!r} is empty")
+                raise UsageError(f"run {i}: column {needed!r} is empty")
         delta = values["delta_loss"]
         if delta is None:
             if values["base_loss"] is None or values["final_loss"] is None:
-                raise ValueError(f"run {i}: no delta_loss and no base_loss/final_loss to form it")
+                raise UsageError(f"run {i}: no delta_loss and no base_loss/final_loss to form it")
             delta = values["base_loss"] - values["final_loss"]
         ranks.append(values["rank"])
         lengths.append(values["length"])
@@ -147,5 +149,5 @@ def _all_or_none(column: str, values: list[float | None]) -> list[float] | None:
         return None
     missing = [i for i, v in enumerate(values) if v is None]
     if missing:
-        raise ValueError(f"column {column!r} is empty for run {missing[0]} but set for others")
+        raise UsageError(f"column {column!r} is empty for run {missing[0]} but set for others")
     return values

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import sys
+
+from fastmem.errors import UsageError
 
 EPILOG = """examples:
   fastmem sweep --db runs/sweep.sqlite --ranks 1,2,4,8 --lengths 32,64,128,256 --max-steps 100
@@ -85,8 +88,6 @@ def add_ray_arguments(parser) -> None:
 
 def check_executor(args) -> None:
     """Refuse an unusable executor before anything is loaded or created."""
-    from fastmem.errors import UsageError
-
     if args.executor == "local":
         return
     if args.workers != 1:
@@ -146,8 +147,6 @@ def _run_local_processes(spec, args, progress: bool) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     from fastmem.cli_checks import check_model, check_sqlite_file
     from fastmem.sweep.store import ResultsStore
     from fastmem.sweep.worker import describe, run_worker, torchrun_worker_index
@@ -165,9 +164,9 @@ def run(args) -> int:
         print(status_report(ResultsStore(args.db, lease_s=args.lease_s)))
         return 0
     if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.lease_s <= 0:
-        raise ValueError(f"--lease-s must be > 0, got {args.lease_s}")
+        raise UsageError(f"--lease-s must be > 0, got {args.lease_s}")
     check_executor(args)
     spec = build_spec(args)
     cells = spec.cells()  # validates the grid

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fastmem.config_file import load_settings
+from fastmem.errors import UsageError
 
 DATA_KINDS = ("stress", "phonebook")
 
@@ -78,23 +79,23 @@ class SweepSpec:
     def validate(self) -> None:
         for name in ("ranks", "lengths", "objectives", "data", "seeds"):
             if not getattr(self, name):
-                raise ValueError(f"sweep {name} must not be empty")
+                raise UsageError(f"sweep {name} must not be empty")
         if any(r < 1 for r in self.ranks):
-            raise ValueError(f"sweep ranks must be >= 1, got {self.ranks}")
+            raise UsageError(f"sweep ranks must be >= 1, got {self.ranks}")
         if any(n < 1 for n in self.lengths):
-            raise ValueError(f"sweep lengths must be >= 1, got {self.lengths}")
+            raise UsageError(f"sweep lengths must be >= 1, got {self.lengths}")
         from fastmem.train.config import OBJECTIVES
 
         if any(objective not in OBJECTIVES for objective in self.objectives):
-            raise ValueError(f"sweep objectives must be among {OBJECTIVES}, got {self.objectives}")
+            raise UsageError(f"sweep objectives must be among {OBJECTIVES}, got {self.objectives}")
         if any(kind not in DATA_KINDS for kind in self.data):
-            raise ValueError(f"sweep data kinds (--dataset) must be among {DATA_KINDS}, got {self.data}")
+            raise UsageError(f"sweep data kinds (--dataset) must be among {DATA_KINDS}, got {self.data}")
         if any(not 0.0 <= r <= 1.0 for r in self.ratios):
-            raise ValueError(f"sweep ratios must lie in [0, 1], got {self.ratios}")
+            raise UsageError(f"sweep ratios must lie in [0, 1], got {self.ratios}")
         if self.batch_size < 0:
-            raise ValueError(f"batch_size must be >= 0 (0: every sample of a cell), got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 0 (0: every sample of a cell), got {self.batch_size}")
         if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise UsageError(f"max_steps must be >= 1, got {self.max_steps}")
 
     def cells(self) -> list[Cell]:
         self.validate()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastmem.errors import UsageError
 from fastmem.integrations.heads import causal_lm_of, plain_head
 from fastmem.train.config import TrainConfig, default_layers
 
@@ -36,7 +37,7 @@ def _decoder_layers(causal_lm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.
     decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
     layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
     if not isinstance(layers, nn.ModuleList) or norm is None:
-        raise ValueError(f"{type(causal_lm).__name__} has no decoder.layers / decoder.norm: the fast "
+        raise UsageError(f"{type(causal_lm).__name__} has no decoder.layers / decoder.norm: the fast "
                          "engine supports llama-style decoders (use --engine hf)")
     return decoder, layers, norm
 
@@ -45,7 +46,7 @@ def resolve_layers(config: TrainConfig, num_layers: int) -> list[int]:
     layers = sorted(set(config.layers)) if config.layers else default_layers(num_layers)
     bad = [i for i in layers if i >= num_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+        raise UsageError(f"layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
     return layers
 
 
@@ -56,7 +57,7 @@ def check_modules(layers: nn.ModuleList, layer_ids: list[int], modules: list[str
                    if isinstance(mod, nn.Linear)}
         unknown = [m for m in modules if m not in linears]
         if unknown:
-            raise ValueError(f"unknown module name(s) {unknown} in layer {i}; "
+            raise UsageError(f"unknown module name(s) {unknown} in layer {i}; "
                              f"its linear modules are {sorted(linears)}")
 
 

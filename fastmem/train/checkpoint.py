@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fastmem.errors import UsageError
 from fastmem.files import write_text_atomic
 
 LATEST = "latest"
@@ -129,10 +130,10 @@ def load_checkpoint(path: Path, peft_model) -> dict:
     for name, tensor in adapter.items():
         mine = by_suffix.get(name)
         if mine is not None and tuple(mine.shape) != tuple(tensor.shape):
-            raise ValueError(f"checkpoint {path} does not match this adapter: {name} has shape "
+            raise UsageError(f"checkpoint {path} does not match this adapter: {name} has shape "
                              f"{tuple(tensor.shape)} there, {tuple(mine.shape)} here (another --rank?)")
     result = set_peft_model_state_dict(peft_model, adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise ValueError(f"checkpoint {path} does not match this adapter: unexpected keys {unexpected[:3]}")
+        raise UsageError(f"checkpoint {path} does not match this adapter: unexpected keys {unexpected[:3]}")
     return torch.load(Path(path) / STATE_FILE, weights_only=False)

@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from fastmem.errors import UsageError
+
 EPILOG = """examples:
   fastmem demo                       # writes runs/demo/{passage,phonebook}/ and runs/demo/loss_curve.png
   fastmem demo --out /tmp/demo --passage-tokens 200
@@ -106,7 +108,7 @@ def run(args) -> int:
     from fastmem.models import load_model
 
     if args.passage_tokens < 1 or args.phone_tokens < 1:
-        raise ValueError("--passage-tokens and --phone-tokens must be >= 1")
+        raise UsageError("--passage-tokens and --phone-tokens must be >= 1")
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from fastmem.data.sample import MemorySample
+from fastmem.errors import RunFailed
 from fastmem.eval.teacher_forcing import teacher_forced_scores
 from fastmem.train.config import TrainConfig
 from fastmem.train.distributed import any_rank, gather_first_errors, reduce_signal, unsharded
@@ -75,6 +76,7 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
     # 1. forward: cached prefix -> adapted span -> fused loss on the answer rows
     window = run.sw_state.window(indices)
     loss, stats = run.engine.forward(indices, window.to(info.device))
+    _require_finite(run, "loss", bool(torch.isfinite(loss.detach())))
 
     # 2. decide before any update (every rank decides the same from the reduced signal)
     signal = reduce_signal(BatchSignal.from_stats(stats), info)
@@ -87,10 +89,12 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
     lr = run.scheduler.get_last_lr()[0]
     if decision.update:
         loss.backward()
+        _require_finite(run, "gradient", _all_finite(p.grad for p in run.params))
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
+        _require_finite(run, "adapter weight", _all_finite(run.params))
     run.scheduler.step()
     run.step += 1
     run.stopped = decision.stop
@@ -110,6 +114,20 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
     run.figures.update(indices, stats)
     bar.set_postfix(run.figures.postfix())
     bar.update(1)
+
+
+def _all_finite(tensors) -> bool:
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t is not None]
+    return not flags or bool(torch.stack(flags).all())  # one device sync for all of them
+
+
+def _require_finite(run: TrainingRun, what: str, finite: bool) -> None:
+    """A NaN or inf is never "recalled" (the stop rule reads a NaN loss as not recalled) and
+    never a result: the run fails here, before the value reaches the weights or a checkpoint."""
+    if any_rank([not finite], run.info)[0]:
+        raise RunFailed(f"step {run.step + 1}: the {what} is not finite (NaN or inf), so the run stops "
+                        f"with nothing saved as its result; lower the learning rate (lr {run.config.lr:g}) "
+                        "or check the model's weights")
 
 
 def _confirm_stop(run: TrainingRun, decision: StepDecision, scheduled: ScheduledStep):

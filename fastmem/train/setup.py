@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fastmem.data.sample import MemorySample, check_samples
+from fastmem.errors import UsageError
 from fastmem.nn.cpu_linear import use_onednn_linears
 from fastmem.train.adapters import ModelParts, adapter_parameters, attach_lora, model_parts
 from fastmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -127,7 +128,7 @@ class TrainingRun:
         config = self.config.to_dict()
         changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != config[k]]
         if changed or state["total_steps"] != self.total_steps:
-            raise ValueError(f"checkpoint {checkpoint} belongs to another run (differs in "
+            raise UsageError(f"checkpoint {checkpoint} belongs to another run (differs in "
                              f"{changed or ['data size / step plan']}); use a new --out or --no-resume")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -149,9 +150,9 @@ def _schedule(config: TrainConfig, num_samples: int, info: DistInfo, curriculum)
 
 def _check_settings(config: TrainConfig, info: DistInfo) -> None:
     if config.engine == "hf" and info.enabled:
-        raise ValueError("engine 'hf' runs in one process; use the fast engine under torchrun")
+        raise UsageError("engine 'hf' runs in one process; use the fast engine under torchrun")
     if info.enabled and config.distributed == "fsdp2" and config.checkpoint_every:
-        raise ValueError("checkpoint_every is not supported with distributed='fsdp2' yet (sharded "
+        raise UsageError("checkpoint_every is not supported with distributed='fsdp2' yet (sharded "
                          "optimizer state); use ddp or checkpoint_every=0")
 
 
