@@ -50,15 +50,23 @@ def resolve_layers(config: TrainConfig, num_layers: int) -> list[int]:
     return layers
 
 
-def check_modules(layers: nn.ModuleList, layer_ids: list[int], modules: list[str]) -> None:
-    """Every requested module name must name a Linear in every adapted layer."""
+def check_modules(layers: nn.ModuleList, layer_ids: list[int], modules: list[str], rank: int | None = None) -> None:
+    """Every requested module name must name a Linear in every adapted layer, at least `rank`
+    wide: a LoRA update B A of a [out, in] weight has rank at most min(in, out), so a larger
+    rank only adds parameters that cannot learn anything."""
     for i in layer_ids:
-        linears = {name.rsplit(".", 1)[-1] for name, mod in layers[i].named_modules()
+        linears = {name.rsplit(".", 1)[-1]: mod for name, mod in layers[i].named_modules()
                    if isinstance(mod, nn.Linear)}
         unknown = [m for m in modules if m not in linears]
         if unknown:
             raise UsageError(f"unknown module name(s) {unknown} in layer {i}; "
                              f"its linear modules are {sorted(linears)}")
+        for name in modules:
+            linear = linears[name]
+            width = min(linear.in_features, linear.out_features)
+            if rank is not None and rank > width:
+                raise UsageError(f"rank {rank} is larger than {name} of layer {i} allows ({linear.in_features} -> "
+                                 f"{linear.out_features}): a LoRA update has rank at most {width}")
 
 
 def attach_lora(model: nn.Module, config: TrainConfig):
@@ -71,7 +79,7 @@ def attach_lora(model: nn.Module, config: TrainConfig):
 
     _, layers, _ = _decoder_layers(model)
     layer_ids = resolve_layers(config, len(layers))
-    check_modules(layers, layer_ids, config.modules)
+    check_modules(layers, layer_ids, config.modules, config.rank)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.modules), layers_to_transform=layer_ids,
                       bias="none", task_type="CAUSAL_LM")

@@ -47,6 +47,9 @@ RESUME_MUST_MATCH = ("model", "objective", "rank", "alpha", "dropout", "modules"
                      "weight_decay", "max_grad_norm", "batch_size", "epochs", "max_steps", "threshold",
                      "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "curriculum",
                      "curriculum_ratios", "curriculum_boundaries", "stop_on_recall", "seed", "engine")
+# The step budget: a run may be resumed or continued (after it used its whole budget) with a
+# larger one; the learning rate then decays over the new budget from where the run is.
+BUDGET_SETTINGS = ("epochs", "max_steps")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from fastmem.train.engine_fast import stats_summary
 from fastmem.train.finish import TrainResult, finish
 from fastmem.train.interrupt import stop_requested
 from fastmem.train.schedule import ScheduledStep, rank_slice
-from fastmem.train.setup import TrainingRun, set_up
+from fastmem.train.setup import TrainingRun, release_lock, set_up
 from fastmem.train.stop_rule import BatchSignal, StepDecision
 
 __all__ = ["train", "TrainResult"]
@@ -52,19 +52,33 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, *, resum
     `config.verify_greedy` ("auto": near ties only, or "none"); "all" decodes every sample.
     """
     run = set_up(config, samples, model, resume=resume, overwrite=overwrite)
-    run_loop(run, halt_after_steps)
-    return finish(run, final_decode)
+    try:
+        run_loop(run, halt_after_steps)
+        return finish(run, final_decode)
+    finally:
+        release_lock(run.out, run.info)
 
 
 def run_loop(run: TrainingRun, halt_after_steps: int | None = None) -> None:
-    """Train until the stop rule stops the run, the step plan ends, or the process must pause."""
-    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", desc=f"memorize {run.config.objective}",
-               disable=not (run.config.progress and run.info.is_main))
-    while run.step < run.total_steps and not run.stopped:
-        train_step(run, run.schedule[run.step], bar)
-        if _pause(run, halt_after_steps):
-            break
-    bar.close()
+    """Train until the stop rule stops the run, the step plan ends, or the process must pause.
+    A run that used its whole budget ends with a checkpoint: a larger budget continues it."""
+    with _progress_bar(run) as bar:
+        while run.step < run.total_steps and not run.stopped:
+            train_step(run, run.schedule[run.step], bar)
+            if _pause(run, halt_after_steps):
+                break
+    if run.step == run.total_steps and not (run.stopped or run.halted):
+        run.save_checkpoint()
+
+
+def _progress_bar(run: TrainingRun) -> tqdm:
+    """Steps done and their rate. With the stop rule on, a run usually ends long before its
+    budget, so the bar shows no total (an ETA to the budget would be false); the stubborn
+    tokens in its figures are the progress toward the stop."""
+    config = run.config
+    total = None if config.stop_on_recall else run.total_steps
+    desc = f"memorize {config.objective}" + (f" (budget {run.total_steps} steps)" if total is None else "")
+    return tqdm(total=total, initial=run.step, unit="step", desc=desc, disable=not (config.progress and run.info.is_main))
 
 
 def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
@@ -149,14 +163,24 @@ def _confirm_stop(run: TrainingRun, decision: StepDecision, scheduled: Scheduled
 def _pause(run: TrainingRun, halt_after_steps: int | None) -> bool:
     """Checkpoint when one is due; True when this process must end its work now."""
     going_on = not run.stopped and run.step < run.total_steps
-    every = run.config.checkpoint_every
-    if every and run.step % every == 0 and going_on:
+    if going_on and _checkpoint_due(run):
         run.save_checkpoint()
     if halt_after_steps is not None and run.step - run.start_step >= halt_after_steps and not run.stopped:
         run.halted = True
         return True
-    if stop_requested() and going_on:  # Ctrl-C: checkpoint, then stop
+    signum = stop_requested()
+    if signum and going_on:  # Ctrl-C or SIGTERM: checkpoint, then stop
         run.save_checkpoint()
         run.halted = run.interrupted = True
+        run.stop_signal = signum
         return True
     return False
+
+
+def _checkpoint_due(run: TrainingRun) -> bool:
+    """Every `checkpoint_every` steps, and every `checkpoint_minutes` of wall time (so that a
+    crash loses minutes, not the run); one decision for all ranks (their clocks differ)."""
+    every, minutes = run.config.checkpoint_every, run.config.checkpoint_minutes
+    due = bool(every and run.step % every == 0) or bool(
+        minutes and run.can_checkpoint and time.monotonic() - run.last_checkpoint_time >= minutes * 60)
+    return any_rank([due], run.info)[0]

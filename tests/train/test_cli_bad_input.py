@@ -60,10 +60,12 @@ def runs(tmp_path_factory, model_dir):
     code = main(["train", "--data", data, "--model", str(model_dir), "--out", str(finished),
                  "--checkpoint-every", "1", *TRAIN_FLAGS])
     assert code == 0
-    unfinished = root / "unfinished"
+    unfinished = root / "unfinished"  # as if killed after the checkpoint of step 2 of 3
     shutil.copytree(finished, unfinished)
     shutil.rmtree(unfinished / "adapter")
     (unfinished / "summary.json").unlink()
+    shutil.rmtree(unfinished / "checkpoints" / "step-0000003")
+    (unfinished / "checkpoints" / "latest").write_text("step-0000002")
     return {"finished": finished, "unfinished": unfinished}
 
 
