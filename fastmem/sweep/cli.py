@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import sys
 
+from fastmem import locks
 from fastmem.errors import UsageError
 
 EPILOG = """examples:
@@ -172,6 +173,9 @@ def run(args) -> int:
     cells = spec.cells()  # validates the grid
     check_model(spec.model)
     check_sqlite_file(args.db, must_exist=False)
+    # Local workers share a database by design (claims are transactions); a Ray driver is its
+    # only writer and holds its lock: any other sweep on it is refused, naming the driver's pid.
+    locks.check_free(args.db, "--db")
     store = ResultsStore(args.db, lease_s=args.lease_s)
     store.add_cells(cells)
     if args.retry_failed:
@@ -180,9 +184,13 @@ def run(args) -> int:
     progress = not args.no_progress
     if args.executor == "ray":
         from fastmem.sweep.ray_executor import run_sweep_on_ray
-        run_sweep_on_ray(spec, args.db, address=args.ray_address, retries=args.cell_retries,
-                         cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, lease_s=args.lease_s,
-                         progress=progress)
+        locks.acquire(args.db, "--db")
+        try:
+            run_sweep_on_ray(spec, args.db, address=args.ray_address, retries=args.cell_retries,
+                             cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
+                             lease_s=args.lease_s, progress=progress)
+        finally:
+            locks.release(args.db)
     elif args.workers == 1:
         run_worker(spec, args.db, worker=rank, lease_s=args.lease_s, progress=progress)
     else:
