@@ -61,7 +61,14 @@ def _load(args):
         from peft import PeftModel
 
         # checked by check_adapter_dir already; local_files_only: a path is never a hub id
-        model = PeftModel.from_pretrained(model, args.adapter, local_files_only=True).eval()
+        try:
+            model = PeftModel.from_pretrained(model, args.adapter, local_files_only=True).eval()
+        except RuntimeError as err:  # torch's load_state_dict: weights of other shapes than the config says
+            if "size mismatch" not in str(err):
+                raise
+            first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+            raise UsageError(f"--adapter {args.adapter} does not fit its adapter_config.json or --model "
+                             f"{args.model} ({first})") from None
     from fastmem.nn.cpu_linear import use_onednn_linears
 
     use_onednn_linears(model)  # CPU fp32: teacher forcing and decode prefill through oneDNN
