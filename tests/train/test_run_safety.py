@@ -262,7 +262,10 @@ def test_a_run_that_used_its_budget_is_continued_by_a_larger_one(tmp_path, model
     first = json.loads((out / "summary.json").read_text())
     assert first["steps"] == 3 and not first["stopped_on_recall"]
     rows_before = (out / "metrics.jsonl").read_text().splitlines()
-    capsys.readouterr()
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["steps"] == 3  # stdout: the one JSON line
+    assert printed.err.strip().splitlines()[-1].startswith(  # stderr: a line for people
+        "fastmem train: used its whole budget of 3 steps without recalling every token; exact match ")
     assert main([*argv, "--max-steps", "5"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 5 and summary["total_steps"] == 5
@@ -299,3 +302,18 @@ def test_a_huge_max_steps_is_refused_before_the_model_loads_in_under_1_gb(tmp_pa
     assert peak_kib * 1024 < 1 << 30, peak_kib  # peak RSS of the whole refusing process
     assert not out.exists() and elapsed < 120
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < 1 << 30
+
+
+def test_the_progress_bar_shows_no_false_total_under_the_stop_rule():
+    from types import SimpleNamespace
+
+    from fastmem.train.loop import _progress_bar
+
+    def bar(stop_on_recall):
+        config = SimpleNamespace(stop_on_recall=stop_on_recall, objective="sft", progress=True)
+        return _progress_bar(SimpleNamespace(config=config, total_steps=6000, step=12,
+                                             info=SimpleNamespace(is_main=True)))
+
+    with bar(True) as stopping, bar(False) as budgeted:
+        assert stopping.total is None and stopping.n == 12 and "budget 6000 steps" in stopping.desc
+        assert budgeted.total == 6000  # no stop rule: the budget is the run's length
