@@ -149,6 +149,13 @@ class TrainConfig:
                              f"training), got {self.max_steps!r}")
         if len(self.curriculum_ratios) != len(self.curriculum_boundaries):
             raise UsageError("curriculum_ratios and curriculum_boundaries must have the same length")
+        if self.curriculum:
+            from fastmem.data.curriculum import TemporalCurriculum
+
+            try:  # the curriculum's own checks, before any sample is read
+                TemporalCurriculum(1, self.curriculum_ratios, self.curriculum_boundaries)
+            except (ValueError, TypeError) as err:
+                raise UsageError(f"curriculum_ratios / curriculum_boundaries: {err}") from None
         if self.checkpoint_minutes < 0:
             raise UsageError(f"checkpoint_minutes must be >= 0 (0: no timed checkpoints), got {self.checkpoint_minutes}")
 
