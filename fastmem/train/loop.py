@@ -40,11 +40,17 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, *, resum
     """Memorize `samples` into a LoRA adapter on `model` (loaded from `config.model` if None).
 
     `samples`: tokenized MemorySample objects (fastmem.data).
-    `resume`: continue from `<out>/checkpoints` when a checkpoint is there.
+    `resume`: continue from `<out>/checkpoints` when a checkpoint is there: the newest readable
+    one (a damaged one is passed over with a warning), which must be of these settings and of
+    these samples (their fingerprint), with steps left in the plan. A larger step budget
+    continues a run that used its whole budget.
     `overwrite`: a finished run in `out` (its summary.json) is the user's result, so it is
-    refused (FileExistsError, before the model loads) unless this is True; then its adapter,
-    summary and metrics are rewritten in place. `fastmem train` adds the rest of the rules
-    (unrelated files, data fingerprint, atomic replacement: train/run_dir.py).
+    refused (FileExistsError, before the model loads) unless this is True or the run is
+    continued as above; then its adapter, summary and metrics are rewritten in place.
+    `fastmem train` adds the rest of the rules (unrelated files, atomic replacement:
+    train/run_dir.py). One process writes `out` at a time: its lock (fastmem/locks.py) is
+    held from set-up to finish, and a second writer gets a UsageError naming the first's pid.
+    A loss, gradient or adapter weight that turns NaN or infinite raises RunFailed.
     `halt_after_steps`: end the process's work after that many steps of this call without a
     final checkpoint — exactly what a kill does (used to test resume; a time-boxed job can
     use it with `checkpoint_every`). Returns a TrainResult whose summary has `halted: true`.
