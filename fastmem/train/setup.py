@@ -1,14 +1,17 @@
 """Setting up a training run: everything the loop reads, built once and held in a TrainingRun.
 
     set_up(config, samples, model)
-        LoRA on the named modules/layers; the frozen-prefix cache and the base model's answer
-        loss (once per sample); the engine (fast or hf); the step plan; AdamW with the paper's
-        linear decay; SW windows, stop rule and re-crossing counter; then, when `<out>` holds
-        a checkpoint, all of that restored from it.
+        refusals first (bad settings, a finished run, `<out>` locked by another writer), then
+        `<out>`'s lock; LoRA on the named modules/layers; the frozen-prefix cache and the base
+        model's answer loss (once per sample); the engine (fast or hf); the lazy step plan;
+        AdamW with the paper's linear decay; SW windows, stop rule and re-crossing counter;
+        then, when `<out>` holds a checkpoint, all of that restored from the newest readable
+        one (TrainingRun.resume).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -114,7 +117,12 @@ class TrainingRun:
                 "sw_window": self.sw_state.state_dict(), "stop_rule": self.stop_rule.state_dict(),
                 "recrossings": self.recrossings.last, "total_steps": self.total_steps,
                 "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
-                "config": self.config.to_dict(), "data_fingerprint": data_fingerprint(self.samples)}
+                "config": self.config.to_dict(), "data_fingerprint": self.fingerprint}
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The samples' data_fingerprint (hashed once per run)."""
+        return data_fingerprint(self.samples)
 
     @property
     def can_checkpoint(self) -> bool:
@@ -175,7 +183,7 @@ class TrainingRun:
             raise UsageError(f"checkpoint {checkpoint} belongs to another run (differs in {changed}); use a "
                              "new --out or --no-resume")
         saved = state.get("data_fingerprint")
-        if saved is not None and saved != data_fingerprint(self.samples):
+        if saved is not None and saved != self.fingerprint:
             raise UsageError(f"checkpoint {checkpoint} was trained on other data ({len(self.samples)} samples "
                              "here with another fingerprint): use a new out, or overwrite")
         if state["total_steps"] != self.total_steps and state["step"] >= self.total_steps:
