@@ -1,4 +1,6 @@
-"""The one head resolver: a causal LM's output embedding as `(weight [V, H], bias [V] | None)`.
+"""The one head resolver: a causal LM's output embedding as `(weight [V, H], bias [V] | None)`,
+and the one PEFT unwrap (`causal_lm_of`: the trainer, the evaluator, greedy decoding and the
+transformers patch all reach the causal LM inside a PEFT wrapper through it).
 
 Shared by the fused-loss patch (hf_forward.py), the trainer (train/adapters.py) and the
 evaluator (eval/teacher_forcing.py), so that every place that forms "the logits" from hidden
