@@ -17,7 +17,6 @@ import argparse
 import platform
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch

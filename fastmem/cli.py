@@ -2,9 +2,11 @@
 
 Each command lives beside the code it drives, in a module with
 `register(subparsers) -> None` that adds its parser and sets `func=run`, where
-`run(args) -> int` returns the exit code. Exit codes: 0 success, 1 the job failed (e.g. not
-memorized in budget, where a command says so), 2 bad input (a one-line reason on stderr),
-130 interrupted (Ctrl-C).
+`run(args) -> int` returns the exit code. Exit codes: 0 success, 1 the job failed (one line:
+fastmem.errors.RunFailed, e.g. a non-finite loss, or not memorized in budget where a command
+says so) or a bug (any other exception: its traceback), 2 bad input (a one-line reason on
+stderr: fastmem.errors.UsageError and the file errors below), 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM, `fastmem train`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import sqlite3
 import sys
 
-from fastmem.errors import UsageError  # noqa: F401  (re-exported for older imports)
+from fastmem.errors import RunFailed, UsageError
 
 # command modules, in the order `--help` lists them
 COMMAND_MODULES = (
@@ -30,13 +32,15 @@ COMMAND_MODULES = (
     "fastmem.audit.cli",
 )
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
-# Exceptions that mean "the input is wrong" wherever they come from: one line, exit 2. A bug
-# (any other exception) keeps its traceback. UnicodeDecodeError is a ValueError.
-BAD_INPUT_ERRORS = (UsageError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
-                    IsADirectoryError, FileExistsError, PermissionError, sqlite3.DatabaseError)
+# Exceptions that mean "the input is wrong": one line, exit 2. The project's own UsageError, and
+# what the operating system or SQLite say about a path the user gave. A ValueError or TypeError
+# is not among them: raised anywhere else it is a bug and keeps its traceback (exit 1).
+BAD_INPUT_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+                    PermissionError, sqlite3.DatabaseError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -115,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_INPUT_ERRORS as err:
         print(f"fastmem {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as err:
+        print(f"fastmem {args.command}: failed: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"fastmem {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -46,6 +46,14 @@ def write_jsonl_atomic(path: str | os.PathLike, rows) -> Path:
     return write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
+def read_json(path: str | os.PathLike):
+    """The JSON value in `path`, or None when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def check_nearest_parent(path, flag: str) -> None:
     """The nearest existing parent of `path` is a writable directory (where it, or a staging
     directory beside it, will be created); UsageError naming `flag` otherwise."""

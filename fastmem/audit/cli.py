@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from fastmem.audit.selfcheck import environment_report, run_self_checks
+from fastmem.errors import UsageError
 
 
 def register(subparsers) -> None:
@@ -31,7 +32,7 @@ def run(args) -> int:
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is visible to torch")
+            raise UsageError("--device cuda: no CUDA device is visible to torch")
     if args.build_cuda:
         from fastmem._cuda_build import build_cuda_extension
 

@@ -87,7 +87,10 @@ def _record_sample(record, tokenizer, max_length, where: str, default_name: str)
         raise UsageError(f"{where}: 'answer_ids' do not decode to 'answer' with this tokenizer "
                          "(written with another tokenizer?)")
     prompt_ids, _ = template_prompt_ids(tokenizer, record["prompt"])
-    check_length(len(prompt_ids), len(answer_ids), max_length, f"{where}: ")
+    try:
+        check_length(len(prompt_ids), len(answer_ids), max_length, f"{where}: ")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     return MemorySample(name=name, prompt=record["prompt"], answer=record["answer"],
                         prompt_ids=tuple(prompt_ids), answer_ids=tuple(answer_ids),
                         meta={**meta, "token_level": True})

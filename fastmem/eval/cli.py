@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastmem.errors import UsageError
 
 EPILOG = """examples:
   fastmem eval --data book.jsonl --adapter run/adapter --out eval/
@@ -67,7 +68,14 @@ def _load(args):
         from peft import PeftModel
 
         # checked by check_adapter_dir already; local_files_only: a path is never a hub id
-        model = PeftModel.from_pretrained(model, args.adapter, local_files_only=True).eval()
+        try:
+            model = PeftModel.from_pretrained(model, args.adapter, local_files_only=True).eval()
+        except RuntimeError as err:  # torch's load_state_dict: weights of other shapes than the config says
+            if "size mismatch" not in str(err):
+                raise
+            first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+            raise UsageError(f"--adapter {args.adapter} does not fit its adapter_config.json or --model "
+                             f"{args.model} ({first})") from None
     from fastmem.nn.cpu_linear import use_onednn_linears
 
     use_onednn_linears(model)  # CPU fp32: teacher forcing and decode prefill through oneDNN
@@ -76,9 +84,9 @@ def _load(args):
 
 def run(args) -> int:
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.grid_width < 1:
-        raise ValueError(f"--grid-width must be >= 1, got {args.grid_width}")
+        raise UsageError(f"--grid-width must be >= 1, got {args.grid_width}")
     # every file is checked before the model loads (~20 s), and nothing is written on a refusal
     from fastmem.cli_checks import check_adapter_dir, check_device, check_jsonl_file, check_model, check_out_dir
 

@@ -1,4 +1,6 @@
-"""The one head resolver: a causal LM's output embedding as `(weight [V, H], bias [V] | None)`.
+"""The one head resolver: a causal LM's output embedding as `(weight [V, H], bias [V] | None)`,
+and the one PEFT unwrap (`causal_lm_of`: the trainer, the evaluator, greedy decoding and the
+transformers patch all reach the causal LM inside a PEFT wrapper through it).
 
 Shared by the fused-loss patch (hf_forward.py), the trainer (train/adapters.py) and the
 evaluator (eval/teacher_forcing.py), so that every place that forms "the logits" from hidden
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from fastmem.errors import UsageError
 
 # Config attributes that make a model's logits something other than `hidden @ W.T (+ b)`.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -36,7 +40,7 @@ def plain_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits is refused with a ValueError rather than silently mis-scored."""
     transform = logit_transform(model)
     if transform is not None:
-        raise ValueError(f"{type(causal_lm_of(model)).__name__} sets {transform}: its logits are not "
+        raise UsageError(f"{type(causal_lm_of(model)).__name__} sets {transform}: its logits are not "
                          "hidden @ lm_head.weight.T, which the fused head (trainer fast engine, evaluator) "
                          "relies on")
     return head_weight_and_bias(causal_lm_of(model))

@@ -18,6 +18,7 @@ import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from fastmem.errors import MissingInput, UsageError
+from fastmem.files import write_text_atomic
 
 # The paper discards runs "where the final loss fell below 0.69" (≈ ln 2, the recall line).
 EXCLUDE_FINAL_LOSS_BELOW = 0.69
@@ -155,7 +156,7 @@ class LawFit:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
         if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
+            write_text_atomic(path, text + "\n")
         return text
 
     @classmethod

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import sys
+
+from fastmem import locks
+from fastmem.errors import UsageError
 
 EPILOG = """examples:
   fastmem sweep --db runs/sweep.sqlite --ranks 1,2,4,8 --lengths 32,64,128,256 --max-steps 100
@@ -87,8 +91,6 @@ def add_ray_arguments(parser) -> None:
 
 def check_executor(args) -> None:
     """Refuse an unusable executor before anything is loaded or created."""
-    from fastmem.errors import UsageError
-
     if args.executor == "local":
         return
     if args.workers != 1:
@@ -148,8 +150,6 @@ def _run_local_processes(spec, args, progress: bool) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     from fastmem.cli_checks import check_model, check_sqlite_file, check_sweep_fits_model
     from fastmem.sweep.store import ResultsStore
     from fastmem.sweep.worker import describe, run_worker, torchrun_worker_index
@@ -167,15 +167,18 @@ def run(args) -> int:
         print(status_report(ResultsStore(args.db, lease_s=args.lease_s, read_only=True)))
         return 0
     if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.lease_s <= 0:
-        raise ValueError(f"--lease-s must be > 0, got {args.lease_s}")
+        raise UsageError(f"--lease-s must be > 0, got {args.lease_s}")
     check_executor(args)
     spec = build_spec(args)
     cells = spec.cells()  # validates the grid
     check_model(spec.model)
     check_sweep_fits_model(spec, cells)  # ranks vs width, lengths vs context: before the database exists
     check_sqlite_file(args.db, must_exist=False)
+    # Local workers share a database by design (claims are transactions); a Ray driver is its
+    # only writer and holds its lock: any other sweep on it is refused, naming the driver's pid.
+    locks.check_free(args.db, "--db")
     store = ResultsStore(args.db, lease_s=args.lease_s)
     store.add_cells(cells)
     if args.retry_failed:
@@ -184,9 +187,13 @@ def run(args) -> int:
     progress = not args.no_progress
     if args.executor == "ray":
         from fastmem.sweep.ray_executor import run_sweep_on_ray
-        run_sweep_on_ray(spec, args.db, address=args.ray_address, retries=args.cell_retries,
-                         cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, lease_s=args.lease_s,
-                         progress=progress)
+        locks.acquire(args.db, "--db")
+        try:
+            run_sweep_on_ray(spec, args.db, address=args.ray_address, retries=args.cell_retries,
+                             cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
+                             lease_s=args.lease_s, progress=progress)
+        finally:
+            locks.release(args.db)
     elif args.workers == 1:
         run_worker(spec, args.db, worker=rank, lease_s=args.lease_s, progress=progress)
     else:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastmem.errors import UsageError
 from fastmem.integrations.heads import causal_lm_of, plain_head
 from fastmem.train.config import TrainConfig, default_layers
 
@@ -36,7 +37,7 @@ def _decoder_layers(causal_lm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.
     decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
     layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
     if not isinstance(layers, nn.ModuleList) or norm is None:
-        raise ValueError(f"{type(causal_lm).__name__} has no decoder.layers / decoder.norm: the fast "
+        raise UsageError(f"{type(causal_lm).__name__} has no decoder.layers / decoder.norm: the fast "
                          "engine supports llama-style decoders (use --engine hf)")
     return decoder, layers, norm
 
@@ -45,19 +46,27 @@ def resolve_layers(config: TrainConfig, num_layers: int) -> list[int]:
     layers = sorted(set(config.layers)) if config.layers else default_layers(num_layers)
     bad = [i for i in layers if i >= num_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+        raise UsageError(f"layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
     return layers
 
 
-def check_modules(layers: nn.ModuleList, layer_ids: list[int], modules: list[str]) -> None:
-    """Every requested module name must name a Linear in every adapted layer."""
+def check_modules(layers: nn.ModuleList, layer_ids: list[int], modules: list[str], rank: int | None = None) -> None:
+    """Every requested module name must name a Linear in every adapted layer, at least `rank`
+    wide: a LoRA update B A of a [out, in] weight has rank at most min(in, out), so a larger
+    rank only adds parameters that cannot learn anything."""
     for i in layer_ids:
-        linears = {name.rsplit(".", 1)[-1] for name, mod in layers[i].named_modules()
+        linears = {name.rsplit(".", 1)[-1]: mod for name, mod in layers[i].named_modules()
                    if isinstance(mod, nn.Linear)}
         unknown = [m for m in modules if m not in linears]
         if unknown:
-            raise ValueError(f"unknown module name(s) {unknown} in layer {i}; "
+            raise UsageError(f"unknown module name(s) {unknown} in layer {i}; "
                              f"its linear modules are {sorted(linears)}")
+        for name in modules:
+            linear = linears[name]
+            width = min(linear.in_features, linear.out_features)
+            if rank is not None and rank > width:
+                raise UsageError(f"rank {rank} is larger than {name} of layer {i} allows ({linear.in_features} -> "
+                                 f"{linear.out_features}): a LoRA update has rank at most {width}")
 
 
 def attach_lora(model: nn.Module, config: TrainConfig):
@@ -70,7 +79,7 @@ def attach_lora(model: nn.Module, config: TrainConfig):
 
     _, layers, _ = _decoder_layers(model)
     layer_ids = resolve_layers(config, len(layers))
-    check_modules(layers, layer_ids, config.modules)
+    check_modules(layers, layer_ids, config.modules, config.rank)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.modules), layers_to_transform=layer_ids,
                       bias="none", task_type="CAUSAL_LM")

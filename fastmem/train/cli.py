@@ -11,9 +11,15 @@ Unset settings take TrainConfig's defaults (the paper's: lr 1e-2, LoRA dropout 0
 The output directory is yours: a finished run or unrelated files in --out are refused unless
 --overwrite is given (the new run is trained beside it and swapped in only when it finishes);
 an unfinished run there is resumed only when its settings and data match (DIR/run.json).
-Ctrl-C stops after the current step with a checkpoint and prints the command that resumes.
-Exit codes: 0 the run completed; 1 with --require-exact-match when greedy decoding missed;
-2 bad input (one line on stderr, nothing written); 130 interrupted (Ctrl-C).
+A run that used its whole step budget is continued by the same command with a larger
+--max-steps. One trainer per --out: a second one is refused, naming the first one's pid.
+Ctrl-C or SIGTERM stops after the current step with a checkpoint and prints the command that
+resumes; checkpoints are also written every --checkpoint-minutes (default 5) and the two
+newest are kept (a damaged one falls back to the one before).
+Output: the summary as one JSON line on stdout, then a line for people on stderr.
+Exit codes: 0 the run completed; 1 the run failed (a non-finite loss, gradient or weight: one
+line), or with --require-exact-match when greedy decoding missed; 2 bad input (one line on
+stderr, nothing written); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
+from pathlib import Path
 
 from fastmem.train.config import DISTRIBUTED, ENGINES, OBJECTIVES, TrainConfig
 
@@ -90,7 +98,9 @@ def register(subparsers) -> None:
     parser.add_argument("--fused-lora", action="store_true",
                         help="run PEFT's LoRA layers through fastmem.lora_linear (off by default until a GPU "
                              "measurement: on a CPU its reference path is slower than PEFT's)")
-    parser.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: never)")
+    parser.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: not by step count)")
+    parser.add_argument("--checkpoint-minutes", type=float,
+                        help="checkpoint every N minutes of training (default 5; 0: not by time)")
     parser.add_argument("--no-resume", action="store_true",
                         help="never resume: refuse an --out holding an unfinished run (with --overwrite: start over)")
     parser.add_argument("--distributed", choices=DISTRIBUTED,
@@ -126,11 +136,11 @@ def config_from_args(args) -> TrainConfig:
 
 
 def _check_adapter_targets(model, config: TrainConfig) -> None:
-    """--layers / --modules against the loaded model, before --out is touched."""
+    """--layers / --modules / --rank against the loaded model, before --out is touched."""
     from fastmem.train.adapters import _decoder_layers, check_modules, resolve_layers
 
     _, layers, _ = _decoder_layers(model)
-    check_modules(layers, resolve_layers(config, len(layers)), config.modules)
+    check_modules(layers, resolve_layers(config, len(layers)), config.modules, config.rank)
 
 
 def _resume_command(args) -> str:
@@ -143,7 +153,8 @@ def run(args) -> int:
     from fastmem.train import run_dir
 
     # Everything the user gave is checked before the model loads (~20 s) and before --out is
-    # touched: settings, the data file, the device, what --out holds.
+    # touched: settings, the data file, the device, what --out holds (and whether another
+    # trainer is writing there).
     config = config_from_args(args)
     check_jsonl_file(args.data)
     check_model(config.model)
@@ -157,8 +168,6 @@ def run(args) -> int:
     from fastmem.models import load_model
     from fastmem.rope_scaling import context_record
     from fastmem.train.distributed import init_distributed
-    from fastmem.train.interrupt import StopRequest
-    from fastmem.train.loop import train
 
     if not config.progress:
         from transformers.utils import logging as hf_logging
@@ -177,38 +186,70 @@ def run(args) -> int:
     _check_adapter_targets(model, config)
     plan.check_data(run_dir.data_fingerprint(samples), len(samples), args.data)
     plan.model = context_record(model.config)
-    if info.is_main:
-        plan.prepare()
-    config.out = str(plan.staging if plan.action == "replace" else plan.out)
     try:
-        with StopRequest(enabled=not info.enabled):
+        if info.is_main:
+            plan.prepare()
+        config.out = str(plan.train_dir or (plan.staging if plan.action == "replace" else plan.out))
+        return _train_and_report(args, config, samples, model, plan, info)
+    finally:
+        plan.release()
+
+
+def _train_and_report(args, config: TrainConfig, samples, model, plan, info) -> int:
+    from fastmem.errors import UsageError
+    from fastmem.train.interrupt import StopRequest, exit_code
+    from fastmem.train.loop import train
+
+    request = StopRequest(enabled=not info.enabled)
+    try:
+        with request:
             result = train(config, samples, model=model, resume=plan.action != "new")
-    except (ValueError, TypeError) as err:
+    except (UsageError, FileExistsError):  # a refusal: nothing of this attempt stays behind
         if info.is_main:
             plan.abandon()
-        raise err
-    except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of the steps since the last one
+        raise
+    except KeyboardInterrupt:  # a second signal: no checkpoint of the steps since the last one
         if info.is_main:
-            print(f"fastmem train: interrupted at once; rerun to resume from the last checkpoint in "
+            print(f"fastmem train: stopped at once; rerun to resume from the last checkpoint in "
                   f"{config.out}/checkpoints (if any): {_resume_command(args)}", file=sys.stderr)
-        return 130
+        return exit_code(request.signum or signal.SIGINT)
     summary = result.summary
     if summary.get("interrupted"):
         if info.is_main:
             saved = (f"checkpoint at step {summary['steps']} in {config.out}/checkpoints"
                      if summary["steps"] else "nothing to checkpoint yet")
-            print(f"fastmem train: interrupted at step {summary['steps']}/{summary['total_steps']} "
+            what = "interrupted" if summary["signal"] == signal.SIGINT else "terminated (SIGTERM)"
+            print(f"fastmem train: {what} at step {summary['steps']}/{summary['total_steps']} "
                   f"({saved}); resume with: {_resume_command(args)}", file=sys.stderr)
-        return 130
+        return exit_code(summary["signal"])
     if info.is_main:
         plan.finish()
-    keys = ("steps", "base_loss", "final_loss", "delta_loss", "token_acc", "exact_match", "stubborn_tokens", "wall_s")
-    if info.is_main:
-        print(json.dumps({k: summary.get(k) for k in keys}))
+        print(json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}))
+        print(human_summary(summary, plan.out), file=sys.stderr)
     if getattr(args, "require_exact_match", False) and summary.get("exact_match") != 1.0:
         if info.is_main:
-            print(f"fastmem train: --require-exact-match: greedy decoding reproduced {summary.get('exact_match', 0):.1%} "
-                  f"of the {summary.get('num_samples', len(samples))} answers, not all (adapter kept in {plan.out})",
-                  file=sys.stderr)
+            print(f"fastmem train: --require-exact-match: greedy decoding reproduces "
+                  f"{_exact_count(summary)} answers, not all: exit 1 (adapter kept in {plan.out})", file=sys.stderr)
         return 1
     return 0
+
+
+SUMMARY_KEYS = ("steps", "base_loss", "final_loss", "delta_loss", "token_acc", "exact_match", "stubborn_tokens",
+                "wall_s")
+
+
+def _exact_count(summary: dict) -> str:
+    per_sample = summary.get("exact_match_per_sample") or []
+    return f"{sum(per_sample)}/{len(per_sample)}"
+
+
+def human_summary(summary: dict, out) -> str:
+    """One line for a person, after the JSON line: how the run ended, recall, time, where."""
+    if summary.get("stopped_on_recall"):
+        ended = f"stopped on recall at step {summary['steps']} (budget {summary['total_steps']})"
+    else:
+        ended = f"used its whole budget of {summary['steps']} steps without recalling every token"
+    return (f"fastmem train: {ended}; exact match {_exact_count(summary)} samples, "
+            f"{summary.get('stubborn_tokens')} tokens with p <= 0.5 of {summary.get('answer_tokens')}; "
+            f"loss {summary.get('base_loss'):.3f} -> {summary.get('final_loss'):.3f}; "
+            f"{summary.get('wall_s'):.0f} s; adapter in {Path(out) / 'adapter'}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from fastmem.constants import L_CRIT, MEMFT_EPS, OBJECTIVES, SW_FLOOR, SW_KAPPA, SW_TAU, SW_WINDOW
+from fastmem.errors import UsageError
 ENGINES = ("fast", "hf")
 DISTRIBUTED = ("ddp", "fsdp2")
 
@@ -23,6 +25,21 @@ def default_layers(num_layers: int) -> list[int]:
 
 # MemFT's weighting threshold in the trainer (the op's own default stays ln 2, the paper's).
 DEFAULT_THRESHOLD = 0.1
+# The largest step budget (max_steps, epochs) accepted: a billion steps is years of training, and
+# anything sized by the budget must stay bounded.
+MAX_STEPS = 10 ** 9
+# The largest learning rate accepted: beyond it AdamW's first step overflows fp32 (a torch error).
+LR_MAX = 1e37
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 # Settings a run can only be resumed under (the rest — progress bar, checkpoint interval,
 # greedy check, prefix cache — may change between the interrupted and the resumed process).
 # One list for the trainer's checkpoint check and `fastmem train`'s run-directory check.
@@ -31,6 +48,9 @@ RESUME_MUST_MATCH = ("model", "objective", "rank", "alpha", "dropout", "modules"
                      "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "curriculum",
                      "curriculum_ratios", "curriculum_boundaries", "stop_on_recall", "seed", "engine",
                      "context")
+# The step budget: a run may be resumed or continued (after it used its whole budget) with a
+# larger one; the learning rate then decays over the new budget from where the run is.
+BUDGET_SETTINGS = ("epochs", "max_steps")
 
 
 @dataclass
@@ -82,49 +102,66 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # fast engine: recompute the span in backward, attention outputs kept
     fused_lora: bool = False  # fastmem.integrations.peft.patch_peft_model when installed
     loss_backend: str = "auto"  # fastmem.linear_cross_entropy backend
-    checkpoint_every: int = 0  # steps; 0: only at the end
+    checkpoint_every: int = 0  # steps; 0: none by step count
+    checkpoint_minutes: float = 5.0  # wall time between checkpoints (0: none by time): a crash loses minutes
     verify_greedy: bool = True  # final pass: greedy-decode samples whose EM hinges on a near tie (margin within noise)
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp2"
     progress: bool = True
     context: int | None = None  # positions needed past the model's own: RoPE-scaled (fastmem.rope_scaling)
 
     def validate(self) -> None:
-        """Raise ValueError naming the setting for anything that cannot train."""
+        """Raise UsageError (a ValueError) naming the setting for anything that cannot train:
+        a wrong type, a non-finite number, a value out of range, or a budget beyond MAX_STEPS
+        (checked before anything is sized by it: the step plan, the model load)."""
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise UsageError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+            raise UsageError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.distributed not in DISTRIBUTED:
-            raise ValueError(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+            raise UsageError(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        if not _is_int(self.rank) or self.rank < 1:
+            raise UsageError(f"rank must be an integer >= 1, got {self.rank!r}")
+        for name in ("alpha", "lr", "dropout", "weight_decay", "max_grad_norm", "threshold", "eps", "sw_kappa",
+                     "sw_tau", "sw_floor", "checkpoint_minutes"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value!r}")
+        for name in ("alpha", "lr", "threshold"):
+            if getattr(self, name) <= 0:
+                extra = f" (a loss value; ln 2 = {L_CRIT:.4f})" if name == "threshold" else ""
+                raise UsageError(f"{name} must be > 0{extra}, got {getattr(self, name)}")
+        if self.lr > LR_MAX:
+            raise UsageError(f"lr must be <= {LR_MAX:g} (AdamW's first step, lr / (1 - beta1), must stay within "
+                             f"fp32), got {self.lr:g}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.modules or any(not isinstance(m, str) or not m for m in self.modules):
-            raise ValueError(f"modules must be a non-empty list of module names, got {self.modules!r}")
-        if self.layers is not None and (not self.layers or any(i < 0 for i in self.layers)):
-            raise ValueError(f"layers must be a non-empty list of indices >= 0, got {self.layers!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.threshold <= 0:
-            raise ValueError(f"threshold must be > 0 (a loss value; ln 2 = {L_CRIT:.4f}), got {self.threshold}")
-        if self.sw_window < 1:
-            raise ValueError(f"sw_window must be >= 1, got {self.sw_window}")
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.modules, str) or not self.modules or any(not isinstance(m, str) or not m
+                                                                    for m in self.modules):
+            raise UsageError(f"modules must be a non-empty list of module names, got {self.modules!r}")
+        if self.layers is not None and (isinstance(self.layers, (str, int)) or not self.layers
+                                        or any(not _is_int(i) or i < 0 for i in self.layers)):
+            raise UsageError(f"layers must be a non-empty list of indices >= 0, got {self.layers!r}")
+        for name, low, high in (("batch_size", 1, MAX_STEPS), ("epochs", 1, MAX_STEPS), ("sw_window", 1, MAX_STEPS),
+                                ("checkpoint_every", 0, MAX_STEPS), ("seed", 0, 2 ** 63 - 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or not low <= value <= high:
+                raise UsageError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        if self.max_steps is not None and (not _is_int(self.max_steps) or not 1 <= self.max_steps <= MAX_STEPS):
+            raise UsageError(f"max_steps must be an integer in [1, {MAX_STEPS}] (a billion steps is years of "
+                             f"training), got {self.max_steps!r}")
         if len(self.curriculum_ratios) != len(self.curriculum_boundaries):
-            raise ValueError("curriculum_ratios and curriculum_boundaries must have the same length")
-        if self.context is not None and (isinstance(self.context, bool) or not isinstance(self.context, int)
-                                         or self.context < 2):
-            raise ValueError(f"context must be a number of positions >= 2, got {self.context!r}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+            raise UsageError("curriculum_ratios and curriculum_boundaries must have the same length")
+        if self.curriculum:
+            from fastmem.data.curriculum import TemporalCurriculum
+
+            try:  # the curriculum's own checks, before any sample is read
+                TemporalCurriculum(1, self.curriculum_ratios, self.curriculum_boundaries)
+            except (ValueError, TypeError) as err:
+                raise UsageError(f"curriculum_ratios / curriculum_boundaries: {err}") from None
+        if self.checkpoint_minutes < 0:
+            raise UsageError(f"checkpoint_minutes must be >= 0 (0: no timed checkpoints), got {self.checkpoint_minutes}")
+        if self.context is not None and (not _is_int(self.context) or self.context < 2):
+            raise UsageError(f"context must be a number of positions >= 2, got {self.context!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

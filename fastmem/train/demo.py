@@ -9,9 +9,11 @@ Exit code 0 when both end with 100% exact match, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+
+from fastmem.errors import UsageError
+from fastmem.files import write_json_atomic
 
 EPILOG = """examples:
   fastmem demo                       # writes runs/demo/{passage,phonebook}/ and runs/demo/loss_curve.png
@@ -106,7 +108,7 @@ def run(args) -> int:
     from fastmem.models import load_model
 
     if args.passage_tokens < 1 or args.phone_tokens < 1:
-        raise ValueError("--passage-tokens and --phone-tokens must be >= 1")
+        raise UsageError("--passage-tokens and --phone-tokens must be >= 1")
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,7 @@ def run(args) -> int:
     _plot(results, out / "loss_curve.png")
     wall = time.perf_counter() - start
     em = {name: r.summary["exact_match"] for name, r in results.items()}
-    (out / "demo_summary.json").write_text(json.dumps({"exact_match": em, "wall_s": wall}, indent=2) + "\n")
+    write_json_atomic(out / "demo_summary.json", {"exact_match": em, "wall_s": wall})
     print(f"\nexact match: passage {em['passage']:.0%}, phone book {em['phone book']:.0%}; "
           f"loss curve {out / 'loss_curve.png'}; wall time {wall:.0f} s")
     return 0 if all(v == 1.0 for v in em.values()) else 1

@@ -64,7 +64,7 @@ def run_summary(run: TrainingRun) -> dict:
     answer_tokens = sum(s.answer_len for s in run.samples)
     config = run.config
     return {"steps": run.step, "total_steps": run.total_steps, "stopped_on_recall": run.stopped,
-            "halted": run.halted, "interrupted": run.interrupted,
+            "halted": run.halted, "interrupted": run.interrupted, "signal": run.stop_signal or None,
             "base_loss": sum(run.base_loss_sums) / answer_tokens, "answer_tokens": answer_tokens,
             "num_samples": len(run.samples),
             "base_loss_per_sample": [b / s.answer_len for b, s in zip(run.base_loss_sums, run.samples)],

@@ -1,14 +1,17 @@
 """Setting up a training run: everything the loop reads, built once and held in a TrainingRun.
 
     set_up(config, samples, model)
-        LoRA on the named modules/layers; the frozen-prefix cache and the base model's answer
-        loss (once per sample); the engine (fast or hf); the step plan; AdamW with the paper's
-        linear decay; SW windows, stop rule and re-crossing counter; then, when `<out>` holds
-        a checkpoint, all of that restored from it.
+        refusals first (bad settings, a finished run, `<out>` locked by another writer), then
+        `<out>`'s lock; LoRA on the named modules/layers; the frozen-prefix cache and the base
+        model's answer loss (once per sample); the engine (fast or hf); the lazy step plan;
+        AdamW with the paper's linear decay; SW windows, stop rule and re-crossing counter;
+        then, when `<out>` holds a checkpoint, all of that restored from the newest readable
+        one (TrainingRun.resume).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -17,11 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastmem import locks
 from fastmem.data.sample import MemorySample, check_samples
+from fastmem.errors import UsageError
+from fastmem.files import read_json
 from fastmem.nn.cpu_linear import use_onednn_linears
 from fastmem.train.adapters import ModelParts, adapter_parameters, attach_lora, model_parts
-from fastmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig
+from fastmem.train.checkpoint import (CheckpointUnreadable, checkpoint_candidates, data_fingerprint,
+                                      load_checkpoint, save_checkpoint, set_rng_state)
+from fastmem.train.config import BUDGET_SETTINGS, RESUME_MUST_MATCH, TrainConfig
 from fastmem.train.distributed import DistInfo, barrier, init_distributed, wrap_span
 from fastmem.train.engine_fast import FastEngine
 from fastmem.train.engine_hf import HFEngine
@@ -88,6 +95,8 @@ class TrainingRun:
     stopped: bool = False
     halted: bool = False
     interrupted: bool = False
+    stop_signal: int = 0  # the signal (SIGINT, SIGTERM) that interrupted the run
+    last_checkpoint_time: float = 0.0  # time.monotonic() of the last checkpoint (or the start)
 
     @property
     def total_steps(self) -> int:
@@ -108,27 +117,47 @@ class TrainingRun:
                 "sw_window": self.sw_state.state_dict(), "stop_rule": self.stop_rule.state_dict(),
                 "recrossings": self.recrossings.last, "total_steps": self.total_steps,
                 "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
-                "config": self.config.to_dict()}
+                "config": self.config.to_dict(), "data_fingerprint": self.fingerprint}
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The samples' data_fingerprint (hashed once per run)."""
+        return data_fingerprint(self.samples)
+
+    @property
+    def can_checkpoint(self) -> bool:
+        # FSDP2 shards the optimizer state: no checkpoint of it yet (set_up refuses checkpoint_every)
+        return self.checkpoints is not None and not (self.info.enabled and self.config.distributed == "fsdp2")
 
     def save_checkpoint(self) -> None:
-        if self.checkpoints is None:
+        if not self.can_checkpoint:
             return
         if self.info.is_main:
             save_checkpoint(self.checkpoints, self.step, self.model, self.trainer_state())
         barrier(self.info)
+        self.last_checkpoint_time = time.monotonic()
 
     def resume(self) -> None:
-        """Continue from `<out>/checkpoints` when a checkpoint is there (ValueError when it
-        belongs to another run)."""
-        checkpoint = latest_checkpoint(self.checkpoints) if self.checkpoints is not None else None
-        if checkpoint is None:
+        """Continue from `<out>/checkpoints` when a checkpoint is there: the newest readable one,
+        with a line for each damaged one passed over (UsageError when it belongs to another run,
+        or when none is readable)."""
+        candidates = checkpoint_candidates(self.checkpoints) if self.checkpoints is not None else []
+        pointer = self.checkpoints / "latest" if self.checkpoints is not None else None
+        if candidates and pointer.is_file() and candidates[0].name != pointer.read_text().strip():
+            log.warning("%s names %s, which is not there: resuming from %s instead", pointer,
+                        pointer.read_text().strip(), candidates[0].name)
+        for checkpoint in candidates:
+            try:
+                state = load_checkpoint(checkpoint, self.model)
+                break
+            except CheckpointUnreadable as err:
+                log.warning("checkpoint %s is damaged (%s): passing over it to the one before", checkpoint, err)
+        else:
+            if candidates:
+                raise UsageError(f"no readable checkpoint in {self.checkpoints} ({len(candidates)} damaged): "
+                                 "start over with --overwrite (or move the run away)")
             return
-        state = load_checkpoint(checkpoint, self.model)
-        config = self.config.to_dict()
-        changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != config[k]]
-        if changed or state["total_steps"] != self.total_steps:
-            raise ValueError(f"checkpoint {checkpoint} belongs to another run (differs in "
-                             f"{changed or ['data size / step plan']}); use a new --out or --no-resume")
+        self._check_same_run(checkpoint, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sw_state.load_state_dict(state["sw_window"])
@@ -139,7 +168,28 @@ class TrainingRun:
             self.schedule = _schedule(self.config, len(self.samples), self.info, self.curriculum)
         set_rng_state(state["rng"])
         self.step = self.start_step = state["step"]
-        log.info("resumed from %s at step %d", checkpoint, self.step)
+        if state["total_steps"] != self.total_steps:  # a new budget: the LR decays over it from here
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        log.info("resumed from %s at step %d of %d", checkpoint, self.step, self.total_steps)
+
+    def _check_same_run(self, checkpoint: Path, state: dict) -> None:
+        """The checkpoint was trained under these settings, on these samples, and the plan
+        (perhaps with a larger budget) has steps left after it."""
+        config = self.config.to_dict()
+        changed = [k for k in RESUME_MUST_MATCH if k not in BUDGET_SETTINGS and state["config"].get(k) != config[k]]
+        if changed:
+            raise UsageError(f"checkpoint {checkpoint} belongs to another run (differs in {changed}); use a "
+                             "new --out or --no-resume")
+        saved = state.get("data_fingerprint")
+        if saved is not None and saved != self.fingerprint:
+            raise UsageError(f"checkpoint {checkpoint} was trained on other data ({len(self.samples)} samples "
+                             "here with another fingerprint): use a new out, or overwrite")
+        if state["total_steps"] != self.total_steps and state["step"] >= self.total_steps:
+            raise UsageError(f"checkpoint {checkpoint} has trained {state['step']} steps already, as many as "
+                             f"the budget here ({self.total_steps}): give a larger max_steps (or epochs) to "
+                             "continue it")
 
 
 def _schedule(config: TrainConfig, num_samples: int, info: DistInfo, curriculum) -> list:
@@ -149,9 +199,9 @@ def _schedule(config: TrainConfig, num_samples: int, info: DistInfo, curriculum)
 
 def _check_settings(config: TrainConfig, info: DistInfo) -> None:
     if config.engine == "hf" and info.enabled:
-        raise ValueError("engine 'hf' runs in one process; use the fast engine under torchrun")
+        raise UsageError("engine 'hf' runs in one process; use the fast engine under torchrun")
     if info.enabled and config.distributed == "fsdp2" and config.checkpoint_every:
-        raise ValueError("checkpoint_every is not supported with distributed='fsdp2' yet (sharded "
+        raise UsageError("checkpoint_every is not supported with distributed='fsdp2' yet (sharded "
                          "optimizer state); use ddp or checkpoint_every=0")
 
 
@@ -178,20 +228,46 @@ def set_up(config: TrainConfig, samples: list[MemorySample], model=None, *, resu
            overwrite: bool = False) -> TrainingRun:
     """Build a TrainingRun (see the module docstring); refusals come before the model loads."""
     config.validate()
-    if config.out and not overwrite and (Path(config.out) / "summary.json").is_file():
-        raise FileExistsError(f"{config.out} holds a finished run (summary.json): pass overwrite=True to replace "
-                              "it, or choose another out")
     wall_start = time.perf_counter()
     info = init_distributed()
+    out = Path(config.out) if config.out else None
+    if out is not None and not overwrite and (out / "summary.json").is_file():
+        planned = len(_schedule(config, len(samples), info, _curriculum(config, len(samples))))
+        if not (resume and budget_continues(out, planned)):
+            raise FileExistsError(f"{config.out} holds a finished run (summary.json): pass overwrite=True to "
+                                  "replace it, or choose another out (a run that used its whole step budget "
+                                  "is continued by a larger max_steps)")
+    if out is not None and info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        locks.acquire(out, "out")  # one writer per run directory; released by finish (or a failure)
+    try:
+        return _build_run(config, samples, model, info, out, wall_start, resume)
+    except BaseException:
+        release_lock(out, info)
+        raise
+
+
+def budget_continues(out: Path, planned_steps: int) -> bool:
+    """`out` holds a run that ended by using its whole step budget (not by recall, not halted)
+    and `planned_steps` is a larger budget: it continues from the run's final checkpoint."""
+    summary = read_json(out / "summary.json") or {}
+    steps = summary.get("steps")
+    return (summary.get("stopped_on_recall") is False and not summary.get("halted")
+            and steps == summary.get("total_steps") and isinstance(steps, int) and planned_steps > steps)
+
+
+def release_lock(out: Path | None, info: DistInfo) -> None:
+    if out is not None and info.is_main:
+        locks.release(out)
+
+
+def _build_run(config: TrainConfig, samples: list[MemorySample], model, info: DistInfo, out: Path | None,
+               wall_start: float, resume: bool) -> TrainingRun:
     if model is None:
         from fastmem.models import load_model
 
         model, _ = load_model(config.model, device=info.device, context=config.context)
     _check_settings(config, info)
-    out = Path(config.out) if config.out else None
-    if out is not None and info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
     peft_model, layer_ids = attach_lora(model, config)
     parts = model_parts(peft_model, layer_ids)
     check_samples(samples, parts.head_weight.shape[0], parts.max_positions)
@@ -207,7 +283,8 @@ def set_up(config: TrainConfig, samples: list[MemorySample], model=None, *, resu
                       sw_state=SWWindowState(len(samples), config.sw_window),
                       stop_rule=StopRule(len(samples), config.objective, config.stop_on_recall),
                       recrossings=Recrossings(), curriculum=curriculum, out=out,
-                      confirm_stop=_has_dropout(peft_model), wall_start=wall_start)
+                      confirm_stop=_has_dropout(peft_model), wall_start=wall_start,
+                      last_checkpoint_time=time.monotonic())
     if resume:
         run.resume()
     run.metrics = MetricsLog(out, run.step, enabled=info.is_main)

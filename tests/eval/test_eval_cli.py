@@ -136,3 +136,18 @@ def test_eval_cli_no_progress_draws_no_bars(model_dir, data_file, tmp_path, caps
                  "--grids", "0", "--no-progress"])
     assert code == 0
     assert "teacher forcing" not in capsys.readouterr().err
+
+
+def test_an_adapter_whose_rank_differs_from_its_weights_is_one_line(model, model_dir, data_file, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    adapter_dir = tmp_path / "adapter"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["down_proj"])).save_pretrained(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))  # says 4, holds rank 2
+    code = main(["eval", "--data", str(data_file), "--model", str(model_dir), "--adapter", str(adapter_dir),
+                 "--out", str(tmp_path / "o"), "--no-decode"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("fastmem eval: error: --adapter") and "different adapters" in err[0]  # checked before the model loads
+    assert not (tmp_path / "o").exists()

@@ -192,3 +192,25 @@ def test_cli_status_and_bad_input(tmp_path, capsys):
     assert main(["sweep", "--db", str(tmp_path / "r.sqlite"), "--ranks", "0"]) == 2
     assert "ranks must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_a_database_held_by_a_ray_driver_refuses_another_sweep(tmp_path, tiny_model_dir, capsys):
+    """A Ray driver is its database's only writer and holds its lock: another sweep on it is
+    refused (one line naming the driver's pid), and nothing is created or changed."""
+    db = tmp_path / "r.sqlite"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    driver = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[2]); from fastmem import locks; "
+        "locks.acquire(sys.argv[1], '--db'); print('held', flush=True); time.sleep(60)"), str(db), root],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert main(["sweep", "--db", str(db), "--model", str(tiny_model_dir), "--ranks", "1", "--lengths", "8",
+                     "--max-steps", "1", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is in use by process {driver.pid}" in err[0], err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before and not db.exists()
+    finally:
+        driver.kill()
+        driver.wait()

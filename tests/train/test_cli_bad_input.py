@@ -60,10 +60,12 @@ def runs(tmp_path_factory, model_dir):
     code = main(["train", "--data", data, "--model", str(model_dir), "--out", str(finished),
                  "--checkpoint-every", "1", *TRAIN_FLAGS])
     assert code == 0
-    unfinished = root / "unfinished"
+    unfinished = root / "unfinished"  # as if killed after the checkpoint of step 2 of 3
     shutil.copytree(finished, unfinished)
     shutil.rmtree(unfinished / "adapter")
     (unfinished / "summary.json").unlink()
+    shutil.rmtree(unfinished / "checkpoints" / "step-0000003")
+    (unfinished / "checkpoints" / "latest").write_text("step-0000002")
     return {"finished": finished, "unfinished": unfinished}
 
 
@@ -176,6 +178,16 @@ CASES = {
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--device", "cuda"), 2, "no CUDA device"),
     "train --rank 0": (
         lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--rank", "0"), 2, "rank must be an integer >= 1"),
+    "train --lr inf": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--lr", "inf"), 2, "lr must be a finite number"),
+    "train --alpha nan": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--alpha", "nan"), 2, "alpha must be a finite number"),
+    "train --max-steps 99999999999999": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--max-steps", "99999999999999"), 2,
+        "max_steps must be an integer in [1, 1000000000]"),
+    "train --rank above the module's width": (
+        lambda t, m, r: _train(t, m, "--out", str(t / "new"), "--rank", "4096"), 2,
+        "rank 4096 is larger than down_proj of layer 2 allows"),
     "train --model a dir without config.json": (
         lambda t, m, r: ["train", "--data", _jsonl(t / "d.jsonl", GOOD), "--model", str(t), "--out", str(t / "new")],
         2, "has no config.json"),

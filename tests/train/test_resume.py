@@ -76,8 +76,10 @@ def test_finished_run_is_not_overwritten_by_the_library_call(tmp_path):
     samples = make_samples(1)
     train(tiny_config(max_steps=2, out=str(tmp_path)), samples, model=tiny_model())
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    with pytest.raises(FileExistsError, match="finished run"):
-        train(tiny_config(max_steps=3, out=str(tmp_path)), samples, model=tiny_model())
+    with pytest.raises(FileExistsError, match="finished run"):  # the same budget: nothing to continue
+        train(tiny_config(max_steps=2, out=str(tmp_path)), samples, model=tiny_model())
+    with pytest.raises(FileExistsError, match="finished run"):  # a larger budget, but not resuming
+        train(tiny_config(max_steps=3, out=str(tmp_path)), samples, model=tiny_model(), resume=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     again = train(tiny_config(max_steps=3, out=str(tmp_path)), samples, model=tiny_model(), overwrite=True)
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == again.summary["steps"]

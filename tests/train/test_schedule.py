@@ -76,3 +76,41 @@ def test_eager_attention_is_switched_to_sdpa():
     assert model.config._attn_implementation == "eager"
     result = train(tiny_config(max_steps=1), make_samples(1), model=model)
     assert result.model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def _eager_plan(num_samples, batch_size, epochs, max_steps, seed, world_size=1, curriculum=None):
+    """The plan built up front, step by step: the oracle of the lazy StepPlan."""
+    import math
+
+    from fastmem.train.schedule import ScheduledStep, epoch_order
+
+    steps, epoch, size = [], 0, batch_size * world_size
+    while max_steps is None and epoch < epochs or max_steps is not None and len(steps) < max_steps:
+        active = curriculum.active(epoch) if curriculum else list(range(num_samples))
+        order = epoch_order(active, seed, epoch)
+        if world_size > 1:
+            order = [order[i % len(order)] for i in range(math.ceil(len(order) / size) * size)]
+        steps += [ScheduledStep(epoch, tuple(order[i:i + size]), len(active) == num_samples)
+                  for i in range(0, len(order), size)]
+        epoch += 1
+    return steps[:max_steps] if max_steps is not None else steps
+
+
+def test_lazy_plan_matches_the_eager_plan():
+    for n, batch, epochs, max_steps, world in [(5, 2, 3, None, 1), (5, 2, 3, 11, 1), (3, 1, 2, None, 2),
+                                               (7, 3, 5, 23, 2), (1, 1, 4, None, 1), (8, 3, 6, None, 3)]:
+        for ratios in (None, ([0.25, 0.5, 1.0], [1, 3, 5])):
+            curriculum = TemporalCurriculum(n, *ratios, seed=1) if ratios else None
+            plan = build_schedule(n, batch, epochs, max_steps, seed=4, world_size=world, curriculum=curriculum)
+            eager = _eager_plan(n, batch, epochs, max_steps, 4, world, curriculum)
+            assert len(plan) == len(eager) and list(plan) == eager
+            assert [plan[i] for i in reversed(range(len(plan)))] == eager[::-1]  # any order of access
+
+
+def test_a_billion_step_plan_costs_nothing_up_front():
+    import time
+
+    started = time.perf_counter()
+    plan = build_schedule(3, 1, epochs=1, max_steps=10 ** 9, seed=0)
+    assert len(plan) == 10 ** 9 and plan[10 ** 9 - 1].epoch == (10 ** 9 - 1) // 3
+    assert time.perf_counter() - started < 1.0
