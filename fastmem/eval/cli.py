@@ -57,10 +57,10 @@ def _load(args):
 
     model, tokenizer = load_model(args.model, device=args.device)
     if args.adapter:
-        from peft import PeftModel
+        from fastmem.integrations.peft_adapter import load_adapter
 
-        # checked by check_adapter_dir already; local_files_only: a path is never a hub id
-        model = PeftModel.from_pretrained(model, args.adapter, local_files_only=True).eval()
+        # checked by check_adapter_dir already; a LoRA or an MLP-block adapter
+        model = load_adapter(model, args.adapter).eval()
     from fastmem.nn.cpu_linear import use_onednn_linears
 
     use_onednn_linears(model)  # CPU fp32: teacher forcing and decode prefill through oneDNN

@@ -9,6 +9,10 @@ from fastmem.constants import L_CRIT, MEMFT_EPS, SW_FLOOR, SW_KAPPA, SW_TAU, SW_
 OBJECTIVES = ("sft", "ot", "sw")
 ENGINES = ("fast", "hf")
 DISTRIBUTED = ("ddp", "fsdp2")
+ADAPTERS = ("lora", "mlp_block")  # LoRA on `modules`; one parallel adapter per MLP block (nn/mlp_block_adapter.py)
+LR_SCHEDULES = ("linear", "constant")  # lr_schedule.py
+CURRICULUM_LOADERS = ("fastmem", "authors")  # data/curriculum_authors.py
+STOP_ON = ("recall", "em")  # stop_rule.py
 
 # The paper's stress-test budget: 2000 epochs at batch 1.
 PAPER_EPOCHS = 2000
@@ -31,7 +35,8 @@ DEFAULT_THRESHOLD = 0.1
 RESUME_MUST_MATCH = ("model", "objective", "rank", "alpha", "dropout", "modules", "layers", "lr",
                      "weight_decay", "max_grad_norm", "batch_size", "epochs", "max_steps", "threshold",
                      "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "curriculum",
-                     "curriculum_ratios", "curriculum_boundaries", "stop_on_recall", "seed", "engine")
+                     "curriculum_ratios", "curriculum_boundaries", "stop_on_recall", "seed", "engine",
+                     "adapter", "lr_schedule", "warmup_steps", "curriculum_loader", "stop_on", "em_margin")
 
 
 @dataclass
@@ -87,6 +92,15 @@ class TrainConfig:
     verify_greedy: bool = True  # final pass: greedy-decode samples whose EM hinges on a near tie (margin within noise)
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp2"
     progress: bool = True
+    # The authors' protocol (issue 22; benchmarks/reproduce/authors.toml cites their code):
+    adapter: str = "lora"  # "mlp_block": out = mlp(x) + s·B A drop(x) on each of `layers` (`modules` unused)
+    lr_schedule: str = "linear"  # "linear": warm-up then linear decay to 0 (HF get_scheduler("linear")); "constant"
+    warmup_steps: int = 0  # linear warm-up steps of either schedule (the paper and the authors: 0)
+    curriculum_loader: str = "fastmem"  # "authors": their prefix_ratio loader (fixed order, whole batches only)
+    # What the stop rule waits for: "recall", every answer token at p > 0.5 (the paper's line);
+    # "em", at every answer position the target logit beats the runner-up by >= em_margin.
+    stop_on: str = "recall"
+    em_margin: float = 0.0  # δ of stop_on="em", in logits
 
     def validate(self) -> None:
         """Raise ValueError naming the setting for anything that cannot train."""
@@ -122,6 +136,18 @@ class TrainConfig:
             raise ValueError("curriculum_ratios and curriculum_boundaries must have the same length")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        for name, allowed in (("adapter", ADAPTERS), ("lr_schedule", LR_SCHEDULES),
+                              ("curriculum_loader", CURRICULUM_LOADERS), ("stop_on", STOP_ON)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.curriculum_loader == "authors" and not self.curriculum:
+            raise ValueError("curriculum_loader='authors' changes how the curriculum batches: it needs curriculum=True")
+        if not self.em_margin >= 0.0 or self.em_margin == float("inf"):
+            raise ValueError(f"em_margin must be a finite value >= 0 (logits), got {self.em_margin}")
 
     def to_dict(self) -> dict:
         return asdict(self)

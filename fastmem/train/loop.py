@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fastmem.constants import L_CRIT
 from fastmem.data.sample import MemorySample, check_samples
 from fastmem.eval.evaluator import evaluate
 from fastmem.eval.teacher_forcing import teacher_forced_scores
 from fastmem.nn.cpu_linear import use_onednn_linears
-from fastmem.train.adapters import adapter_parameters, attach_lora, model_parts
+from fastmem.data.curriculum_authors import AuthorsCurriculum
+from fastmem.train.adapters import adapter_parameters, adapter_targets, attach_lora, model_parts
 from fastmem.train.checkpoint import (latest_checkpoint, load_checkpoint, save_adapter_atomic, save_checkpoint,
                                       set_rng_state)
 from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig
@@ -40,8 +40,9 @@ from fastmem.train.engine_hf import HFEngine
 from fastmem.train.interrupt import stop_requested
 from fastmem.train.prefix_cache import PrefixCache
 from fastmem.train.run_log import MetricsLog, RunFigures, peak_mem_bytes, write_json_atomic
+from fastmem.train.lr_schedule import lr_factor
 from fastmem.train.schedule import build_schedule, rank_slice
-from fastmem.train.stop_rule import BatchSignal, StopRule
+from fastmem.train.stop_rule import BatchSignal, StopRule, fails_stop
 from fastmem.train.sw_window import SWWindowState
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,9 @@ class TrainResult:
 
 def _make_optimizer(params, config: TrainConfig, total_steps: int):
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    # The paper: linear decay to zero over the run, no warm-up.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total_steps))
+    # The paper: linear decay to zero over the run, no warm-up (lr_schedule.py: the options).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(config.lr_schedule, total_steps, config.warmup_steps))
     return optimizer, scheduler
 
 
@@ -73,6 +75,9 @@ def _curriculum(config: TrainConfig, num_samples: int):
         return None
     from fastmem.data import TemporalCurriculum
 
+    if config.curriculum_loader == "authors":
+        return AuthorsCurriculum(num_samples, config.batch_size, config.curriculum_ratios,
+                                 config.curriculum_boundaries, config.seed)
     return TemporalCurriculum(num_samples, config.curriculum_ratios, config.curriculum_boundaries, config.seed)
 
 
@@ -116,12 +121,14 @@ def _has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def _unconfirmed_recall(model, samples: list[MemorySample], indices: list[int], batch_size: int,
+def _unconfirmed_recall(model, samples: list[MemorySample], indices: list[int], config: TrainConfig,
                         info: DistInfo) -> set[int]:
     """One eval-mode teacher-forced pass (the evaluator's) over `samples[indices]`: the indices
-    with a token at p <= 0.5, i.e. whose recall the noisy training forward over-stated."""
-    scores = teacher_forced_scores(model, [samples[i] for i in indices], batch_size=batch_size, progress=False)
-    flags = any_rank([bool((score.loss >= L_CRIT).any()) for score in scores], info)
+    with a token at p <= 0.5 (stop_on "em": a position short of the margin), i.e. whose recall
+    the noisy training forward over-stated."""
+    scores = teacher_forced_scores(model, [samples[i] for i in indices], batch_size=config.batch_size,
+                                   progress=False)
+    flags = any_rank([fails_stop(score, config.stop_on, config.em_margin) for score in scores], info)
     return {i for i, flag in zip(indices, flags) if flag}
 
 
@@ -190,7 +197,7 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
     params = list(adapter_parameters(peft_model).values())
     optimizer, scheduler = _make_optimizer(params, config, total_steps)
     sw_state = SWWindowState(len(samples), config.sw_window)
-    stop_rule = StopRule(len(samples), config.objective, config.stop_on_recall)
+    stop_rule = StopRule(len(samples), config.objective, config.stop_on_recall, config.stop_on)
     recrossings = _Recrossings()
 
     # --- resume -----------------------------------------------------------------------------
@@ -238,14 +245,14 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
         loss, stats = engine.forward(indices, window.to(device))
 
         # 2. decide before any update (every rank decides the same from the reduced signal)
-        signal = reduce_signal(BatchSignal.from_stats(stats), info)
+        signal = reduce_signal(BatchSignal.from_stats(stats, config.em_margin), info)
         decision = stop_rule.decide(signal, list(scheduled.global_batch), scheduled.all_samples_active)
         confirmation, confirm_s = None, 0.0
         if decision.stop and confirm_stop:
             t_confirm = time.perf_counter()
             with unsharded(getattr(engine, "span", None), config.distributed, info):
                 unconfirmed = _unconfirmed_recall(peft_model, samples, sorted(stop_rule.recalled),
-                                                  config.batch_size, info)
+                                                  config, info)
             confirm_s = time.perf_counter() - t_confirm
             confirmation = "rejected" if unconfirmed else "confirmed"
             if unconfirmed:
@@ -301,7 +308,7 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
                "base_loss": base_loss, "answer_tokens": answer_tokens, "num_samples": len(samples),
                "base_loss_per_sample": [b / s.answer_len for b, s in zip(base_loss_sums, samples)],
                "objective": config.objective, "engine": config.engine, "rank": config.rank,
-               "layers": layer_ids, "modules": list(config.modules), "world_size": info.world_size}
+               "layers": layer_ids, "modules": adapter_targets(config), "world_size": info.world_size}
     if not halted:
         with unsharded(getattr(engine, "span", None), config.distributed, info):
             summary.update(_final_pass(peft_model, samples, config))

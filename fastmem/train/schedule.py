@@ -33,11 +33,15 @@ def build_schedule(num_samples: int, batch_size: int, epochs: int, max_steps: in
     a multiple of batch_size * world_size (as DistributedSampler pads), so every rank gets
     exactly batch_size samples per step; a single process keeps a short last batch."""
     global_size = batch_size * world_size
+    if world_size > 1 and not getattr(curriculum, "reshuffle", True):
+        raise ValueError("the authors' curriculum loader runs in one process (it drops partial batches; "
+                         "torchrun pads them)")
     steps: list[ScheduledStep] = []
     epoch = 0
     while True:
         active = curriculum.active(epoch) if curriculum else list(range(num_samples))
-        order = epoch_order(active, seed, epoch)
+        # the authors' curriculum walks its fixed order every epoch (data/curriculum_authors.py)
+        order = epoch_order(active, seed, epoch) if getattr(curriculum, "reshuffle", True) else list(active)
         if world_size > 1:
             padded = math.ceil(len(order) / global_size) * global_size
             order = [order[i % len(order)] for i in range(padded)]
