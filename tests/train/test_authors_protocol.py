@@ -121,3 +121,17 @@ def test_flags_set_the_new_fields():
         from fastmem.train.config import RESUME_MUST_MATCH
 
         assert field in RESUME_MUST_MATCH, field
+
+
+def test_authors_toml_is_a_valid_train_config():
+    from dataclasses import fields
+    from pathlib import Path
+
+    from fastmem.config_file import load_settings
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "reproduce" / "authors.toml"
+    config = TrainConfig(**load_settings(path, {f.name for f in fields(TrainConfig)}, "train"))
+    config.validate()
+    assert (config.adapter, config.objective, config.curriculum_loader, config.max_grad_norm,
+            config.lr_schedule, config.dropout) == ("mlp_block", "ot", "authors", 1.0, "linear", 0.1)
+    assert config.alpha == config.rank  # their intervention applies no alpha / r factor
