@@ -48,6 +48,17 @@ def wrap_mlp_blocks(layers: nn.ModuleList, layer_ids: list[int], hidden_size: in
             layers[i].mlp = MLPBlockParallel(mlp, hidden_size)
 
 
+def unwrap_mlp_blocks(layers: nn.ModuleList) -> int:
+    """Put each wrapped block back in its layer (after the adapter is unloaded or merged away:
+    a merged parallel linear is dropped with it). Returns how many were unwrapped."""
+    count = 0
+    for layer in layers:
+        if isinstance(getattr(layer, "mlp", None), MLPBlockParallel):
+            layer.mlp = layer.mlp.mlp
+            count += 1
+    return count
+
+
 def is_mlp_block_adapter(target_modules) -> bool:
     """Does a LoRA config's `target_modules` name the MLP-block adapter?"""
     if isinstance(target_modules, str):

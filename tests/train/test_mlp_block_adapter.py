@@ -132,3 +132,18 @@ def test_cli_trains_it_and_fastmem_eval_loads_it(tmp_path, checkpoint, capsys): 
     assert losses == pytest.approx(summary["final_loss_per_sample"], rel=1e-5)
     # without the adapter the losses are the base model's
     assert summary["final_loss"] < summary["base_loss"]
+
+
+def test_unload_and_unwrap_give_the_base_model_back():
+    from fastmem.nn.mlp_block_adapter import unwrap_mlp_blocks
+
+    base = tiny_model()
+    before = _logits(base)
+    peft_model, _ = attach_lora(base, _config(layers=[1, 2]))
+    with torch.no_grad():
+        getattr(_block(peft_model, 2), PARALLEL_NAME).lora_B["default"].weight.normal_()
+    assert not torch.equal(_logits(peft_model), before)
+    model = peft_model.unload()
+    assert unwrap_mlp_blocks(model.get_decoder().layers) == 2
+    assert not any(isinstance(m, MLPBlockParallel) for m in model.modules())
+    assert torch.equal(_logits(model), before)
