@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from fastmem.constants import L_CRIT, MEMFT_EPS, SW_FLOOR, SW_KAPPA, SW_TAU, SW_WINDOW
 
@@ -151,3 +151,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def saved_setting(saved: dict, key: str):
+    """A setting as a run's checkpoint or run.json holds it; one saved before the setting
+    existed ran with its default (so an older run still resumes)."""
+    if key in saved:
+        return saved[key]
+    spec = next(f for f in fields(TrainConfig) if f.name == key)
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default

@@ -32,7 +32,7 @@ from fastmem.data.curriculum_authors import AuthorsCurriculum
 from fastmem.train.adapters import adapter_parameters, adapter_targets, attach_lora, model_parts
 from fastmem.train.checkpoint import (latest_checkpoint, load_checkpoint, save_adapter_atomic, save_checkpoint,
                                       set_rng_state)
-from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig
+from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig, saved_setting
 from fastmem.train.distributed import (DistInfo, any_rank, barrier, full_adapter_state, gather_first_errors,
                                        init_distributed, reduce_signal, unsharded, wrap_span)
 from fastmem.train.engine_fast import FastEngine, stats_summary
@@ -205,7 +205,7 @@ def train(config: TrainConfig, samples: list[MemorySample], model=None, tokenize
     checkpoint = latest_checkpoint(ckpt_dir) if (resume and ckpt_dir is not None) else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, peft_model)
-        changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != config.to_dict()[k]]
+        changed = [k for k in RESUME_MUST_MATCH if saved_setting(state["config"], k) != config.to_dict()[k]]
         if changed or state["total_steps"] != total_steps:
             raise ValueError(f"checkpoint {checkpoint} belongs to another run (differs in "
                              f"{changed or ['data size / step plan']}); use a new --out or --no-resume")

@@ -28,7 +28,7 @@ from pathlib import Path
 from fastmem.errors import UsageError
 from fastmem.cli_checks import check_nearest_parent
 from fastmem.train.checkpoint import clean_stale_temps, latest_checkpoint
-from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig
+from fastmem.train.config import RESUME_MUST_MATCH, TrainConfig, saved_setting
 
 MANIFEST = "run.json"
 SUMMARY = "summary.json"
@@ -53,8 +53,8 @@ def run_settings(config: TrainConfig) -> dict:
 
 
 def _differences(saved: dict, wanted: dict) -> list[str]:
-    return [f"{key} {saved.get(key)!r} there, {wanted[key]!r} here"
-            for key in wanted if saved.get(key) != wanted[key]]
+    return [f"{key} {saved_setting(saved, key)!r} there, {wanted[key]!r} here"
+            for key in wanted if saved_setting(saved, key) != wanted[key]]
 
 
 def _read_json(path: Path) -> dict | None:

@@ -135,3 +135,11 @@ def test_authors_toml_is_a_valid_train_config():
     assert (config.adapter, config.objective, config.curriculum_loader, config.max_grad_norm,
             config.lr_schedule, config.dropout) == ("mlp_block", "ot", "authors", 1.0, "linear", 0.1)
     assert config.alpha == config.rank  # their intervention applies no alpha / r factor
+
+
+def test_a_run_saved_before_the_new_settings_reads_their_defaults():
+    from fastmem.train.config import saved_setting
+
+    assert saved_setting({}, "adapter") == "lora" and saved_setting({}, "stop_on") == "recall"
+    assert saved_setting({}, "curriculum_ratios") == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert saved_setting({"adapter": "mlp_block"}, "adapter") == "mlp_block"
