@@ -21,7 +21,7 @@ INPUT = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(5)
 
 
 def _config(**overrides):
-    return tiny_config(adapter="mlp_block", layers=[2], **overrides)
+    return tiny_config(**{"adapter": "mlp_block", "layers": [2], **overrides})
 
 
 def _logits(model) -> torch.Tensor:
@@ -147,3 +147,11 @@ def test_unload_and_unwrap_give_the_base_model_back():
     assert unwrap_mlp_blocks(model.get_decoder().layers) == 2
     assert not any(isinstance(m, MLPBlockParallel) for m in model.modules())
     assert torch.equal(_logits(model), before)
+
+
+@pytest.mark.parametrize("settings", [dict(engine="hf"), dict(prefix_cache=False), dict(gradient_checkpointing=True)])
+def test_every_engine_path_trains_the_block_adapter_alike(settings):
+    samples = make_samples(2)
+    reference = train(_config(lr=2e-2, max_steps=4, stop_on_recall=False), samples, model=tiny_model())
+    other = train(_config(lr=2e-2, max_steps=4, stop_on_recall=False, **settings), samples, model=tiny_model())
+    assert [r["loss"] for r in other.metrics] == pytest.approx([r["loss"] for r in reference.metrics], rel=1e-4)
