@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fastmem.data.curriculum_authors import AuthorsCurriculum
 from fastmem.data.sample import MemorySample, check_samples
 from fastmem.eval.evaluator import evaluate
 from fastmem.eval.teacher_forcing import teacher_forced_scores
 from fastmem.nn.cpu_linear import use_onednn_linears
-from fastmem.data.curriculum_authors import AuthorsCurriculum
 from fastmem.train.adapters import adapter_parameters, adapter_targets, attach_lora, model_parts
 from fastmem.train.checkpoint import (latest_checkpoint, load_checkpoint, save_adapter_atomic, save_checkpoint,
                                       set_rng_state)
@@ -38,9 +38,9 @@ from fastmem.train.distributed import (DistInfo, any_rank, barrier, full_adapter
 from fastmem.train.engine_fast import FastEngine, stats_summary
 from fastmem.train.engine_hf import HFEngine
 from fastmem.train.interrupt import stop_requested
+from fastmem.train.lr_schedule import lr_factor
 from fastmem.train.prefix_cache import PrefixCache
 from fastmem.train.run_log import MetricsLog, RunFigures, peak_mem_bytes, write_json_atomic
-from fastmem.train.lr_schedule import lr_factor
 from fastmem.train.schedule import build_schedule, rank_slice
 from fastmem.train.stop_rule import BatchSignal, StopRule, fails_stop
 from fastmem.train.sw_window import SWWindowState
