@@ -115,7 +115,8 @@ def register(subparsers) -> None:
     parser.add_argument("--stop-on", choices=STOP_ON,
                         help="recall (default: every answer token at p > 0.5) or em (every position's target "
                              "logit beats the runner-up by >= --em-margin)")
-    parser.add_argument("--em-margin", type=float, help="the margin δ of --stop-on em, in logits (default 0)")
+    parser.add_argument("--em-margin", type=float, help="the margin δ of --stop-on em, in logits (default 0.5: what survived a bf16 cast "
+                        "and merging; see TrainConfig)")
     parser.set_defaults(func=run)
 
 
