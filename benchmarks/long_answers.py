@@ -105,6 +105,10 @@ def run_one(run: LongRun, python: str, max_steps: int, threads: int, checkpoint_
     write_data(run, python)
     if not (run.out / "summary.json").is_file():
         print(f"[{time.strftime('%H:%M:%S')}] train {run.name}", flush=True)
+        stamp = run.logs.with_name(run.name + ".commit.txt")  # the code each process trained with
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        with open(stamp, "a") as out:
+            out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {_commit()}\n")
         code = _timed(python, ["train", "--data", str(run.data), "--out", str(run.out), "--objective", run.objective,
                                *ADAPTER, "--context", str(run.context), "--gradient-checkpointing",
                                "--max-steps", str(max_steps), "--checkpoint-every", str(checkpoint_every),
@@ -151,7 +155,9 @@ def collect(run: LongRun) -> dict | None:
            "wall_s": sum(r["step_s"] for r in by_step.values()),
            "median_step_s": sorted(r["step_s"] for r in by_step.values())[len(by_step) // 2],
            "last_token_acc": last.get("token_acc"), "last_stubborn": last.get("stubborn_tokens"),
-           "last_min_p": last.get("min_p"),
+           "last_min_p": last.get("min_p"), "final_pass_em": summary.get("exact_match"),
+           "final_pass_min_p": summary.get("min_p"), "final_pass_min_margin": summary.get("min_margin"),
+           "commits": _commits(run),
            "train_peak_rss_gib": _peak_rss_gib(sorted(run.logs.parent.glob(f"{run.name}.train.time.*.txt")))}
     report = run.out / "eval" / "report.json"
     if report.is_file():
@@ -195,10 +201,14 @@ def report(order: list[LongRun]) -> Path:
         "`--context ℓ+64` (YaRN RoPE scaling past 8,192)",
         "- train: `fastmem train` fast engine, `--gradient-checkpointing`, LoRA r16/α32, dropout 0, q/k/v/o/gate/up/down "
         "of layers 24-29, lr 1e-2 (linear decay over the budget), stop on recall (every token p > 0.5)",
-        "- eval: `fastmem eval --decode` (teacher-forced verdict + one greedy decode with the KV cache)", "",
-        "| run | steps | state | wall Σ step_s | median s/step | peak RSS train | EM (eval) | token acc | i* | "
-        "teacher-forced s | greedy decode s | peak RSS eval |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "- EM (train's final pass): the trainer's eval-mode teacher-forced pass when it stops (greedy decoding "
+        "reproduces the answer iff every teacher-forced argmax is its target); EM (eval --decode): `fastmem eval "
+        "--decode` on the saved adapter, the teacher-forced verdict and one greedy decode with the KV cache "
+        "(`decode agrees` in runs.json)",
+        "- code: each run's fastmem commit(s) in runs.json (`commits`, one per training process)", "",
+        "| run | steps | state | wall Σ step_s | median s/step | peak RSS train | EM (train's final pass) | "
+        "EM (eval --decode) | token acc | i* | teacher-forced s | greedy decode s | peak RSS eval |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         state = ("recalled" if row["stopped_on_recall"] else "budget spent") if row["finished"] else "running / stopped"
@@ -207,6 +217,7 @@ def report(order: list[LongRun]) -> Path:
             return "—" if row.get(key) is None else spec.format(row[key])
         lines.append(f"| {row['run']} | {row['steps']} | {state} | {fmt('wall_s')} | {fmt('median_step_s', '{:.1f}')} | "
                      f"{fmt('train_peak_rss_gib', '{:.2f} GiB')} | "
+                     f"{'—' if row.get('final_pass_em') is None else '{:.0%}'.format(row['final_pass_em'])} | "
                      f"{'—' if row.get('eval_em') is None else ('100%' if row['eval_em'] else '0%')} | "
                      f"{fmt('eval_token_acc', '{:.4f}') if 'eval_token_acc' in row else fmt('last_token_acc', '{:.4f} (last step)')} | "
                      f"{fmt('eval_first_error', '{}')} | {fmt('teacher_forcing_s', '{:.1f}')} | "
@@ -216,6 +227,19 @@ def report(order: list[LongRun]) -> Path:
     path = RESULTS / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _commits(run: LongRun) -> list[str]:
+    stamp = run.logs.with_name(run.name + ".commit.txt")
+    return stamp.read_text().split("\n")[:-1] if stamp.is_file() else []
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main(argv=None) -> int:

@@ -65,11 +65,11 @@ def _load(args):
         check_adapter_context(args.adapter, config, args.context)
     model, tokenizer = load_model(args.model, device=args.device, context=args.context, config=config)
     if args.adapter:
-        from peft import PeftModel
+        from fastmem.integrations.peft_adapter import load_adapter
 
-        # checked by check_adapter_dir already; local_files_only: a path is never a hub id
+        # checked by check_adapter_dir already (a LoRA or an MLP-block adapter)
         try:
-            model = PeftModel.from_pretrained(model, args.adapter, local_files_only=True).eval()
+            model = load_adapter(model, args.adapter).eval()
         except RuntimeError as err:  # torch's load_state_dict: weights of other shapes than the config says
             if "size mismatch" not in str(err):
                 raise

@@ -6,13 +6,17 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fastmem.config_file import load_settings
 from fastmem.errors import UsageError
 
 DATA_KINDS = ("stress", "phonebook")
+# TrainConfig settings a cell takes from the grid and the spec's own fields (sweep/worker.py
+# cell_config), so a [train] table cannot set them.
+SWEEP_OWNED = frozenset({"model", "objective", "rank", "alpha", "dropout", "modules", "layers", "lr", "max_steps",
+                         "seed", "batch_size", "curriculum", "stop_on_recall", "progress", "out", "threshold"})
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,10 @@ class SweepSpec:
     adapters: str | None = None
     # Positions a cell needs past the model's own context: RoPE-scaled (fastmem.rope_scaling).
     context: int | None = None
+    # More TrainConfig settings, the same for every cell (a TOML [train] table), e.g. the authors'
+    # protocol: max_grad_norm, adapter, curriculum_loader, stop_on (issue 22). The grid's own
+    # settings (SWEEP_OWNED) are set above, not here.
+    train: dict = field(default_factory=dict)
 
     def adapter_dir(self, cell: Cell) -> str | None:
         return None if self.adapters is None else str(Path(self.adapters) / cell.slug)
@@ -112,6 +120,15 @@ class SweepSpec:
             raise UsageError(f"batch_size must be >= 0 (0: every sample of a cell), got {self.batch_size}")
         if self.max_steps < 1:
             raise UsageError(f"max_steps must be >= 1, got {self.max_steps}")
+        from fastmem.train.config import TrainConfig
+
+        if not isinstance(self.train, dict):
+            raise UsageError(f"sweep train must be a table of TrainConfig settings, got {type(self.train).__name__}")
+        allowed = {f.name for f in fields(TrainConfig)} - SWEEP_OWNED
+        unknown = sorted(set(self.train) - allowed)
+        if unknown:
+            raise UsageError(f"sweep train setting(s) {unknown} not allowed: the grid sets "
+                             f"{sorted(SWEEP_OWNED & set(unknown)) or 'none of them'}; allowed: {sorted(allowed)}")
 
     def cells(self) -> list[Cell]:
         self.validate()

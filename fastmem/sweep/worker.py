@@ -49,7 +49,7 @@ def cell_config(cell: Cell, spec: SweepSpec, n_samples: int = 1):
                        layers=spec.layers, lr=spec.lr, max_steps=spec.max_steps, seed=cell.seed,
                        batch_size=spec.batch_size or n_samples, curriculum=spec.curriculum,
                        stop_on_recall=spec.stop_on_recall, progress=False, out=spec.adapter_dir(cell),
-                       context=spec.context, **extra)
+                       context=spec.context, **extra, **spec.train)
 
 
 def recall_check(report) -> dict:
@@ -66,6 +66,7 @@ def recall_check(report) -> dict:
 
 
 def train_cell(cell: Cell, spec: SweepSpec, model, tokenizer) -> dict:
+    from fastmem.nn.mlp_block_adapter import unwrap_mlp_blocks
     from fastmem.train import train
 
     samples = cell_samples(cell, tokenizer)
@@ -77,7 +78,12 @@ def train_cell(cell: Cell, spec: SweepSpec, model, tokenizer) -> dict:
     check = recall_check(result.report)
     # tokens that fell back above the recall line after crossing below it, summed over steps
     check["recrossings"] = sum(int(row.get("recrossed") or 0) for row in result.metrics)
-    result.model.unload()  # the base model goes back to the next cell without the adapter
+    # the first step whose training forward had every token right / every token at p > 0.5
+    # (budget runs, stop_on_recall off: when EM came; with dropout on these forwards are noisy)
+    check["first_em_step"] = next((row["step"] for row in result.metrics if row["token_acc"] == 1.0), None)
+    check["first_recall_step"] = next((row["step"] for row in result.metrics if row["stubborn_tokens"] == 0), None)
+    base = result.model.unload()  # the base model goes back to the next cell without the adapter
+    unwrap_mlp_blocks(base.get_decoder().layers)  # adapter "mlp_block": its blocks unwrapped too
     summary = result.summary
     return {**{k: summary.get(k) for k in ("base_loss", "final_loss", "delta_loss", "token_acc", "exact_match",
                                            "stubborn_tokens", "steps", "wall_s", "peak_mem_bytes", "min_p",

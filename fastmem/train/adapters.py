@@ -12,6 +12,7 @@ from torch import nn
 
 from fastmem.errors import UsageError
 from fastmem.integrations.heads import causal_lm_of, plain_head
+from fastmem.nn.mlp_block_adapter import PARALLEL_NAME, wrap_mlp_blocks
 from fastmem.train.config import TrainConfig, default_layers
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,29 @@ def check_modules(layers: nn.ModuleList, layer_ids: list[int], modules: list[str
                                  f"{linear.out_features}): a LoRA update has rank at most {width}")
 
 
+def check_targets(layers: nn.ModuleList, layer_ids: list[int], config: TrainConfig) -> None:
+    """What `config` adapts exists in every adapted layer: its linear `modules`, or (adapter
+    "mlp_block") an `.mlp` block."""
+    if config.adapter == "mlp_block":
+        missing = [i for i in layer_ids if getattr(layers[i], "mlp", None) is None]
+        if missing:
+            raise UsageError(f"adapter 'mlp_block' needs an .mlp block in every adapted layer; layers {missing} have none")
+        hidden = getattr(layers[layer_ids[0]].mlp, "down_proj", None)
+        width = getattr(hidden, "out_features", None)
+        if width is not None and config.rank > width:
+            raise UsageError(f"rank {config.rank} is larger than the MLP block's width {width} allows")
+        return
+    check_modules(layers, layer_ids, config.modules, config.rank)
+
+
+def adapter_targets(config: TrainConfig) -> list[str]:
+    """What the adapter sits on, as the run's summary names it."""
+    return ["mlp_block"] if config.adapter == "mlp_block" else list(config.modules)
+
+
 def attach_lora(model: nn.Module, config: TrainConfig):
-    """Wrap a frozen causal LM in a PEFT LoRA model on `config.modules` of the resolved layers.
+    """Wrap a frozen causal LM in a PEFT LoRA model on `config.modules` of the resolved layers
+    (adapter "mlp_block": on a zero linear parallel to each of their MLP blocks, in place).
 
     The adapter's A matrices are drawn from torch's RNG, seeded here with `config.seed`, so a
     run is reproducible from its config. Returns `(peft_model, layer_ids)`.
@@ -79,9 +101,13 @@ def attach_lora(model: nn.Module, config: TrainConfig):
 
     _, layers, _ = _decoder_layers(model)
     layer_ids = resolve_layers(config, len(layers))
-    check_modules(layers, layer_ids, config.modules, config.rank)
+    check_targets(layers, layer_ids, config)
+    targets = list(config.modules)
+    if config.adapter == "mlp_block":  # PEFT's LoRA on a zero linear beside each MLP block
+        wrap_mlp_blocks(layers, layer_ids, model.config.hidden_size)
+        targets = [PARALLEL_NAME]
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=list(config.modules), layers_to_transform=layer_ids,
+                      target_modules=targets, layers_to_transform=layer_ids,
                       bias="none", task_type="CAUSAL_LM")
     model.requires_grad_(False)
     # SDPA (flash / memory-efficient kernels on a GPU): eager attention builds [S, S] scores

@@ -32,7 +32,8 @@ import signal
 import sys
 from pathlib import Path
 
-from fastmem.train.config import DISTRIBUTED, ENGINES, OBJECTIVES, TrainConfig
+from fastmem.train.config import (ADAPTERS, CURRICULUM_LOADERS, DISTRIBUTED, ENGINES, LR_SCHEDULES, OBJECTIVES, STOP_ON,
+                                  TrainConfig)
 
 EPILOG = """examples:
   fastmem train --data book.jsonl --out runs/book
@@ -111,6 +112,24 @@ def register(subparsers) -> None:
                              "is loaded with YaRN RoPE scaling, recorded with the run and its adapter")
     parser.add_argument("--require-exact-match", action="store_true",
                         help="exit 1 unless greedy decoding reproduces every answer")
+    # the authors' protocol (benchmarks/reproduce/authors.toml) and the stop on exact recall
+    parser.add_argument("--max-grad-norm", type=float,
+                        help="clip the adapter's gradient norm before each optimizer step (0: off; the authors: 1.0)")
+    parser.add_argument("--adapter", choices=ADAPTERS,
+                        help="lora: LoRA on --modules; mlp_block: one adapter parallel to each --layers MLP block, "
+                             "out = mlp(x) + (alpha/r)·B A drop(x) (the authors')")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                        help="linear (default: warm-up, then linear decay to 0, as HF get_scheduler('linear')) or "
+                             "constant (after the warm-up)")
+    parser.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    parser.add_argument("--curriculum-loader", choices=CURRICULUM_LOADERS,
+                        help="with --curriculum: fastmem (active prefix reshuffled per epoch) or authors (their "
+                             "loader: fixed order, whole batches only)")
+    parser.add_argument("--stop-on", choices=STOP_ON,
+                        help="recall (default: every answer token at p > 0.5) or em (every position's target "
+                             "logit beats the runner-up by >= --em-margin)")
+    parser.add_argument("--em-margin", type=float, help="the margin δ of --stop-on em, in logits (default 0.5: what survived a bf16 cast "
+                        "and merging; see TrainConfig)")
     parser.set_defaults(func=run)
 
 
@@ -137,10 +156,10 @@ def config_from_args(args) -> TrainConfig:
 
 def _check_adapter_targets(model, config: TrainConfig) -> None:
     """--layers / --modules / --rank against the loaded model, before --out is touched."""
-    from fastmem.train.adapters import _decoder_layers, check_modules, resolve_layers
+    from fastmem.train.adapters import _decoder_layers, check_targets, resolve_layers
 
     _, layers, _ = _decoder_layers(model)
-    check_modules(layers, resolve_layers(config, len(layers)), config.modules, config.rank)
+    check_targets(layers, resolve_layers(config, len(layers)), config)
 
 
 def _resume_command(args) -> str:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from fastmem.constants import L_CRIT, MEMFT_EPS, OBJECTIVES, SW_FLOOR, SW_KAPPA, SW_TAU, SW_WINDOW
 from fastmem.errors import UsageError
 ENGINES = ("fast", "hf")
 DISTRIBUTED = ("ddp", "fsdp2")
+ADAPTERS = ("lora", "mlp_block")  # LoRA on `modules`; one parallel adapter per MLP block (nn/mlp_block_adapter.py)
+LR_SCHEDULES = ("linear", "constant")  # lr_schedule.py
+CURRICULUM_LOADERS = ("fastmem", "authors")  # data/curriculum_authors.py
+STOP_ON = ("recall", "em")  # stop_rule.py
 
 # The paper's stress-test budget: 2000 epochs at batch 1.
 PAPER_EPOCHS = 2000
@@ -47,7 +51,8 @@ RESUME_MUST_MATCH = ("model", "objective", "rank", "alpha", "dropout", "modules"
                      "weight_decay", "max_grad_norm", "batch_size", "epochs", "max_steps", "threshold",
                      "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "curriculum",
                      "curriculum_ratios", "curriculum_boundaries", "stop_on_recall", "seed", "engine",
-                     "context")
+                     "context", "adapter", "lr_schedule", "warmup_steps", "curriculum_loader", "stop_on",
+                     "em_margin")
 # The step budget: a run may be resumed or continued (after it used its whole budget) with a
 # larger one; the learning rate then decays over the new budget from where the run is.
 BUDGET_SETTINGS = ("epochs", "max_steps")
@@ -108,6 +113,18 @@ class TrainConfig:
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp2"
     progress: bool = True
     context: int | None = None  # positions needed past the model's own: RoPE-scaled (fastmem.rope_scaling)
+    # The authors' protocol (issue 22; benchmarks/reproduce/authors.toml cites their code):
+    adapter: str = "lora"  # "mlp_block": out = mlp(x) + s·B A drop(x) on each of `layers` (`modules` unused)
+    lr_schedule: str = "linear"  # "linear": warm-up then linear decay to 0 (HF get_scheduler("linear")); "constant"
+    warmup_steps: int = 0  # linear warm-up steps of either schedule (the paper and the authors: 0)
+    curriculum_loader: str = "fastmem"  # "authors": their prefix_ratio loader (fixed order, whole batches only)
+    # What the stop rule waits for: "recall", every answer token at p > 0.5 (the paper's line);
+    # "em", at every answer position the target logit beats the runner-up by >= em_margin.
+    stop_on: str = "recall"
+    # δ of stop_on="em", in logits. 0.5: the smallest δ measured whose stop survived HF generate,
+    # merging and a bf16 cast in every case; at δ = 0 a merged bf16 copy lost one of 20 PhoneBook
+    # entries (bf16 logits near 20 are 0.125 apart). benchmarks/results/stop_on_em_20261203.md.
+    em_margin: float = 0.5
 
     def validate(self) -> None:
         """Raise UsageError (a ValueError) naming the setting for anything that cannot train:
@@ -162,6 +179,27 @@ class TrainConfig:
             raise UsageError(f"checkpoint_minutes must be >= 0 (0: no timed checkpoints), got {self.checkpoint_minutes}")
         if self.context is not None and (not _is_int(self.context) or self.context < 2):
             raise UsageError(f"context must be a number of positions >= 2, got {self.context!r}")
+        if self.max_grad_norm < 0:
+            raise UsageError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        for name, allowed in (("adapter", ADAPTERS), ("lr_schedule", LR_SCHEDULES),
+                              ("curriculum_loader", CURRICULUM_LOADERS), ("stop_on", STOP_ON)):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise UsageError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.curriculum_loader == "authors" and not self.curriculum:
+            raise UsageError("curriculum_loader='authors' changes how the curriculum batches: it needs curriculum=True")
+        if not self.em_margin >= 0.0 or self.em_margin == float("inf"):
+            raise UsageError(f"em_margin must be a finite value >= 0 (logits), got {self.em_margin}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def saved_setting(saved: dict, key: str):
+    """A setting as a run's checkpoint or run.json holds it; one saved before the setting
+    existed ran with its default (so an older run still resumes)."""
+    if key in saved:
+        return saved[key]
+    spec = next(f for f in fields(TrainConfig) if f.name == key)
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default

@@ -80,11 +80,11 @@ def reduce_signal(signal: BatchSignal, info: DistInfo) -> BatchSignal:
     if not info.enabled:
         return signal
     # On the rank's own device: NCCL reduces CUDA tensors only, gloo CPU ones.
-    values = torch.tensor([signal.stubborn_tokens, signal.active_tokens, signal.weight_sum],
-                          dtype=torch.float64, device=info.device)
+    values = torch.tensor([signal.stubborn_tokens, signal.active_tokens, signal.weight_sum,
+                           signal.em_short_tokens], dtype=torch.float64, device=info.device)
     dist.all_reduce(values)
     values = values.cpu()
-    return BatchSignal(int(values[0]), int(values[1]), float(values[2]))
+    return BatchSignal(int(values[0]), int(values[1]), float(values[2]), int(values[3]))
 
 
 def gather_first_errors(first_error: torch.Tensor, info: DistInfo) -> torch.Tensor:

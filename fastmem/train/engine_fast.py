@@ -51,10 +51,13 @@ def stats_summary(stats: TokenStats) -> dict:
     """Unweighted answer-token metrics of one pass (recall line: p > 0.5)."""
     valid = stats.valid
     n_valid = int(valid.sum())
-    return {
+    summary = {
         "mean_loss": float(stats.loss[valid].sum()) / max(n_valid, 1),
         "token_acc": stats.token_accuracy(),
         "min_p": stats.min_prob(),
         "stubborn_tokens": int(stats.stubborn_mask().sum()),
         "answer_tokens": n_valid,
     }
+    if stats.margin is not None and n_valid:  # the smallest top-1 margin: what stop_on="em" reads
+        summary["min_margin"] = float(stats.margin[valid].min())
+    return summary

@@ -30,6 +30,13 @@ def _greedy_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (target == top2[..., 0]) & (top2[..., 1] < top2[..., 0])
 
 
+def _top1_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Target logit minus the best other logit (as the fused op's TokenStats.margin)."""
+    top2 = logits.topk(2, dim=-1).values
+    target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return target - torch.where(target >= top2[..., 0], top2[..., 1], top2[..., 0])
+
+
 class HFEngine:
     """forward(indices, window) -> (loss, TokenStats), like FastEngine, through model(...).logits."""
 
@@ -53,6 +60,7 @@ class HFEngine:
         token_loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="none")
         valid = flat_labels != IGNORE_INDEX
         correct = _greedy_correct(flat_logits.detach(), flat_labels) & valid
+        margin = _top1_margin(flat_logits.detach(), flat_labels) * valid
 
         if window is None:
             window = torch.full((batch,), float(cfg.sw_window), device=self.device)
@@ -73,7 +81,7 @@ class HFEngine:
                            prob=(torch.exp(-detached) * valid).reshape(batch, seq),
                            correct=correct.reshape(batch, seq), lse=lse.reshape(batch, seq),
                            weight=weight.reshape(batch, seq), valid=valid.reshape(batch, seq),
-                           first_error=weigher.first_error())
+                           first_error=weigher.first_error(), margin=margin.reshape(batch, seq))
         return loss, stats
 
     def sequence_tokens(self, indices: list[int]) -> int:

@@ -18,6 +18,7 @@ import torch
 
 from fastmem.eval.evaluator import EvalReport, evaluate
 from fastmem.files import write_json_atomic
+from fastmem.train.adapters import adapter_targets
 from fastmem.train.checkpoint import save_adapter_atomic
 from fastmem.train.distributed import barrier, full_adapter_state, unsharded
 from fastmem.train.run_log import peak_mem_bytes
@@ -69,7 +70,7 @@ def run_summary(run: TrainingRun) -> dict:
             "num_samples": len(run.samples),
             "base_loss_per_sample": [b / s.answer_len for b, s in zip(run.base_loss_sums, run.samples)],
             "objective": config.objective, "engine": config.engine, "rank": config.rank,
-            "layers": run.layer_ids, "modules": list(config.modules), "world_size": run.info.world_size}
+            "layers": run.layer_ids, "modules": adapter_targets(config), "world_size": run.info.world_size}
 
 
 def finish(run: TrainingRun, decode: str | None = None) -> TrainResult:

@@ -29,7 +29,7 @@ from fastmem.train.finish import TrainResult, finish
 from fastmem.train.interrupt import stop_requested
 from fastmem.train.schedule import ScheduledStep, rank_slice
 from fastmem.train.setup import TrainingRun, release_lock, set_up
-from fastmem.train.stop_rule import BatchSignal, StepDecision
+from fastmem.train.stop_rule import BatchSignal, StepDecision, fails_stop
 
 __all__ = ["train", "TrainResult"]
 
@@ -99,7 +99,7 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
     _require_finite(run, "loss", bool(torch.isfinite(loss.detach())))
 
     # 2. decide before any update (every rank decides the same from the reduced signal)
-    signal = reduce_signal(BatchSignal.from_stats(stats), info)
+    signal = reduce_signal(BatchSignal.from_stats(stats, run.config.em_margin), info)
     decision = run.stop_rule.decide(signal, list(scheduled.global_batch), scheduled.all_samples_active)
     confirmation, confirm_s = None, 0.0
     if decision.stop and run.confirm_stop:
@@ -152,14 +152,14 @@ def _require_finite(run: TrainingRun, what: str, finite: bool) -> None:
 
 def _confirm_stop(run: TrainingRun, decision: StepDecision, scheduled: ScheduledStep):
     """One eval-mode teacher-forced pass (the evaluator's) over the samples the stop rule counts
-    as recalled: those with a token at p <= 0.5 were over-stated by the noisy training forward,
+    as recalled: those with a token at p <= 0.5 (stop_on "em": a position short of the margin) were over-stated by the noisy training forward,
     and the stop is rejected. Returns (decision, "confirmed" | "rejected", seconds)."""
     start = time.perf_counter()
     indices = sorted(run.stop_rule.recalled)
     with unsharded(run.span, run.config.distributed, run.info):
         scores = teacher_forced_scores(run.model, [run.samples[i] for i in indices],
                                        batch_size=run.config.batch_size, progress=False)
-    flags = any_rank([bool(score.stubborn_mask().any()) for score in scores], run.info)
+    flags = any_rank([fails_stop(score, run.config.stop_on, run.config.em_margin) for score in scores], run.info)
     unconfirmed = {i for i, flag in zip(indices, flags) if flag}
     if unconfirmed:
         decision = run.stop_rule.reject(unconfirmed, list(scheduled.global_batch))

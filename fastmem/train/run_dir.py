@@ -30,7 +30,7 @@ from fastmem.files import check_nearest_parent, read_json, write_json_atomic
 from fastmem import locks
 from fastmem.locks import LOCK_NAME
 from fastmem.train.checkpoint import clean_stale_temps, data_fingerprint, latest_checkpoint  # noqa: F401
-from fastmem.train.config import BUDGET_SETTINGS, RESUME_MUST_MATCH, TrainConfig
+from fastmem.train.config import BUDGET_SETTINGS, RESUME_MUST_MATCH, TrainConfig, saved_setting
 
 MANIFEST = "run.json"
 SUMMARY = "summary.json"
@@ -45,8 +45,8 @@ def run_settings(config: TrainConfig) -> dict:
 
 
 def _differences(saved: dict, wanted: dict, ignore=()) -> list[str]:
-    return [f"{key} {saved.get(key)!r} there, {wanted[key]!r} here"
-            for key in wanted if key not in ignore and saved.get(key) != wanted[key]]
+    return [f"{key} {saved_setting(saved, key)!r} there, {wanted[key]!r} here"
+            for key in wanted if key not in ignore and saved_setting(saved, key) != wanted[key]]
 
 
 def _continues(out: Path, manifest: dict, settings: dict) -> bool:

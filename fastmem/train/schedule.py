@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fastmem.data import TemporalCurriculum
+from fastmem.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class StepPlan(Sequence):
 
     def __init__(self, num_samples: int, batch_size: int, epochs: int, max_steps: int | None, seed: int,
                  world_size: int = 1, curriculum: TemporalCurriculum | None = None):
+        if world_size > 1 and not getattr(curriculum, "reshuffle", True):
+            raise UsageError("the authors' curriculum loader runs in one process (it drops partial batches; "
+                             "torchrun pads them)")
         self.num_samples, self.seed, self.world_size, self.curriculum = num_samples, seed, world_size, curriculum
         self.global_size = batch_size * world_size
         self.stages = self._stages()
@@ -96,7 +100,9 @@ class StepPlan(Sequence):
         epoch = stage.first_epoch + epoch_in_stage
         if self._cached is None or self._cached[0] != epoch:
             active = self._active(epoch)
-            order = epoch_order(active, self.seed, epoch)
+            # the authors' curriculum walks its fixed order every epoch (data/curriculum_authors.py)
+            order = (epoch_order(active, self.seed, epoch) if getattr(self.curriculum, "reshuffle", True)
+                     else list(active))
             if self.world_size > 1:
                 padded = math.ceil(len(order) / self.global_size) * self.global_size
                 order = [order[i % len(order)] for i in range(padded)]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fastmem import locks
+from fastmem.data.curriculum_authors import AuthorsCurriculum
 from fastmem.data.sample import MemorySample, check_samples
 from fastmem.errors import UsageError
 from fastmem.files import read_json
@@ -28,10 +29,11 @@ from fastmem.nn.cpu_linear import use_onednn_linears
 from fastmem.train.adapters import ModelParts, adapter_parameters, attach_lora, model_parts
 from fastmem.train.checkpoint import (CheckpointUnreadable, checkpoint_candidates, data_fingerprint,
                                       load_checkpoint, save_checkpoint, set_rng_state)
-from fastmem.train.config import BUDGET_SETTINGS, RESUME_MUST_MATCH, TrainConfig
+from fastmem.train.config import BUDGET_SETTINGS, RESUME_MUST_MATCH, TrainConfig, saved_setting
 from fastmem.train.distributed import DistInfo, barrier, init_distributed, wrap_span
 from fastmem.train.engine_fast import FastEngine
 from fastmem.train.engine_hf import HFEngine
+from fastmem.train.lr_schedule import lr_factor
 from fastmem.train.prefix_cache import PrefixCache
 from fastmem.train.run_log import MetricsLog, Recrossings, RunFigures
 from fastmem.train.schedule import build_schedule
@@ -43,8 +45,9 @@ log = logging.getLogger(__name__)
 
 def _make_optimizer(params, config: TrainConfig, total_steps: int):
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    # The paper: linear decay to zero over the run, no warm-up.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total_steps))
+    # The paper: linear decay to zero over the run, no warm-up (lr_schedule.py: the options).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(config.lr_schedule, total_steps, config.warmup_steps))
     return optimizer, scheduler
 
 
@@ -53,6 +56,9 @@ def _curriculum(config: TrainConfig, num_samples: int):
         return None
     from fastmem.data import TemporalCurriculum
 
+    if config.curriculum_loader == "authors":
+        return AuthorsCurriculum(num_samples, config.batch_size, config.curriculum_ratios,
+                                 config.curriculum_boundaries, config.seed)
     return TemporalCurriculum(num_samples, config.curriculum_ratios, config.curriculum_boundaries, config.seed)
 
 
@@ -178,7 +184,7 @@ class TrainingRun:
         """The checkpoint was trained under these settings, on these samples, and the plan
         (perhaps with a larger budget) has steps left after it."""
         config = self.config.to_dict()
-        changed = [k for k in RESUME_MUST_MATCH if k not in BUDGET_SETTINGS and state["config"].get(k) != config[k]]
+        changed = [k for k in RESUME_MUST_MATCH if k not in BUDGET_SETTINGS and saved_setting(state["config"], k) != config[k]]
         if changed:
             raise UsageError(f"checkpoint {checkpoint} belongs to another run (differs in {changed}); use a "
                              "new --out or --no-resume")
@@ -281,7 +287,7 @@ def _build_run(config: TrainConfig, samples: list[MemorySample], model, info: Di
                       engine=engine, base_loss_sums=base_loss_sums, schedule=schedule, params=params,
                       optimizer=optimizer, scheduler=scheduler,
                       sw_state=SWWindowState(len(samples), config.sw_window),
-                      stop_rule=StopRule(len(samples), config.objective, config.stop_on_recall),
+                      stop_rule=StopRule(len(samples), config.objective, config.stop_on_recall, config.stop_on),
                       recrossings=Recrossings(), curriculum=curriculum, out=out,
                       confirm_stop=_has_dropout(peft_model), wall_start=wall_start,
                       last_checkpoint_time=time.monotonic())

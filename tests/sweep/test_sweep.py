@@ -214,3 +214,18 @@ def test_a_database_held_by_a_ray_driver_refuses_another_sweep(tmp_path, tiny_mo
     finally:
         driver.kill()
         driver.wait()
+
+
+def test_train_table_passes_trainer_settings_to_every_cell(tmp_path):
+    """Issue 22: the authors' protocol in a sweep ([train] table), and the grid's own settings refused there."""
+    from fastmem.sweep.worker import cell_config
+
+    (tmp_path / "spec.toml").write_text('ranks = [2]\nlengths = [8]\n[train]\nmax_grad_norm = 1.0\n'
+                                        'adapter = "mlp_block"\nstop_on = "em"\n')
+    spec = SweepSpec.from_file(tmp_path / "spec.toml")
+    config = cell_config(spec.cells()[0], spec)
+    assert (config.max_grad_norm, config.adapter, config.stop_on, config.rank) == (1.0, "mlp_block", "em", 2)
+    with pytest.raises(ValueError, match="not allowed"):
+        SweepSpec(train={"rank": 4}).cells()
+    with pytest.raises(ValueError, match="not allowed"):
+        SweepSpec(train={"no_such_setting": 1}).cells()
