@@ -2,7 +2,7 @@
 // ops (so torch.compile sees them as opaque ops with fake impls), checks tensors, allocates
 // outputs and calls the torch-free launchers of fastmem_kernels.h on the current stream.
 //
-// The schemas below must equal SCHEMAS in fastmem/ops/cross_entropy_cuda.py and
+// The schemas below must equal SCHEMAS in fastmem/ops/cross_entropy/backend_cuda.py and
 // fastmem/ops/lora_linear_cuda.py (where the fake impls live); tests/csrc checks that they do.
 #include <algorithm>
 
@@ -205,7 +205,7 @@ at::Tensor lora_keep_mask(const at::Tensor& like, int64_t n_rows, int64_t n_cols
 
 TORCH_LIBRARY(fastmem_cuda, m) {
   // torch.compile finds the fake (shape-only) impls by importing this module.
-  m.set_python_module("fastmem.ops.cross_entropy_cuda");
+  m.set_python_module("fastmem.ops.cross_entropy.backend_cuda");
   m.def("ce_row_stats(Tensor logits, Tensor labels, float softcap) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ce_softmax_grad_(Tensor(a!) logits, Tensor labels, Tensor row_max, Tensor log_sum, Tensor weight, float softcap, float label_smoothing, float lse_square_scale) -> ()");
   m.set_python_module("fastmem.ops.lora_linear_cuda");

@@ -115,7 +115,7 @@ template <typename Acc> FASTMEM_HD Acc cap_logit(Acc z, Acc softcap) {
   return softcap > Acc(0) ? softcap * accum_tanh(z / softcap) : z;
 }
 
-// The options' terms of d loss / d z (see fastmem/ops/cross_entropy_options.py):
+// The options' terms of d loss / d z (see fastmem/ops/cross_entropy/row_math.py):
 //   d/dz_c = [p_c (1 + 2 s lse) - eps / V - (1 - eps) [c == y]] * (1 - tanh(z_c / softcap)^2)
 template <typename Acc> struct GradTerms {
   Acc softcap;         // <= 0: off

@@ -20,7 +20,7 @@ typedef enum {
   FASTMEM_FLOAT64 = 3,
 } fastmem_dtype;
 
-// Options of the fused cross-entropy (see fastmem/ops/cross_entropy_options.py); all 0 = off.
+// Options of the fused cross-entropy (see fastmem/ops/cross_entropy/row_math.py); all 0 = off.
 typedef struct {
   double softcap;           // > 0: every logit z becomes softcap * tanh(z / softcap) on load
   double label_smoothing;   // eps in [0, 1]: loss (1 - eps) nll + eps (lse - mean z)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from fastmem.constants import L_CRIT, MEMFT_EPS, SW_FLOOR, SW_KAPPA, SW_TAU, SW_WINDOW
+from fastmem.ops.cross_entropy import LossSpec
 
 OBJECTIVES = ("sft", "ot", "sw")
 ENGINES = ("fast", "hf")
@@ -125,3 +126,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def loss_spec(self, objective: str | None = None) -> LossSpec:
+        """The fused loss's LossSpec of this run (same field names); `objective` overrides the
+        run's (the curriculum's SFT warm-up)."""
+        return LossSpec(objective=objective or self.objective, threshold=self.threshold, eps=self.eps,
+                        sw_kappa=self.sw_kappa, sw_tau=self.sw_tau, sw_window=self.sw_window,
+                        sw_floor=self.sw_floor)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastmem import backends
-from fastmem.ops import cross_entropy_cuda
+from fastmem.ops.cross_entropy import backend_cuda as cross_entropy_cuda
 from tests.csrc.ce_host_kernels import CeHostKernels
 from tests.csrc.cuda_toolchain import register_host_ops
 from tests.ops import test_cross_entropy_numerics as numerics_suite

@@ -224,7 +224,7 @@ def test_labels_with_logits_to_keep_is_a_clear_error():
 def test_memft_objective_and_stats_through_the_patch(objective):
     model = make_model("gemma3_text")
     input_ids, attention_mask, labels = batch()
-    options = dict(threshold=0.3, kappa=5.0, tau=4.0, window=6)
+    options = dict(threshold=0.3, sw_kappa=5.0, sw_tau=4.0, sw_window=6)
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     want, want_stats = linear_cross_entropy(hidden, model.lm_head.weight, shift, objective=objective,
@@ -369,7 +369,7 @@ def test_bad_options_fail_before_patching():
     with pytest.raises(ValueError, match="objective"):
         apply_fastmem(model, objective="dpo")
     with pytest.raises(ValueError, match="tau"):
-        apply_fastmem(model, objective="sw", tau=0)
+        apply_fastmem(model, objective="sw", sw_tau=0)
     with pytest.raises(ValueError, match="backend"):
         apply_fastmem(model, backend="cuDNN")
     assert not is_patched(model)

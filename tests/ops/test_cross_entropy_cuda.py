@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP_REASON is not None, reaso
 
 @pytest.fixture(scope="module")
 def cuda_ops():
-    from fastmem.ops.cross_entropy_cuda import cuda_ops as load_ops
+    from fastmem.ops.cross_entropy.backend_cuda import cuda_ops as load_ops
 
     return load_ops()
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import fastmem
 from fastmem.nn import FusedLinearMemFTLoss
 from tests.conftest import DEVICE
+from tests.ops.cross_entropy_cases import make_case, pick_threshold  # noqa: F401 (used by other suites)
 from tests.ops.cross_entropy_oracle import oracle_loss
 
 BACKENDS = ["torch", "triton"]
@@ -26,79 +27,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     scale = expected.norm().item()
     return (actual - expected).norm().item() / (scale if scale > 0 else 1.0)
-
-
-def make_case(dtype, *, batch=2, seq=23, hidden_size=24, vocab=131, ignore="some", seed=0,
-              correct_fraction=0.6):
-    """Hidden states, head and labels where ~60% of labels are the greedy argmax, so samples
-    have first errors at varied positions; vocab 131 is not a multiple of any tile."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, seq, hidden_size, generator=gen, dtype=torch.float64)
-    weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) * (3.0 / math.sqrt(hidden_size))
-    bias = torch.randn(vocab, generator=gen, dtype=torch.float64) * 0.1
-    hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
-    logits = hidden.double() @ weight.double().t()
-    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
-    take_argmax = torch.rand(batch, seq, generator=gen) < correct_fraction
-    labels = torch.where(take_argmax, logits.argmax(-1), labels)
-    if ignore == "some":
-        labels[0, :3] = -100
-        labels[1, seq // 3] = -100
-        labels[1, -1] = -100
-    elif ignore == "all":
-        labels[:] = -100
-    return hidden, weight, bias, labels
-
-
-def pick_threshold(hidden, weight, labels) -> float:
-    """A weighting threshold in the middle of the widest gap of the token losses, so that
-    rounding in fp16/bf16 cannot move a token across it."""
-    _, per_token, _ = oracle_loss(hidden.double(), weight.double(), labels)
-    losses = per_token["loss"][per_token["valid"]].sort().values
-    if losses.numel() < 4:
-        return math.log(2)
-    lo, hi = int(losses.numel() * 0.2), int(losses.numel() * 0.8)
-    gaps = losses[lo + 1:hi + 1] - losses[lo:hi]
-    k = int(gaps.argmax())
-    return float(losses[lo + k] + gaps[k] / 2)
-
-
-def on_device(value):
-    """Tests build inputs on the CPU; the op under test runs on the GPU when there is one."""
-    return value.to(DEVICE) if isinstance(value, torch.Tensor) else value
-
-
-def to_cpu(stats):
-    return dataclasses.replace(stats, **{f.name: getattr(stats, f.name).cpu() for f in dataclasses.fields(stats)})
-
-
-def run_both(hidden, weight, labels, bias=None, *, backend, train_head=False, grad_seed=1, **options):
-    """Our loss/stats/grads (on DEVICE, returned on the CPU) and the oracle's, from the same input values."""
-    ours_in = [on_device(hidden.detach()).clone().requires_grad_(True),
-               on_device(weight.detach()).clone().requires_grad_(train_head)]
-    ours_bias = None if bias is None else on_device(bias.detach()).clone().requires_grad_(train_head)
-    loss, stats = fastmem.linear_cross_entropy(ours_in[0], ours_in[1], on_device(labels), ours_bias,
-                                               return_stats=True, backend=backend, chunk_size=16,
-                                               **{k: on_device(v) for k, v in options.items()})
-    grad_out = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    loss.backward(on_device(grad_out.to(loss.dtype)))
-    stats = to_cpu(stats)
-
-    ref_in = [hidden.detach().double().clone().requires_grad_(True),
-              weight.detach().double().clone().requires_grad_(train_head)]
-    ref_bias = None if bias is None else bias.detach().double().clone().requires_grad_(train_head)
-    first_error = None
-    if hidden.dtype in (torch.float16, torch.bfloat16):
-        first_error = stats.first_error.reshape(-1)  # near ties may round either way; checked separately
-    ref_loss, ref_tok, ref_first_error = oracle_loss(ref_in[0], ref_in[1], labels, ref_bias,
-                                                     first_error=first_error, **options)
-    ref_loss.backward(grad_out)
-    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-    ours = dict(loss=loss.detach().cpu(), stats=stats, grad_hidden=cpu(ours_in[0].grad),
-                grad_weight=cpu(ours_in[1].grad), grad_bias=None if ours_bias is None else cpu(ours_bias.grad))
-    ref = dict(loss=ref_loss, tok=ref_tok, first_error=ref_first_error, grad_hidden=ref_in[0].grad,
-               grad_weight=ref_in[1].grad, grad_bias=None if ref_bias is None else ref_bias.grad)
-    return ours, ref
 
 
 @pytest.mark.parametrize("ignore", ["none", "some", "all"])
@@ -158,7 +86,7 @@ def test_token_weights_and_per_sample_window(backend):
     window = torch.tensor([3.0, 50.0, 7.5])
     for objective in ("sft", "ot", "sw"):
         ours, ref = run_both(hidden, weight, labels, backend=backend, objective=objective,
-                             token_weights=token_weights, window=window, tau=5.0, floor=0.05)
+                             token_weights=token_weights, window=window, sw_tau=5.0, sw_floor=0.05)
         assert rel_err(ours["loss"], ref["loss"]) <= 1e-5
         assert rel_err(ours["grad_hidden"], ref["grad_hidden"]) <= 1e-4
         assert rel_err(ours["stats"].weight.reshape(-1), ref["tok"]["weight"]) <= 1e-5
@@ -196,7 +124,7 @@ def test_sft_mean_is_exactly_f_cross_entropy():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vocab_spanning_several_tiles(backend, monkeypatch):
     """Online lse / argmax across tiles with a padded last tile (131 = 2 * 64 + 3)."""
-    import fastmem.ops.cross_entropy_triton as triton_chunk
+    import fastmem.ops.cross_entropy.backend_triton as triton_chunk
 
     monkeypatch.setattr(triton_chunk, "_block_v", lambda n_cols: 64)
     hidden, weight, _, labels = make_case(torch.float32, seed=6)
@@ -289,38 +217,28 @@ def test_empty_and_one_dimensional_inputs(backend):
 
 
 class CountGemms:
-    """Records the row count of every torch.mm / torch.addmm inside the block, and of the
-    oneDNN linear the CPU's fp32 chunk loop calls instead (fastmem.ops.cpu_gemm)."""
+    """Records the row count of every GEMM the chunk loop runs (its matmul_nt / matmul_nn,
+    which take oneDNN or torch.mm): the loop runs inside the custom op, out of reach of a
+    TorchFunctionMode."""
 
     def __enter__(self):
-        from torch.overrides import TorchFunctionMode
-
-        import fastmem.ops.cpu_gemm as cpu_gemm
+        import fastmem.ops.cross_entropy.chunk_loop as chunk_loop
 
         calls = self.calls = []
-        self._onednn = onednn = cpu_gemm._ONEDNN_LINEAR
-        if onednn is not None:
-            def counted(x, *args):
-                calls.append(("onednn_linear", x.shape[0]))
-                return onednn(x, *args)
+        self._saved = {name: getattr(chunk_loop, name) for name in ("matmul_nt", "matmul_nn")}
+        for name, real in self._saved.items():
+            def counted(a, *args, _real=real, _name=name, **kwargs):
+                calls.append((_name, a.shape[0]))
+                return _real(a, *args, **kwargs)
 
-            cpu_gemm._ONEDNN_LINEAR = counted
-
-        class Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                if func in (torch.mm, torch.addmm):
-                    calls.append((func.__name__, args[-2].shape[0]))
-                return func(*args, **(kwargs or {}))
-
-        self._mode = Mode()
-        self._mode.__enter__()
+            setattr(chunk_loop, name, counted)
         return self
 
     def __exit__(self, *exc):
-        import fastmem.ops.cpu_gemm as cpu_gemm
+        import fastmem.ops.cross_entropy.chunk_loop as chunk_loop
 
-        self._mode.__exit__(*exc)
-        cpu_gemm._ONEDNN_LINEAR = self._onednn
+        for name, real in self._saved.items():
+            setattr(chunk_loop, name, real)
 
 
 def test_frozen_head_runs_two_gemm_passes_and_ot_skips_inactive_rows():
@@ -393,9 +311,11 @@ def _bad_calls():
     yield "token_weights shape", dict(token_weights=torch.ones(2, 4))
     yield "token_weights must be a float", dict(token_weights=torch.ones(2, 5, dtype=torch.long))
     yield "window must be a number or a", dict(window=torch.ones(3))
-    yield "window must be a positive", dict(window=0)
-    yield "tau must be", dict(tau=0.0)
-    yield "floor must be in", dict(floor=2.0)
+    yield "window must be a torch.Tensor", dict(window=0)
+    yield "sw_window must be a positive", dict(sw_window=0)
+    yield "sw_tau must be", dict(sw_tau=0.0)
+    yield "sw_floor must be in", dict(sw_floor=2.0)
+    yield "unknown loss option", dict(kappa=1.0)
     yield "backend must be one of", dict(backend="cuDNN")
     yield "hidden must be a torch.Tensor", dict(hidden=[[1.0]])
     yield "chunk_size must be", dict(chunk_size=0)
@@ -403,19 +323,20 @@ def _bad_calls():
     yield "max_chunk_bytes=8 is below one row", dict(max_chunk_bytes=8)
     nan, inf = float("nan"), float("inf")
     for name, values in (("threshold", (nan, inf, 0.0, -1.0)), ("eps", (nan, inf, 0.0, -0.1)),
-                         ("kappa", (nan, -inf, 0.0)), ("tau", (nan, inf, -2.0)), ("floor", (nan, -0.5, 1.5)),
+                         ("sw_kappa", (nan, -inf, 0.0)), ("sw_tau", (nan, inf, -2.0)),
+                         ("sw_floor", (nan, -0.5, 1.5)),
                          ("softcap", (nan, inf, -30.0)), ("label_smoothing", (nan, -0.1, 1.01)),
                          ("lse_square_scale", (nan, inf, -1e-4))):
         for value in values:
             yield f"{name} must be", {name: value}
     yield "threshold must be a number", dict(threshold="0.5")
     yield "window must be > 0", dict(window=torch.tensor([3.0, float("nan")]))
-    yield "window must be a positive", dict(window=float("nan"))
+    yield "sw_window must be a positive", dict(sw_window=float("nan"))
 
 
 @pytest.mark.parametrize("message,override", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input_is_a_clear_error_before_any_kernel(message, override, monkeypatch):
-    op = importlib.import_module("fastmem.ops.cross_entropy_pass")  # where the chunk loop is called
+    op = importlib.import_module("fastmem.ops.cross_entropy.forward")  # where the chunk loop is called
 
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel ran before the input was checked")
