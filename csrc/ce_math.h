@@ -5,7 +5,7 @@
 // check them against the torch reference on a machine without a GPU. Only the cross-thread
 // reductions (warp shuffles, shared memory) live in the .cu file.
 //
-// Numerics (see shared/DESIGN.md, "bug classes the anchors shipped"):
+// Numerics (see docs/design.md, section 4):
 // * every reduction runs in fp32 (fp64 for fp64 logits), whatever the logits' dtype;
 // * dloss/dz (softmax - onehot plus the options' terms) is formed in the accumulation type and
 //   rounded once, so the target

@@ -1,27 +1,35 @@
-"""fp32 CPU GEMMs of the fused loss through oneDNN, where torch ships it.
+"""fp32 CPU GEMMs of the fused loss: oneDNN or MKL, chosen by the machine.
 
-On the AVX-512 AMD EPYC CI machine torch's fp32 `mm` (MKL sgemm) runs the SmolLM2 head
-GEMMs (M=128-512, H=576, V=49152) at ~90 GFLOP/s on 2 cores; oneDNN's JIT kernels, reached
-through `torch.ops.mkldnn._linear_pointwise` (the op inductor's CPU backend emits for
-linear layers), run the same products at ~170 GFLOP/s in IEEE fp32 (relative error 4e-7
-against float64, MKL's 2.5e-7). That op has no `out=`, so its result is a fresh tensor:
-kept under glibc's mmap threshold (32 MiB; cross_entropy_chunked.CPU_ONEDNN_CHUNK_BYTES),
-a freed chunk is reused without new page faults.
+torch's fp32 `mm` runs MKL's sgemm; oneDNN's JIT kernels are reached through
+`torch.ops.mkldnn._linear_pointwise` (the op inductor's CPU backend emits for linear layers),
+IEEE fp32 both (relative error vs float64 4e-7 / 2.5e-7 at the SmolLM2 head). Which is faster
+depends on the CPU, measured at the SmolLM2 head GEMMs (M = 128-512, H = 576, V = 49152) on
+2 cores:
+* AVX-512 (an AMD EPYC, and the Intel Xeon of benchmarks/results/cross_entropy_cpu_20261203.md):
+  oneDNN ~170 GFLOP/s against MKL's ~90;
+* AVX2 only (a 2-core AMD EPYC without AVX-512): oneDNN's floor 2,059 ms against torch.mm's
+  1,456 ms for the same fwd+bwd GEMMs, and the fused loss 1.78 s (oneDNN) vs 1.55 s (MKL).
+So the route is oneDNN where torch's CPU capability is AVX-512 and MKL elsewhere, decided once
+per process; `FASTMEM_CPU_GEMM=onednn|mkl` overrides it (`auto`, the default, decides).
+`cpu_gemm_route()` says which route runs and why (the benchmark prints it).
 
-Everything else (other dtypes, devices, a torch without the op) takes torch.mm.
-`FASTMEM_CPU_GEMM=mkl` forces torch.mm (for comparisons).
+oneDNN's op has no `out=`, so its result is a fresh tensor: kept under glibc's mmap threshold
+(32 MiB; cross_entropy/chunk_loop.CPU_ONEDNN_CHUNK_BYTES), a freed chunk is reused without new
+page faults. Other dtypes and devices always take torch.mm.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
+ROUTES = ("onednn", "mkl")
+ENV_VAR = "FASTMEM_CPU_GEMM"
 
-def _linear_pointwise():
-    if os.environ.get("FASTMEM_CPU_GEMM", "onednn") != "onednn":
-        return None
+
+def _onednn_linear():
     try:
         if not torch.backends.mkldnn.is_available():
             return None
@@ -30,12 +38,37 @@ def _linear_pointwise():
         return None
 
 
-_ONEDNN_LINEAR = _linear_pointwise()
+def choose_route(requested: str, capability: str, onednn_available: bool) -> tuple[str, str]:
+    """(route, why) for FASTMEM_CPU_GEMM=`requested` on a CPU whose torch capability is
+    `capability` ("AVX512", "AVX2", ...)."""
+    requested = requested.strip().lower() or "auto"
+    if requested not in ROUTES + ("auto",):
+        raise ValueError(f"{ENV_VAR} must be one of auto, onednn, mkl; got {requested!r}")
+    if requested == "mkl":
+        return "mkl", f"{ENV_VAR}=mkl"
+    if not onednn_available:
+        return "mkl", "this torch has no oneDNN linear op"
+    if requested == "onednn":
+        return "onednn", f"{ENV_VAR}=onednn"
+    if capability.upper().startswith("AVX512"):
+        return "onednn", f"CPU capability {capability}: oneDNN measured faster there"
+    return "mkl", f"CPU capability {capability}: MKL measured faster without AVX-512"
+
+
+@functools.cache
+def cpu_gemm_route() -> tuple[str, str]:
+    """The fp32 CPU GEMM route of this process and why, decided on first use."""
+    return choose_route(os.environ.get(ENV_VAR, "auto"), torch.backends.cpu.get_cpu_capability(),
+                        _onednn_linear() is not None)
+
+
+_ONEDNN_LINEAR = _onednn_linear()
 
 
 def onednn_serves(dtype: torch.dtype, device: torch.device) -> bool:
     """The chunk loop's GEMMs at this dtype / device go through oneDNN."""
-    return _ONEDNN_LINEAR is not None and device.type == "cpu" and dtype == torch.float32
+    return (_ONEDNN_LINEAR is not None and device.type == "cpu" and dtype == torch.float32
+            and cpu_gemm_route()[0] == "onednn")
 
 
 def onednn_applies(a: torch.Tensor, b: torch.Tensor) -> bool:

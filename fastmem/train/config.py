@@ -1,4 +1,4 @@
-"""TrainConfig: every setting of a memorization run, with the paper's defaults (../shared/PAPER.md)."""
+"""TrainConfig: every setting of a memorization run, with the paper's defaults ("How LoRA Remembers?")."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ PAPER_EPOCHS = 2000
 
 def default_layers(num_layers: int) -> list[int]:
     """Two upper-middle layers: 2/3 and 4/5 of the depth (SmolLM2's 30 layers -> [20, 24],
-    the pair DESIGN.md's measurements use; the paper adapts 18/20 or 20/24 of 32-36)."""
+    the pair docs/design.md's measurements use; the paper adapts 18/20 or 20/24 of 32-36)."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     picks = {min(num_layers * 2 // 3, num_layers - 1), min(num_layers * 4 // 5, num_layers - 1)}

@@ -78,7 +78,7 @@ def _curriculum(config: TrainConfig, num_samples: int):
 
 class _Recrossings:
     """Count tokens that were recalled (p > 0.5) at a sample's previous visit and are not now:
-    the drift DESIGN.md saw with OT at exactly ln 2."""
+    the drift docs/design.md (section 9) records with OT at exactly ln 2."""
 
     def __init__(self):
         self.last: dict[int, torch.Tensor] = {}

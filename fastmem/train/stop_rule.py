@@ -2,7 +2,7 @@
 
 Recall is p > 0.5 for every answer token (L_t < ln 2), whatever MemFT's weighting threshold.
 - A batch whose answers are all recalled gets no update: the step that would follow can
-  only move weights that already recall (DESIGN.md: on SmolLM2 one more AdamW step after
+  only move weights that already recall (docs/design.md, section 9: on SmolLM2 one more AdamW step after
   full recall broke greedy exact match; stopping first kept it).
 - The run stops once consecutive recalled batches have covered every sample with no update
   in between (so every check still holds for the final weights) and the curriculum, if any,

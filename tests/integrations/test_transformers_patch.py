@@ -300,6 +300,13 @@ def test_trl_fused_lm_head_protocol():
     assert_same_grads({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, ref_grads)
     logp = ref.logits.detach().log_softmax(-1)[:, :-1].gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
     torch.testing.assert_close(out.log_probs[out.label_mask], logp[out.label_mask], rtol=1e-4, atol=1e-5)
+    # entropy and top-1 (TRL's entropy / mean_token_accuracy metrics) from the fused pass, no NaN
+    full = ref.logits.detach().double()[:, :-1]
+    entropy = torch.logsumexp(full, -1) - (full.softmax(-1) * full).sum(-1)
+    assert torch.isfinite(out.entropy).all()
+    torch.testing.assert_close(out.entropy[out.label_mask].double(), entropy[out.label_mask], rtol=1e-5, atol=1e-6)
+    top1 = full.argmax(-1) == labels[:, 1:]
+    assert torch.equal(out.is_top1[out.label_mask], top1[out.label_mask])
 
     apply_fastmem(model, objective="ot", threshold=0.3)
     num_items = torch.tensor(40)

@@ -71,11 +71,42 @@ def test_cpu_defaults_are_the_measured_rows_at_the_smollm2_head(monkeypatch):
 
 
 def test_onednn_is_there_on_the_ci_torch():
-    """The CPU speed target rests on it: a torch without the op must fail loudly here, not
+    """The AVX-512 route rests on it: a torch without the op must fail loudly here, not
     silently run 2x slower."""
     import fastmem.ops.cpu_gemm as cpu_gemm
 
-    assert cpu_gemm.onednn_serves(torch.float32, CPU)
+    assert cpu_gemm._ONEDNN_LINEAR is not None
+
+
+@pytest.mark.parametrize("requested,capability,available,route", [
+    ("auto", "AVX512", True, "onednn"), ("auto", "AVX512_BF16", True, "onednn"), ("auto", "AVX2", True, "mkl"),
+    ("auto", "DEFAULT", True, "mkl"), ("auto", "AVX512", False, "mkl"), ("mkl", "AVX512", True, "mkl"),
+    ("onednn", "AVX2", True, "onednn"), ("onednn", "AVX2", False, "mkl"), ("", "AVX512", True, "onednn"),
+    (" MKL ", "AVX2", True, "mkl"),
+])
+def test_the_cpu_gemm_route_follows_the_machine_and_the_override(requested, capability, available, route):
+    from fastmem.ops.cpu_gemm import choose_route
+
+    chosen, why = choose_route(requested, capability, available)
+    assert chosen == route and why
+
+
+def test_a_bad_cpu_gemm_override_is_a_clear_error():
+    from fastmem.ops.cpu_gemm import choose_route
+
+    with pytest.raises(ValueError, match="FASTMEM_CPU_GEMM must be one of auto, onednn, mkl"):
+        choose_route("blas", "AVX2", True)
+
+
+def test_this_process_route_matches_its_cpu():
+    import os
+
+    from fastmem.ops.cpu_gemm import ENV_VAR, cpu_gemm_route
+
+    route, why = cpu_gemm_route()
+    if os.environ.get(ENV_VAR, "auto") in ("", "auto"):
+        expect = "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "mkl"
+        assert route == expect, why
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

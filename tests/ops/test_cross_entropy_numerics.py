@@ -1,4 +1,4 @@
-"""Numerics of fastmem.linear_cross_entropy that the anchors got wrong (DESIGN.md, "bug classes"):
+"""Numerics of fastmem.linear_cross_entropy that the anchors got wrong (docs/design.md, section 4):
 confident targets (1 - p_y <= 1e-5) at logit offsets 0 and +20, vocabulary tiles that are
 entirely -inf, NaN / Inf hidden states, double backward, > 2^31 gradient elements (GPU)."""
 

@@ -130,7 +130,8 @@ def _backward(ctx, grad_loss, *unused_stat_grads):
     if spec_from_op_arg(ctx.spec).reduction == "none":
         hidden, weight, bias, labels, weight_tok = ctx.saved_tensors
         row_scale = grad_loss.to(weight_tok.dtype) * weight_tok
-        grads = _lce_grads_op(hidden, weight, bias, labels, row_scale, ctx.spec, ctx.backend, list(ctx.wants))
+        with torch.no_grad():  # no graph under create_graph=True either (see above)
+            grads = _lce_grads_op(hidden, weight, bias, labels, row_scale, ctx.spec, ctx.backend, list(ctx.wants))
     elif torch.compiler.is_compiling() or not all(type(g) is torch.Tensor for g in ctx.saved_tensors):
         # traced (compile, AOT dispatch): a functional graph, no mutation of a saved tensor
         grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
