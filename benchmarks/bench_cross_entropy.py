@@ -311,6 +311,16 @@ def cpu_route_line() -> str:
     return f"{route} ({why})"
 
 
+def print_and_write(lines: list[str], name: str | None) -> None:
+    """Print the table; write it to benchmarks/results/`name` unless `name` is None."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if name is not None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / name).write_text(text)
+        print(f"wrote {RESULTS / name}")
+
+
 def write_table(device, dtype, rows, args):
     stamp = dt.datetime.now(dt.timezone.utc)
     lines = [f"# fused linear cross-entropy, fwd+bwd, frozen head, {str(dtype).replace('torch.', '')}",
@@ -334,14 +344,8 @@ def write_table(device, dtype, rows, args):
                  for r in rows if r.get("all_ms")]
     if per_round:
         lines += ["", "Every round (ms):", *per_round]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        kind = "smoke" if args.smoke else device.type
-        path = RESULTS / f"cross_entropy_{kind}_{stamp:%Y%m%d}.md"
-        path.write_text(text)
-        print(f"wrote {path}")
+    kind = "smoke" if args.smoke else device.type
+    print_and_write(lines, None if args.no_write else f"cross_entropy_{kind}_{stamp:%Y%m%d}.md")
 
 
 def main(argv=None):

@@ -129,7 +129,8 @@ class TrainConfig:
 
     def loss_spec(self, objective: str | None = None) -> LossSpec:
         """The fused loss's LossSpec of this run (same field names); `objective` overrides the
-        run's (the curriculum's SFT warm-up)."""
+        run's (the curriculum's SFT warm-up). The trainer reads no entropy: it is not computed
+        (a pass per chunk saved on the CPU)."""
         return LossSpec(objective=objective or self.objective, threshold=self.threshold, eps=self.eps,
                         sw_kappa=self.sw_kappa, sw_tau=self.sw_tau, sw_window=self.sw_window,
-                        sw_floor=self.sw_floor)
+                        sw_floor=self.sw_floor, entropy=False)

@@ -1,4 +1,4 @@
-"""The chunk rule of the fused cross-entropy (cross_entropy_chunked.chunk_rows_for) at the
+"""The chunk rule of the fused cross-entropy (cross_entropy/chunk_loop.chunk_rows_for) at the
 shapes users run, the max_chunk_bytes knob, and the host syncs per chunk."""
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_the_op_runs_the_rule_and_chunk_size_overrides_it(monkeypatch):
     real = lce_op.run_chunks
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["chunk_rows"])
+        seen.append(args[4].chunk_rows)  # the LoopPlan
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lce_op, "run_chunks", spy)

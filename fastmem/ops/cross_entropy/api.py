@@ -8,12 +8,13 @@ numerics are in docs/design.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from fastmem.backends import choose_backend
-from fastmem.ops.cross_entropy.checks import check_tensors, check_values
+from fastmem.ops.cross_entropy.checks import check_tensors, check_window_values
 from fastmem.ops.cross_entropy.custom_op import call_op
 from fastmem.ops.cross_entropy.forward import OP_NAME
 from fastmem.ops.cross_entropy.spec import LossSpec
@@ -77,7 +78,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise TypeError(f"spec must be a LossSpec, got {type(spec).__name__}")
     check_tensors(hidden, weight, labels, bias, token_weights, window)
     if host_sync_is_free(hidden.device) and not torch.compiler.is_compiling():
-        check_values(labels, weight.shape[0], window, spec)
+        check_window_values(window)  # the label range is checked inside the op (forward.RowPlan)
     if backend == "triton" and hidden.dtype == torch.float64:
         raise TypeError("backend='triton' supports float16, bfloat16 and float32; float64 runs on backend='torch'")
     chosen = choose_backend(OP_NAME, backend, hidden.device,
@@ -91,17 +92,21 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if window is None:
         window = torch.full((samples.shape[0],), spec.sw_window, dtype=torch.float32, device=hidden.device)
     window = window.reshape(-1).to(torch.float32)
+    # The entropy is a stat: without return_stats nobody reads it (the torch backend saves a pass).
+    op_spec = spec if return_stats or not spec.entropy else dataclasses.replace(spec, entropy=False)
 
     # The op sets its own precision (fp32 accumulation, GEMMs in the input dtype): an enclosing
     # autocast region must not recast its GEMMs or in-place buffers.
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, *stat_tensors = call_op(hidden_2d, weight, bias, samples, tw_1d, window, spec.op_arg, chosen)
+        loss, *stat_tensors = call_op(hidden_2d, weight, bias, samples, tw_1d, window, op_spec.op_arg, chosen)
     if spec.reduction == "none":
         loss = loss.reshape(label_shape)
     if not return_stats:
         return loss
     named = dict(zip(STAT_FIELDS, stat_tensors))
     first_error = named.pop("first_error")
+    entropy = named.pop("entropy")
     per_token = {name: t.reshape(label_shape) for name, t in named.items()}
     first_error = first_error.reshape(label_shape[:-1]) if labels.dim() >= 2 else first_error.reshape(())
-    return loss, TokenStats(**per_token, first_error=first_error)
+    entropy = entropy.reshape(label_shape) if spec.entropy else None
+    return loss, TokenStats(**per_token, entropy=entropy, first_error=first_error)

@@ -66,13 +66,17 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
     target_at_max = target >= best_other
     row_max = torch.maximum(best_other, target)
     sum_z = work.sum(dim=1, keepdim=True) if options.label_smoothing else None
-    shifted_dot = _softmax_in_place(work, row_max)
+    if getattr(options, "entropy", True):
+        shifted_dot = _softmax_in_place(work, row_max)
+    else:
+        _plain_softmax_in_place(work, row_max)
+        shifted_dot = None
     p_y = work.gather(1, col)
     work.scatter_(1, col, 0.0)
     others = work.sum(dim=1, keepdim=True)
     log_sum = _log_sum(work, others, p_y, target, row_max, target_at_max)
     lse, nll, loss = row_losses(row_max, log_sum, target, sum_z, n_cols, options)
-    entropy = log_sum - shifted_dot
+    entropy = torch.zeros_like(log_sum) if shifted_dot is None else log_sum - shifted_dot
     weight = weigh(nll.squeeze(1), correct.squeeze(1))
     grad = None
     if want_grad:
@@ -131,6 +135,19 @@ def _host_sync_is_free(work: torch.Tensor) -> bool:
 
 def _softmax_may_alias(work: torch.Tensor) -> bool:
     return work.device.type == "cpu"
+
+
+def _plain_softmax_in_place(work: torch.Tensor, row_max: torch.Tensor) -> None:
+    """work <- softmax(work), no entropy (LossSpec(entropy=False)): ATen's row-by-row kernel
+    where it may alias (the CPU), else three passes."""
+    if _softmax_may_alias(work):
+        try:
+            torch.ops.aten._softmax.out(work, 1, False, out=work)
+            return
+        except RuntimeError:
+            pass
+    work.sub_(row_max).exp_()
+    work.div_(work.sum(dim=1, keepdim=True))
 
 
 # Rows per softmax block: the block's logits and its z - max scratch (2 x 16 x V x 4 bytes,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from fastmem.backends import implementation, register_op
-from fastmem.ops.cross_entropy.chunk_loop import chunk_rows_for, run_chunks
+from fastmem.ops.cross_entropy.checks import check_label_range
+from fastmem.ops.cross_entropy.chunk_loop import LoopPlan, chunk_rows_for, run_chunks
 from fastmem.ops.cross_entropy.spec import LossSpec
 from fastmem.ops.cross_entropy.syncs import host_sync_is_free
 from fastmem.ops.memft_weights import ChunkWeigher
@@ -35,10 +36,13 @@ class RowPlan:
     kernels and the row weighs 0; an out-of-range label also makes its loss NaN (`bad`).
     """
 
-    def __init__(self, labels: torch.Tensor, vocab: int, ignore_index: int, device: torch.device):
+    def __init__(self, labels: torch.Tensor, vocab: int, ignore_index: int, device: torch.device, *,
+                 check_labels: bool = True):
         self.n_rows = labels.numel()
         self.valid = labels != ignore_index
         if host_sync_is_free(device):
+            if check_labels:  # in the op, so a compiled call raises the same clear error as an eager one
+                check_label_range(labels, vocab, ignore_index)
             rows = self.valid.nonzero().squeeze(1)
             self.rows = None if rows.numel() == self.n_rows else rows
             self.labels = labels
@@ -89,10 +93,9 @@ def forward_pass(hidden, weight, bias, labels, token_weights, window, spec: Loss
         return weight_c if valid_c is None else weight_c * valid_c
 
     n_run = plan.n_rows if plan.rows is None else plan.rows.numel()
-    result = run_chunks(hidden, weight, bias, plan.labels, plan.rows, weigh, _chunk_kernel(backend),
-                        want_grad_hidden=wants[0], want_grad_weight=wants[1], want_grad_bias=wants[2],
-                        chunk_rows=_chunk_rows(hidden, weight, spec, backend, n_run), options=spec,
-                        sparse=(spec.weighted or token_weights is not None) and host_sync_is_free(hidden.device))
+    loop = LoopPlan(plan.rows, _chunk_rows(hidden, weight, spec, backend, n_run), wants,
+                    sparse=(spec.weighted or token_weights is not None) and host_sync_is_free(hidden.device), spec=spec)
+    result = run_chunks(hidden, weight, bias, plan.labels, loop, weigh, _chunk_kernel(backend))
 
     token_loss = result.loss
     if plan.bad is not None:  # an out-of-range label: NaN on the device, no host sync
@@ -123,12 +126,11 @@ def forward_pass(hidden, weight, bias, labels, token_weights, window, spec: Loss
 def recompute_grads(hidden, weight, bias, labels, row_scale, spec: LossSpec, backend: str,
                     wants: tuple[bool, bool, bool]):
     """reduction="none": rerun the chunk loop with fixed row scales g_t * w_t ([N], 0 on ignored rows)."""
-    plan = RowPlan(labels.reshape(-1), weight.shape[0], spec.ignore_index, hidden.device)
+    plan = RowPlan(labels.reshape(-1), weight.shape[0], spec.ignore_index, hidden.device, check_labels=False)
     row_scale = row_scale if plan.rows is None else row_scale.index_select(0, plan.rows)
     n_run = plan.n_rows if plan.rows is None else plan.rows.numel()
-    result = run_chunks(hidden, weight, bias, plan.labels, plan.rows,
-                        lambda c0, c1, rows_c, nll, correct: row_scale[c0:c1], _chunk_kernel(backend),
-                        want_grad_hidden=wants[0], want_grad_weight=wants[1], want_grad_bias=wants[2],
-                        chunk_rows=_chunk_rows(hidden, weight, spec, backend, n_run), options=spec,
-                        sparse=host_sync_is_free(hidden.device))
+    loop = LoopPlan(plan.rows, _chunk_rows(hidden, weight, spec, backend, n_run), wants,
+                    sparse=host_sync_is_free(hidden.device), spec=spec)
+    result = run_chunks(hidden, weight, bias, plan.labels, loop,
+                        lambda c0, c1, rows_c, nll, correct: row_scale[c0:c1], _chunk_kernel(backend))
     return result.grad_hidden, result.grad_weight, result.grad_bias

@@ -47,7 +47,10 @@ class LossSpec:
     MemFT-SW's constants.  softcap (>= 0, 0 = off), label_smoothing (in [0, 1]),
     lse_square_scale (>= 0): logit options.  reduction: "mean" | "sum" | "none".
     ignore_index: label of tokens without loss.  chunk_size / max_chunk_bytes: chunking
-    (None: the rule in chunk_loop.chunk_rows_for).
+    (None: the rule in chunk_loop.chunk_rows_for).  entropy: compute TokenStats.entropy (the
+    Triton and CUDA kernels carry it in their online pass for free; on the torch backend it
+    costs one more in-cache pass per chunk, see docs/design.md section 8); False leaves
+    `TokenStats.entropy` None.
     """
 
     objective: str = "sft"
@@ -64,6 +67,7 @@ class LossSpec:
     ignore_index: int = IGNORE_INDEX
     chunk_size: int | None = None
     max_chunk_bytes: int | None = None
+    entropy: bool = True
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -97,6 +101,8 @@ class LossSpec:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         if self.lse_square_scale < 0:
             raise ValueError(f"lse_square_scale must be >= 0, got {self.lse_square_scale}")
+        if not isinstance(self.entropy, bool):
+            raise TypeError(f"entropy must be True or False, got {self.entropy!r}")
         _optional_positive_int("chunk_size", self.chunk_size)
         _optional_positive_int("max_chunk_bytes", self.max_chunk_bytes)
 
@@ -104,6 +110,8 @@ class LossSpec:
     def from_options(cls, base: "LossSpec | None" = None, **options) -> "LossSpec":
         """`base` (or the defaults) with `options` replaced; an unknown name is a TypeError that
         lists the valid ones."""
+        if base is not None and not options:
+            return base  # passed unchanged
         unknown = sorted(set(options) - set(FIELD_NAMES))
         if unknown:
             raise TypeError(f"unknown loss option(s) {unknown}; LossSpec fields are {FIELD_NAMES}")
@@ -134,6 +142,8 @@ class LossSpec:
                 text = float(value).hex()
             elif name in _INT_FIELDS:
                 text = str(int(value))
+            elif name in _BOOL_FIELDS:
+                text = "1" if value else "0"
             else:
                 text = value
             parts.append(name + "=" + text)
@@ -144,6 +154,7 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(LossSpec))
 _FLOAT_FIELDS = ("threshold", "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "softcap", "label_smoothing",
                  "lse_square_scale")
 _INT_FIELDS = ("ignore_index", "chunk_size", "max_chunk_bytes")
+_BOOL_FIELDS = ("entropy",)
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,6 +169,8 @@ def spec_from_op_arg(arg: str) -> LossSpec:
             fields[name] = float.fromhex(text)
         elif name in _INT_FIELDS:
             fields[name] = int(text)
+        elif name in _BOOL_FIELDS:
+            fields[name] = text == "1"
         else:
             fields[name] = text
     return LossSpec(**fields)
