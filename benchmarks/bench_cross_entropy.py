@@ -9,8 +9,8 @@ each per round, median over rounds), so a load that drifts during the run hits a
 load average before and after is written beside the table. It also times the GEMM floor (logits GEMM + grad_hidden GEMM at
 this shape; on the CPU both with torch.mm (MKL) and with oneDNN) and MemFT-OT with 5% of tokens active (threshold at
 the 95th loss percentile). On the CPU the table names the CPU and the fp32 GEMM route fastmem chose
-(fastmem.ops.cpu_gemm: oneDNN on AVX-512, MKL elsewhere, FASTMEM_CPU_GEMM overrides), and times fastmem once more
-in a process of its own with the other route forced.
+(fastmem.ops.cpu_gemm: the faster of oneDNN and MKL, measured once per machine and cached; FASTMEM_CPU_GEMM
+overrides), and times fastmem once more in a process of its own with the other route forced.
 
     python benchmarks/bench_cross_entropy.py                 # GPU: Llama3.1-8B / Qwen3-8B shapes
     python benchmarks/bench_cross_entropy.py --cpu-target    # CPU: SmolLM2 head, N=2048, fp32

@@ -78,35 +78,53 @@ def test_onednn_is_there_on_the_ci_torch():
     assert cpu_gemm._ONEDNN_LINEAR is not None
 
 
-@pytest.mark.parametrize("requested,capability,available,route", [
-    ("auto", "AVX512", True, "onednn"), ("auto", "AVX512_BF16", True, "onednn"), ("auto", "AVX2", True, "mkl"),
-    ("auto", "DEFAULT", True, "mkl"), ("auto", "AVX512", False, "mkl"), ("mkl", "AVX512", True, "mkl"),
-    ("onednn", "AVX2", True, "onednn"), ("onednn", "AVX2", False, "mkl"), ("", "AVX512", True, "onednn"),
-    (" MKL ", "AVX2", True, "mkl"),
+FAST_ONEDNN = {"onednn": 0.01, "mkl": 0.02}
+FAST_MKL = {"onednn": 0.03, "mkl": 0.02}
+
+
+@pytest.mark.parametrize("requested,available,timings,route", [
+    ("auto", True, FAST_ONEDNN, "onednn"), ("auto", True, FAST_MKL, "mkl"), ("", True, FAST_ONEDNN, "onednn"),
+    ("auto", False, FAST_ONEDNN, "mkl"), ("mkl", True, FAST_ONEDNN, "mkl"), ("onednn", True, FAST_MKL, "onednn"),
+    ("onednn", False, FAST_ONEDNN, "mkl"), (" MKL ", True, FAST_ONEDNN, "mkl"),
 ])
-def test_the_cpu_gemm_route_follows_the_machine_and_the_override(requested, capability, available, route):
+def test_the_cpu_gemm_route_is_the_measured_faster_one_unless_overridden(requested, available, timings, route):
     from fastmem.ops.cpu_gemm import choose_route
 
-    chosen, why = choose_route(requested, capability, available)
+    measured = []
+
+    def measure():
+        measured.append(True)
+        return timings
+
+    chosen, why = choose_route(requested, available, measure)
     assert chosen == route and why
+    # measured only when the machine decides
+    assert bool(measured) == (requested.strip().lower() in ("", "auto") and available)
 
 
 def test_a_bad_cpu_gemm_override_is_a_clear_error():
     from fastmem.ops.cpu_gemm import choose_route
 
     with pytest.raises(ValueError, match="FASTMEM_CPU_GEMM must be one of auto, onednn, mkl"):
-        choose_route("blas", "AVX2", True)
+        choose_route("blas", True, dict)
 
 
-def test_this_process_route_matches_its_cpu():
-    import os
+def test_the_calibration_is_cached_on_disk(tmp_path, monkeypatch):
+    import fastmem.ops.cpu_gemm as cpu_gemm
 
-    from fastmem.ops.cpu_gemm import ENV_VAR, cpu_gemm_route
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(cpu_gemm, "_measure_routes", lambda: calls.append(1) or dict(FAST_MKL))
+    assert cpu_gemm._measured_with_cache() == FAST_MKL and cpu_gemm._measured_with_cache() == FAST_MKL
+    assert calls == [1]  # the second process-equivalent read the file
+    assert (tmp_path / "fastmem" / "cpu_gemm_route.json").exists()
 
-    route, why = cpu_gemm_route()
-    if os.environ.get(ENV_VAR, "auto") in ("", "auto"):
-        expect = "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "mkl"
-        assert route == expect, why
+
+def test_the_calibration_times_both_routes():
+    import fastmem.ops.cpu_gemm as cpu_gemm
+
+    seconds = cpu_gemm._measure_routes()
+    assert set(seconds) == set(cpu_gemm.ROUTES) and all(0 < t < 60 for t in seconds.values())
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -150,8 +150,8 @@ def _plain_softmax_in_place(work: torch.Tensor, row_max: torch.Tensor) -> None:
     work.div_(work.sum(dim=1, keepdim=True))
 
 
-# Rows per softmax block: the block's logits and its z - max scratch (2 x 16 x V x 4 bytes,
-# 6 MiB at V = 49152) stay in L2 between the softmax and the dot.
+# Rows per softmax block: small enough that a block and its z - max scratch stay in L2
+# between the softmax and the product (16 x V x 4 bytes = 3 MiB each at V = 49152).
 SOFTMAX_BLOCK_ROWS = 16
 
 
@@ -159,32 +159,45 @@ def _softmax_in_place(work: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor
     """work <- softmax(work) along rows; returns sum_c p_c (z_c - max) per row `[C, 1]`.
 
     On the CPU, ATen's softmax runs max, exp-sum and scale row by row while the row is in
-    cache (3x fewer trips to memory than three whole-chunk passes); its out= may alias the
-    input (each element is read before it is written, by the same thread). It runs on blocks
-    of SOFTMAX_BLOCK_ROWS rows so that each block's z - max, kept for the entropy, is still in
-    cache for the dot. Elsewhere (GPU kernels are not checked for aliasing), or where a build
-    refuses the alias: three whole-chunk passes and one `[C, V]` temporary for z - max.
+    cache; its out= may alias the input (each element is read before it is written, by the
+    same thread). It runs on blocks of SOFTMAX_BLOCK_ROWS rows, each block's z - max kept in a
+    scratch for the product with p. A -inf logit makes that product 0 * -inf = NaN: only the
+    rows where that happened are redone with the -inf terms dropped. Elsewhere (GPU kernels
+    are not checked for aliasing): three whole-chunk passes and a `[C, V]` temporary.
     """
     rows = work.shape[0]
     dot = torch.empty_like(row_max)
-    lowest = torch.finfo(work.dtype).min
     if _softmax_may_alias(work) and rows:
         block = min(SOFTMAX_BLOCK_ROWS, rows)
-        shifted = torch.empty((block, work.shape[1]), dtype=work.dtype, device=work.device)
+        scratch = torch.empty((block, work.shape[1]), dtype=work.dtype, device=work.device)
         try:
             for r0 in range(0, rows, block):
                 r1 = min(r0 + block, rows)
-                work_b, shifted_b = work[r0:r1], shifted[: r1 - r0]
-                # -inf logits: p = 0 times a finite floor instead of 0 * -inf = NaN
-                torch.sub(work_b, row_max[r0:r1], out=shifted_b).clamp_(min=lowest)
+                work_b, shifted_b = work[r0:r1], scratch[: r1 - r0]
+                torch.sub(work_b, row_max[r0:r1], out=shifted_b)
                 torch.ops.aten._softmax.out(work_b, 1, False, out=work_b)
-                torch.bmm(work_b.unsqueeze(1), shifted_b.unsqueeze(2), out=dot[r0:r1].unsqueeze(2))
-            return dot
+                torch.sum(shifted_b.mul_(work_b), dim=1, keepdim=True, out=dot[r0:r1])
         except RuntimeError:
             if r0 != 0:
                 raise
-    shifted = work.sub_(row_max).clamp(min=lowest)
+        else:
+            return _drop_minus_inf_terms(dot, work, row_max)
+    shifted = work.sub_(row_max).clone()
     work.exp_()
     work.div_(work.sum(dim=1, keepdim=True))
-    torch.bmm(work.unsqueeze(1), shifted.unsqueeze(2), out=dot.unsqueeze(2))
+    return shifted.mul_(work).nan_to_num_(nan=0.0).sum(dim=1, keepdim=True)
+
+
+def _drop_minus_inf_terms(dot: torch.Tensor, p: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """Rows whose sum p (z - max) is NaN from 0 * -inf terms (a -inf logit, p = 0 there):
+    recomputed from log p = z - max - log S without them (a host sync, on the CPU only)."""
+    bad = dot.isnan().squeeze(1)
+    if not bool(bad.any()):
+        return dot
+    rows = bad.nonzero().squeeze(1)
+    p_rows = p.index_select(0, rows)
+    log_p = p_rows.log()
+    log_sum = -torch.log(p_rows.amax(dim=1, keepdim=True))  # p_max = 1 / S
+    terms = torch.where(p_rows > 0, p_rows * (log_p + log_sum), torch.zeros_like(p_rows))
+    dot[rows] = terms.sum(dim=1, keepdim=True)
     return dot
