@@ -6,8 +6,11 @@ torch.compile of eager (GPU, or --compile on CPU), and Liger-Kernel / Cut Cross-
 installed. On the CPU target, fastmem also runs at 256 and 1024 rows per chunk beside its
 default (512), the evidence for the default. Contenders are timed interleaved (one step of
 each per round, median over rounds), so a load that drifts during the run hits all alike; the
-load average before and after is written beside the table. On a GPU it also times the GEMM floor (logits GEMM + grad_hidden GEMM at
-this shape) and MemFT-OT with 5% of tokens active (threshold at the 95th loss percentile).
+load average before and after is written beside the table. It also times the GEMM floor (logits GEMM + grad_hidden GEMM at
+this shape; on the CPU both with torch.mm (MKL) and with oneDNN) and MemFT-OT with 5% of tokens active (threshold at
+the 95th loss percentile). On the CPU the table names the CPU and the fp32 GEMM route fastmem chose
+(fastmem.ops.cpu_gemm: the faster of oneDNN and MKL, measured once per machine and cached; FASTMEM_CPU_GEMM
+overrides), and times fastmem once more in a process of its own with the other route forced.
 
     python benchmarks/bench_cross_entropy.py                 # GPU: Llama3.1-8B / Qwen3-8B shapes
     python benchmarks/bench_cross_entropy.py --cpu-target    # CPU: SmolLM2 head, N=2048, fp32
@@ -169,17 +172,19 @@ def reset_peak_rss_kib():
 
 def gemm_floor_ms(hidden, weight, active_fraction=1.0, reps=3, onednn=False):
     """Logits GEMM over all rows + grad_hidden GEMM over the active rows, unchunked: the
-    (1 + a) floor of a frozen-head step at this shape, with torch.mm (what eager runs) or,
-    on CPU, with the oneDNN GEMMs fastmem's fp32 chunk loop runs (fastmem.ops.cpu_gemm)."""
-    from fastmem.ops.cpu_gemm import matmul_nn, matmul_nt
+    (1 + a) floor of a frozen-head step at this shape, with torch.mm (MKL on the CPU, what
+    eager runs) or, on CPU, with oneDNN's GEMM (whatever route fastmem chose)."""
+    from fastmem.ops.cpu_gemm import _ONEDNN_LINEAR
 
     logits = hidden @ weight.t()
     n_active = max(1, int(hidden.shape[0] * active_fraction))
+    weight_t = weight.t().contiguous() if onednn else None
 
     def gemms():
         if onednn:
             with torch.no_grad():
-                matmul_nn(matmul_nt(hidden, weight)[:n_active], weight)
+                first = _ONEDNN_LINEAR(hidden, weight, None, "none", [], "")
+                _ONEDNN_LINEAR(first[:n_active], weight_t, None, "none", [], "")
             return
         torch.mm(hidden, weight.t(), out=logits)
         torch.mm(logits[:n_active], weight)
@@ -212,10 +217,32 @@ def versions():
     return found
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return (f"CPU {cpu_model()}, torch capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def time_fastmem_with_route(route, n_rows, hidden_size, vocab, dtype, reps):
+    """Median ms of fastmem's fwd+bwd in a fresh process with FASTMEM_CPU_GEMM=`route`."""
+    code = (
+        "import torch, sys; sys.path.insert(0, %r);"
+        "import bench_cross_entropy as b, fastmem;"
+        "h, w, y = b.make_inputs(%d, %d, %d, %s, torch.device('cpu'));"
+        "print(b.time_fwd_bwd(lambda h, w, y: fastmem.linear_cross_entropy(h, w, y, backend='torch'), h, w, y, %d))"
+    ) % (str(Path(__file__).parent), n_rows, hidden_size, vocab, repr(dtype), reps)
+    env = dict(os.environ, FASTMEM_CPU_GEMM=route)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def run(args):
@@ -250,11 +277,16 @@ def run(args):
         rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab, contender="GEMM floor, torch.mm (1 pass + 1 pass)",
                          ms=gemm_floor_ms(hidden, weight, reps=args.reps), extra_mib=None))
         if device.type == "cpu" and dtype == torch.float32:
-            from fastmem.ops.cpu_gemm import onednn_serves
-            if onednn_serves(dtype, device):
+            from fastmem.ops.cpu_gemm import _ONEDNN_LINEAR, cpu_gemm_route
+            if _ONEDNN_LINEAR is not None:
                 rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab,
                                  contender="GEMM floor, oneDNN (1 pass + 1 pass)",
                                  ms=gemm_floor_ms(hidden, weight, reps=args.reps, onednn=True), extra_mib=None))
+            other = "mkl" if cpu_gemm_route()[0] == "onednn" else "onednn"
+            rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab,
+                             contender=f"fastmem[torch] FASTMEM_CPU_GEMM={other} (own process, not interleaved)",
+                             ms=time_fastmem_with_route(other, n_rows, hidden_size, vocab, dtype, args.reps),
+                             extra_mib=None))
         # MemFT-OT with 5% of the tokens above the threshold: only those rows reach the second GEMM.
         threshold = ot_threshold_for_active_fraction(hidden, weight, labels, 0.05)
         ot_backends = [b for b in available_backends(device) if b != "torch"] if device.type == "cuda" else ["torch"]
@@ -272,10 +304,28 @@ def run(args):
     return device, dtype, rows
 
 
+def cpu_route_line() -> str:
+    from fastmem.ops.cpu_gemm import cpu_gemm_route
+
+    route, why = cpu_gemm_route()
+    return f"{route} ({why})"
+
+
+def print_and_write(lines: list[str], name: str | None) -> None:
+    """Print the table; write it to benchmarks/results/`name` unless `name` is None."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if name is not None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / name).write_text(text)
+        print(f"wrote {RESULTS / name}")
+
+
 def write_table(device, dtype, rows, args):
     stamp = dt.datetime.now(dt.timezone.utc)
     lines = [f"# fused linear cross-entropy, fwd+bwd, frozen head, {str(dtype).replace('torch.', '')}",
              "", f"- date: {stamp:%Y-%m-%d %H:%M} UTC", f"- device: {device_name(device)}",
+             *([f"- fastmem's fp32 CPU GEMM route: {cpu_route_line()}"] if device.type == "cpu" else []),
              f"- versions: {json.dumps(versions())}", f"- command: `python {' '.join(sys.argv)}`",
              f"- ms: median of {args.reps} rounds" + (", contenders interleaved" if device.type == "cpu" else ""),
              f"- load average (1, 5, 15 min) before: {args.load_before}, after: {load_average()}"
@@ -294,14 +344,8 @@ def write_table(device, dtype, rows, args):
                  for r in rows if r.get("all_ms")]
     if per_round:
         lines += ["", "Every round (ms):", *per_round]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        kind = "smoke" if args.smoke else device.type
-        path = RESULTS / f"cross_entropy_{kind}_{stamp:%Y%m%d}.md"
-        path.write_text(text)
-        print(f"wrote {path}")
+    kind = "smoke" if args.smoke else device.type
+    print_and_write(lines, None if args.no_write else f"cross_entropy_{kind}_{stamp:%Y%m%d}.md")
 
 
 def main(argv=None):
@@ -309,7 +353,8 @@ def main(argv=None):
     parser.add_argument("--n", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--cpu-target", action="store_true", help="the CPU target of DESIGN.md (SmolLM2 head, fp32)")
+    parser.add_argument("--cpu-target", action="store_true",
+                        help="the CPU target of docs/design.md (SmolLM2 head, N=2048, fp32)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on the CPU")
     parser.add_argument("--smoke", action="store_true", help="a tiny CPU run for CI")
     parser.add_argument("--no-write", action="store_true", help="print only")

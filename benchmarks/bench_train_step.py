@@ -6,8 +6,8 @@
               prompt + answer without the adapter, to log a reference loss
 
 Each step is forward + backward + AdamW; timed as the median of --steps steps after one
-warm-up, the engines interleaved so machine load hits all of them alike. DESIGN.md's CPU
-target: SmolLM2, 1000-token answer, LoRA r8 on down_proj of layers 20 and 24, ours >= 3x
+warm-up, the engines interleaved so machine load hits all of them alike. docs/design.md's CPU
+target (section 10): SmolLM2, 1000-token answer, LoRA r8 on down_proj of layers 20 and 24, ours >= 3x
 faster than the authors' design.
 
     python benchmarks/bench_train_step.py                      # the CPU target

@@ -42,14 +42,16 @@ step "nvcc compile check and host-side tests (tests/csrc)"
 "$PY" -m pytest -q -rs tests/csrc
 
 step "CUDA backend tests (cross-entropy and LoRA), slow ones included"
-"$PY" -m pytest -q -rs tests/ops/test_cross_entropy_cuda.py tests/ops/test_lora_linear_cuda.py
+"$PY" -m pytest -q -rs tests/ops/test_cross_entropy_cuda.py tests/ops/test_cross_entropy_table.py \
+  tests/ops/test_lora_linear_cuda.py
 
 # The sanitizers slow every launch down by orders of magnitude: run them on the tests that
 # exercise the kernels at small shapes (the chunk checks cover misaligned, padded and odd V).
 # Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees an
 # access past a tensor's end instead of landing in the pool's next block.
-SANITIZED=(tests/ops/test_cross_entropy_cuda.py tests/ops/test_lora_linear_cuda.py -p no:cacheprovider
-           -k "chunk_kernels or ties or binding or (matches_oracle and bfloat16) or masked_gemms or keep_mask")
+SANITIZED=(tests/ops/test_cross_entropy_cuda.py tests/ops/test_cross_entropy_table.py tests/ops/test_lora_linear_cuda.py
+           -p no:cacheprovider
+           -k "chunk_kernels or ties or binding or (matches_float64_oracle and cuda-bfloat16) or masked_gemms or keep_mask")
 for tool in memcheck racecheck synccheck; do
   step "compute-sanitizer --tool $tool"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 \

@@ -1,7 +1,7 @@
 """Fused LoRA linear, forward + backward (dx, dA, dB; frozen base), against PEFT's eager layer.
 
-The floor is the frozen base layer's two GEMMs, x W^T and dy W (4*N*I*O FLOPs): DESIGN.md's
-target is <= 10% over them on a GPU (floor_fraction >= 0.91).
+The floor is the frozen base layer's two GEMMs, x W^T and dy W (4*N*I*O FLOPs): docs/design.md's
+target (section 10) is <= 10% over them on a GPU (floor_fraction >= 0.91).
 """
 
 from __future__ import annotations

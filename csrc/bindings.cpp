@@ -2,7 +2,7 @@
 // ops (so torch.compile sees them as opaque ops with fake impls), checks tensors, allocates
 // outputs and calls the torch-free launchers of fastmem_kernels.h on the current stream.
 //
-// The schemas below must equal SCHEMAS in fastmem/ops/cross_entropy_cuda.py and
+// The schemas below must equal SCHEMAS in fastmem/ops/cross_entropy/backend_cuda.py and
 // fastmem/ops/lora_linear_cuda.py (where the fake impls live); tests/csrc checks that they do.
 #include <algorithm>
 
@@ -65,10 +65,9 @@ void check_options(const char* op, double softcap, double label_smoothing, doubl
   TORCH_CHECK(lse_square_scale >= 0.0, op, ": lse_square_scale must be >= 0, got ", lse_square_scale);
 }
 
-// -> (row_max, log_sum, target, best_other, sum_z), each [rows]; lse = row_max + log_sum.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_row_stats(const at::Tensor& logits,
-                                                                                    const at::Tensor& labels,
-                                                                                    double softcap) {
+// -> (row_max, log_sum, target, best_other, sum_z, entropy), each [rows]; lse = row_max + log_sum.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_row_stats(
+    const at::Tensor& logits, const at::Tensor& labels, double softcap) {
   constexpr const char* op = "fastmem_cuda::ce_row_stats";
   check_chunk(op, logits, labels);
   check_options(op, softcap, 0.0, 0.0);
@@ -80,12 +79,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_row_st
   at::Tensor target = at::empty({rows}, options);
   at::Tensor best_other = at::empty({rows}, options);
   at::Tensor sum_z = at::empty({rows}, options);
+  at::Tensor entropy = at::empty({rows}, options);
   check_launch(op, fastmem_ce_row_stats(logits_dtype(logits), logits.data_ptr(), rows, logits.size(1),
                                         logits.stride(0), labels.data_ptr<int64_t>(), row_max.data_ptr(),
                                         log_sum.data_ptr(), target.data_ptr(), best_other.data_ptr(),
-                                        sum_z.data_ptr(), softcap,
+                                        sum_z.data_ptr(), entropy.data_ptr(), softcap,
                                         c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()));
-  return std::make_tuple(row_max, log_sum, target, best_other, sum_z);
+  return std::make_tuple(row_max, log_sum, target, best_other, sum_z, entropy);
 }
 
 void ce_softmax_grad_(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
@@ -205,8 +205,8 @@ at::Tensor lora_keep_mask(const at::Tensor& like, int64_t n_rows, int64_t n_cols
 
 TORCH_LIBRARY(fastmem_cuda, m) {
   // torch.compile finds the fake (shape-only) impls by importing this module.
-  m.set_python_module("fastmem.ops.cross_entropy_cuda");
-  m.def("ce_row_stats(Tensor logits, Tensor labels, float softcap) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.set_python_module("fastmem.ops.cross_entropy.backend_cuda");
+  m.def("ce_row_stats(Tensor logits, Tensor labels, float softcap) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ce_softmax_grad_(Tensor(a!) logits, Tensor labels, Tensor row_max, Tensor log_sum, Tensor weight, float softcap, float label_smoothing, float lse_square_scale) -> ()");
   m.set_python_module("fastmem.ops.lora_linear_cuda");
   m.def("lora_dropout_project(Tensor x, Tensor lora_A, int seed, float p, float scale) -> Tensor");

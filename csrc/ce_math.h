@@ -5,7 +5,7 @@
 // check them against the torch reference on a machine without a GPU. Only the cross-thread
 // reductions (warp shuffles, shared memory) live in the .cu file.
 //
-// Numerics (see shared/DESIGN.md, "bug classes the anchors shipped"):
+// Numerics (see docs/design.md, section 4):
 // * every reduction runs in fp32 (fp64 for fp64 logits), whatever the logits' dtype;
 // * dloss/dz (softmax - onehot plus the options' terms) is formed in the accumulation type and
 //   rounded once, so the target
@@ -92,22 +92,29 @@ FASTMEM_HD RowSplit split_row(uintptr_t row_address, int64_t n_cols, int elem_by
   return RowSplit{head, n_vec, head + n_vec * per_vec};
 }
 
-// Online log-sum-exp state of a set of logits, plus the best logit other than the target.
+// Online log-sum-exp state of a set of logits, plus the best logit other than the target and
+// the entropy's sum.
 //
 // The sum of exp(z - max) is kept as `rest` = sum - 1, the sum over every element but one
 // at the max. A confident target (the max, p_y = 1 / (1 + rest)) then keeps its p_y - 1 =
 // -rest / (1 + rest) to full fp32 precision through log1p / expm1, where a sum near 1 or an
 // lse of magnitude ~20 rounded to fp32 would lose up to 1e-7 / 1e-6 of it absolutely: 0.1-1%
 // of the gradient at p_y = 1 - 1e-4, the regime memorization training lives in.
+//
+// Entropy: `shifted` = sum exp(z - max) (z - max) moves with the max like the sum does
+// (a max that rises by -d, d <= 0, turns it into e^d (shifted + d (1 + rest))), and
+// H = lse - sum p z = log1p(rest) - shifted / (1 + rest): two terms >= 0, no cancellation, so a
+// confident row's H -> 0 keeps its relative precision. The element at the max adds 0.
 template <typename Acc> struct RowState {
   Acc max;         // running max (-inf while empty)
   Acc rest;        // sum of exp(z - max) minus 1 (-1 while empty)
   Acc best_other;  // max over non-target columns (-inf while empty)
   Acc sum;         // sum of z (label smoothing's mean logit)
+  Acc shifted;     // sum of exp(z - max) (z - max) (entropy; 0 while empty)
 };
 
 template <typename Acc> FASTMEM_HD RowState<Acc> empty_state() {
-  return RowState<Acc>{-static_cast<Acc>(INFINITY), Acc(-1), -static_cast<Acc>(INFINITY), Acc(0)};
+  return RowState<Acc>{-static_cast<Acc>(INFINITY), Acc(-1), -static_cast<Acc>(INFINITY), Acc(0), Acc(0)};
 }
 
 // Logit soft-capping (Gemma 2): z -> softcap * tanh(z / softcap); softcap <= 0 is off.
@@ -115,7 +122,7 @@ template <typename Acc> FASTMEM_HD Acc cap_logit(Acc z, Acc softcap) {
   return softcap > Acc(0) ? softcap * accum_tanh(z / softcap) : z;
 }
 
-// The options' terms of d loss / d z (see fastmem/ops/cross_entropy_options.py):
+// The options' terms of d loss / d z (see fastmem/ops/cross_entropy/row_math.py):
 //   d/dz_c = [p_c (1 + 2 s lse) - eps / V - (1 - eps) [c == y]] * (1 - tanh(z_c / softcap)^2)
 template <typename Acc> struct GradTerms {
   Acc softcap;         // <= 0: off
@@ -128,6 +135,19 @@ template <typename Acc> FASTMEM_HD GradTerms<Acc> grad_terms(const fastmem_ce_op
   return GradTerms<Acc>{static_cast<Acc>(o.softcap), static_cast<Acc>(o.label_smoothing),
                         static_cast<Acc>(o.label_smoothing / static_cast<double>(n_cols)),
                         static_cast<Acc>(2.0 * o.lse_square_scale)};
+}
+
+// `s.shifted` re-based from s.max to new_max >= s.max (an empty s has nothing to move).
+template <typename Acc> FASTMEM_HD Acc moved_shifted(const RowState<Acc>& s, Acc new_max) {
+  if (s.max == -static_cast<Acc>(INFINITY) || s.max == new_max) return s.shifted;
+  const Acc d = s.max - new_max;
+  return accum_exp(d) * (s.shifted + d * (Acc(1) + s.rest));
+}
+
+// exp(d) d of one element, 0 where exp(d) underflows (d = -inf would give 0 * -inf = NaN).
+template <typename Acc> FASTMEM_HD Acc shifted_term(Acc d) {
+  const Acc e = accum_exp(d);
+  return e > Acc(0) ? e * d : Acc(0);
 }
 
 // Fold N consecutive logits z[0..N) starting at column col0 into s: one rescale per group.
@@ -155,15 +175,18 @@ FASTMEM_UNROLL
   // state (its own 1 included) is rescaled into `rest`; an empty old state adds 0 * 0.
   bool skip_one = group_max > s.max;
   Acc rest = skip_one ? (Acc(1) + s.rest) * accum_exp(s.max - new_max) : s.rest;
+  Acc shifted = moved_shifted(s, new_max);
 FASTMEM_UNROLL
   for (int i = 0; i < N; ++i) {
     if (skip_one && z[i] == new_max) {
       skip_one = false;
     } else {
       rest += accum_exp(z[i] - new_max);
+      shifted += shifted_term(z[i] - new_max);
     }
   }
   s.rest = rest;
+  s.shifted = shifted;
   s.max = new_max;
 }
 
@@ -173,6 +196,7 @@ template <typename Acc> FASTMEM_HD RowState<Acc> merge_states(const RowState<Acc
   out.max = accum_max(a.max, b.max);
   out.best_other = accum_max(a.best_other, b.best_other);
   out.sum = a.sum + b.sum;
+  out.shifted = moved_shifted(a, out.max) + moved_shifted(b, out.max);
   if (out.max == -static_cast<Acc>(INFINITY)) {
     out.rest = a.rest + b.rest + Acc(1);  // both empty (-1), or NaN if a NaN was seen
   } else if (a.max == b.max) {
@@ -187,6 +211,11 @@ template <typename Acc> FASTMEM_HD RowState<Acc> merge_states(const RowState<Acc
 
 // log sum exp(z - max) >= 0 (-inf for an empty row); the lse is max + log_sum.
 template <typename Acc> FASTMEM_HD Acc finish_log_sum(const RowState<Acc>& s) { return accum_log1p(s.rest); }
+
+// H = lse - sum_c p_c z_c (see RowState).
+template <typename Acc> FASTMEM_HD Acc finish_entropy(const RowState<Acc>& s) {
+  return accum_log1p(s.rest) - s.shifted / (Acc(1) + s.rest);
+}
 
 // d loss_t / d z_c of the stored (uncapped) logit z_raw, scaled by the token weight, in Acc.
 // The target column takes expm1: p_y - 1 without the cancellation of exp(.) - 1.
@@ -281,6 +310,12 @@ FASTMEM_UNROLL
   for (int64_t c = split.tail_start + tid; c < n_cols; c += n_threads) {
     row[c] = from_accum<T>(softmax_grad_value<Acc>(to_accum(row[c]), row_max, log_sum, weight, c == label, o));
   }
+}
+
+// This thread's share of zeroing one row (a row of weight 0: its gradient is 0, and the
+// gradient GEMM may then take the whole chunk without a host-side list of active rows).
+template <typename T> FASTMEM_HD void zero_row_partial(T* row, int64_t n_cols, int tid, int n_threads) {
+  for (int64_t c = tid; c < n_cols; c += n_threads) row[c] = from_accum<T>(typename AccumOf<T>::type(0));
 }
 
 // Threads per row block: enough for one 128-bit access per thread per sweep of a long row

@@ -20,7 +20,7 @@ typedef enum {
   FASTMEM_FLOAT64 = 3,
 } fastmem_dtype;
 
-// Options of the fused cross-entropy (see fastmem/ops/cross_entropy_options.py); all 0 = off.
+// Options of the fused cross-entropy (see fastmem/ops/cross_entropy/row_math.py); all 0 = off.
 typedef struct {
   double softcap;           // > 0: every logit z becomes softcap * tanh(z / softcap) on load
   double label_smoothing;   // eps in [0, 1]: loss (1 - eps) nll + eps (lse - mean z)
@@ -31,20 +31,23 @@ typedef struct {
 //   logits      [n_rows, n_cols] of `dtype`, row stride `stride_row` (elements, >= n_cols),
 //               column stride 1; any storage offset (unaligned rows take a scalar head).
 //   labels      [n_rows] int64, each in [0, n_cols) (out of range: target NaN, no read).
-//   row_max, log_sum, target, best_other, sum_z  [n_rows] outputs, float64 for FASTMEM_FLOAT64
-//               logits, else float32: the row's max, log sum exp(z - max) (so the
-//               log-sum-exp is row_max + log_sum), the target logit, the largest non-target
-//               logit, the sum of the logits; all of the capped logits when softcap > 0.
+//   row_max, log_sum, target, best_other, sum_z, entropy  [n_rows] outputs, float64 for
+//               FASTMEM_FLOAT64 logits, else float32: the row's max, log sum exp(z - max) (so
+//               the log-sum-exp is row_max + log_sum), the target logit, the largest non-target
+//               logit, the sum of the logits, the entropy lse - sum_c p_c z_c; all of the
+//               capped logits when softcap > 0.
 // The token is greedy-correct iff target > best_other (a tie counts as wrong).
 cudaError_t fastmem_ce_row_stats(fastmem_dtype dtype, const void* logits, int64_t n_rows, int64_t n_cols,
                                  int64_t stride_row, const int64_t* labels, void* row_max, void* log_sum,
-                                 void* target, void* best_other, void* sum_z, double softcap, cudaStream_t stream);
+                                 void* target, void* best_other, void* sum_z, void* entropy, double softcap,
+                                 cudaStream_t stream);
 
 // Pass 2: overwrite each row r with weight[r] * d loss / d z (softmax - onehot, plus the
 // options' terms, times the softcap derivative), formed in fp32 (fp64 for fp64 logits) from
 // row_max and log_sum of pass 1 and rounded once to `dtype`. The target column takes
 // expm1(log p_y), so a confident target keeps its p_y - 1.
-// Rows with weight 0 are left as they are (the caller drops them before the gradient GEMM).
+// Rows with weight 0 are written as zeros without being read (a gradient GEMM over the whole
+// chunk then needs no host-side list of active rows).
 //   row_max, log_sum, weight [n_rows], float64 for FASTMEM_FLOAT64 logits, else float32.
 cudaError_t fastmem_ce_softmax_grad(fastmem_dtype dtype, void* logits, int64_t n_rows, int64_t n_cols,
                                     int64_t stride_row, const int64_t* labels, const void* row_max,

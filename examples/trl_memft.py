@@ -10,9 +10,12 @@ projections, the prompt masked out of the loss (TRL's completion_only_loss).
 `apply_fastmem(trainer.model, objective="ot")` routes the loss through
 fastmem.linear_cross_entropy — after the trainer is built, because TRL's SFTTrainer installs
 its own fused LM head at init — and `StopWhenMemorized` ends training at the first step whose
-forward has every answer token at p > 0.5, skipping that step's optimizer update. The script
-ends by decoding the answer greedily from the prompt and printing the exact match, the wall
-time of training and the peak resident memory during training.
+forward has every answer token at p > 0.5, skipping that step's optimizer update. TRL logs
+`entropy` and `mean_token_accuracy` from the fused pass (fastmem returns the per-token
+entropy and top-1 with the loss: no logits, no NaN); the script prints them as TRL logged
+them and as fastmem's last TokenStats has them. It ends by decoding the answer greedily from
+the prompt and printing the exact match, the wall time of training and the peak resident
+memory during training.
 """
 
 from __future__ import annotations
@@ -61,11 +64,28 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def print_fused_metrics(log_history, stats) -> None:
+    """TRL's logged entropy / mean_token_accuracy (from the fused pass), and the same from
+    fastmem's TokenStats of the last forward (answer tokens only)."""
+    logged = [row for row in log_history if "entropy" in row or "mean_token_accuracy" in row]
+    if logged:
+        last = logged[-1]
+        print(f"TRL logged at step {last.get('step')}: entropy {last.get('entropy', float('nan')):.4f}, "
+              f"mean_token_accuracy {last.get('mean_token_accuracy', float('nan')):.4f}")
+    else:
+        print("TRL logged no entropy / mean_token_accuracy (its version does not report them)")
+    if stats is not None:
+        valid = stats.valid
+        entropy = float(stats.entropy[valid].mean()) if bool(valid.any()) else 0.0
+        print(f"fastmem last forward: mean entropy {entropy:.4f} nats over {int(valid.sum())} answer tokens, "
+              f"token accuracy {stats.token_accuracy():.4f}")
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objective", choices=["ot", "sw", "sft"], default="ot")
     parser.add_argument("--threshold", type=float, default=0.3,
-                        help="MemFT weighting threshold in nats (DESIGN.md: a margin under ln 2 converges "
+                        help="MemFT weighting threshold in nats (docs/design.md: a margin under ln 2 converges "
                              "faster; the stop rule stays at p > 0.5)")
     parser.add_argument("--no-patch", action="store_true", help="TRL's own loss (SFT), no fastmem")
     parser.add_argument("--no-stop", action="store_true", help="run --max-steps steps, no StopWhenMemorized")
@@ -83,7 +103,7 @@ def main() -> int:
     from trl import SFTConfig, SFTTrainer
 
     from fastmem.integrations.trainer import StopWhenMemorized
-    from fastmem.integrations.transformers import apply_fastmem
+    from fastmem.integrations.transformers import apply_fastmem, last_stats
     from fastmem.models import load_model
 
     if args.no_patch and not args.no_stop:
@@ -140,6 +160,8 @@ def main() -> int:
           f"peak RSS during training: {rss.peak / 2**20:.0f} MiB, "
           f"process ru_maxrss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print(f"exact match: {exact} (first {matched} of {len(answer_ids)} answer tokens recalled greedily)")
+    if not args.no_patch:
+        print_fused_metrics(trainer.state.log_history, last_stats(trainer.model))
     return 0 if exact or args.no_stop else 1
 
 

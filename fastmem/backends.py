@@ -113,9 +113,9 @@ def resolve_backend(op: str, requested: str, device: torch.device, supported: tu
 # ---- the backend registry: op name -> {backend -> implementation}, in preference order ----
 #
 # Each op registers its implementations once, when its module is imported (fastmem.ops.*):
-#     register_op("linear_cross_entropy", {"cuda": "fastmem.ops.cross_entropy_cuda",
-#                                          "triton": "fastmem.ops.cross_entropy_triton",
-#                                          "torch": "fastmem.ops.cross_entropy_torch"})
+#     register_op("linear_cross_entropy", {"cuda": "fastmem.ops.cross_entropy.backend_cuda",
+#                                          "triton": "fastmem.ops.cross_entropy.backend_triton",
+#                                          "torch": "fastmem.ops.cross_entropy.backend_torch"})
 # The dict order is the preference order `auto` follows on a GPU (fastest first). An
 # implementation is a module path (imported on first use, so an op never imports a backend it
 # does not run) or any object; the op decides what it expects of it (a `process_chunk`

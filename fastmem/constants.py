@@ -1,4 +1,5 @@
-"""Constants from the paper, named once (../shared/PAPER.md)."""
+"""Constants from the paper ("How LoRA Remembers? A Parametric Memory Law for LLM Finetuning"),
+named once; docs/design.md, section 1."""
 
 import math
 

@@ -88,7 +88,7 @@ def _fastmem_make(backend: str):
 def eager_loss(hidden, weight, labels, *, objective="sft", threshold=math.log(2), softcap=None,
                label_smoothing=0.0):
     """What a user writes without fastmem: full fp32 logits, F.cross_entropy per token, the
-    MemFT weights of DESIGN.md from the detached per-token losses (one sample of N tokens)."""
+    MemFT weights of docs/design.md (section 1) from the detached per-token losses (one sample of N tokens)."""
     from fastmem.constants import MEMFT_EPS, SW_FLOOR, SW_KAPPA, SW_TAU, SW_WINDOW
 
     logits = F.linear(hidden, weight).float()

@@ -1,7 +1,7 @@
 """Evaluate memorized samples: exact match and i* from one teacher-forced pass, token accuracy,
 top-1 margins, stubborn tokens; greedy decoding to confirm near ties or on request.
 
-Definitions (../shared/PAPER.md, fastmem/eval/exact_match.py): token accuracy = teacher-forced
+Definitions (the paper "How LoRA Remembers?", fastmem/eval/exact_match.py): token accuracy = teacher-forced
 greedy-argmax matches / answer length; exact match = greedy decoding from the prompt reproduces
 the whole answer, decided from one teacher-forced pass (every argmax right, ties wrong); i*
 (`first_error`) = the first answer position whose greedy prediction is wrong (-1 if none);

@@ -125,8 +125,9 @@ def _score_batch(decoder, weight, bias, batch: Sequence[MemorySample], chunk_siz
         attention_mask[b, :len(sample.input_ids)] = 1
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     rows, labels = _answer_rows(hidden.to(weight.dtype), batch)
+    # no entropy: the verdict never reads it, and on the CPU it is an extra pass per chunk
     _, stats = linear_cross_entropy(rows, weight, labels, bias, reduction="none",
-                                    return_stats=True, chunk_size=chunk_size)
+                                    return_stats=True, chunk_size=chunk_size, entropy=False)
     # A right argmax is rank 0: only the wrong rows need the ranking GEMM.
     wrong = (labels != IGNORE_INDEX) & ~stats.correct
     ranks = torch.zeros_like(labels)

@@ -34,7 +34,7 @@ from transformers.utils import ModelOutput
 
 from fastmem.integrations import families
 from fastmem.integrations.heads import head_weight_and_bias  # noqa: F401 (re-exported)
-from fastmem.ops.linear_cross_entropy import linear_cross_entropy
+from fastmem.ops.cross_entropy import LossSpec, linear_cross_entropy
 
 CONFIG_ATTR = "_fastmem_config"
 STATS_ATTR = "_fastmem_last_stats"
@@ -43,16 +43,20 @@ ORIGINAL_ATTR = "__fastmem_original__"
 
 @dataclass(frozen=True)
 class FusedLossConfig:
-    """What the patched forward passes to `linear_cross_entropy` (objective, backend, options)."""
+    """What the patched forward passes to `linear_cross_entropy`: the LossSpec (its reduction
+    and softcap are set per call from num_items_in_batch and the model), the backend."""
 
-    objective: str = "sft"
+    spec: LossSpec = field(default_factory=LossSpec)
     backend: str = "auto"
-    options: dict = field(default_factory=dict)
     return_logits: bool | None = None
 
     @property
+    def objective(self) -> str:
+        return self.spec.objective
+
+    @property
     def ignore_index(self) -> int:
-        return self.options.get("ignore_index", -100)
+        return self.spec.ignore_index
 
 
 def slice_kept_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
@@ -149,18 +153,16 @@ def fused_loss(model, hidden: torch.Tensor, labels: torch.Tensor, config: FusedL
                          f"{tuple(hidden.shape[:-1])} hidden positions kept for the loss "
                          "(logits_to_keep with labels must keep every position)")
     hidden, weight, bias = _head_operands(model, hidden)
-    options = dict(config.options)
     cap = families.softcap(model)
     if cap is not None:
         check_softcap_supported(model)
-        options["softcap"] = cap
     sum_then_divide = num_items_in_batch is not None and config.objective == "sft"
+    spec = dataclasses.replace(config.spec, softcap=cap or 0.0, reduction="sum" if sum_then_divide else "mean")
     # The operands are already in the autocast dtype (see _head_operands); inside, the op picks its
     # own precisions (fp32 accumulation), which autocast must not recast behind its back.
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, stats = linear_cross_entropy(hidden, weight, shift_labels, bias, objective=config.objective,
-                                           reduction="sum" if sum_then_divide else "mean",
-                                           return_stats=True, backend=config.backend, **options)
+        loss, stats = linear_cross_entropy(hidden, weight, shift_labels, bias, spec=spec, return_stats=True,
+                                           backend=config.backend)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -191,7 +193,8 @@ def trl_fused_output(loss: torch.Tensor, stats, *, num_items_in_batch, shifted: 
     `log_probs` is built so that TRL's reduction gives exactly the fastmem loss, value and gradient:
     `-log_probs_t = v_t + (L - L.detach())` on valid tokens, with `v_t` the detached per-token share
     of the loss (`L_t` for SFT, so there they are the true log-probabilities; `w_t L_t n / Z` for
-    MemFT, which are not). `entropy` is not computed by the fused op and is NaN (an honest metric).
+    MemFT, which are not). `entropy` is the fused op's per-token entropy of the model's
+    distribution (0 on positions without a label), from the same pass as the loss.
     """
     valid = stats.valid
     n_valid = valid.sum()
@@ -203,8 +206,7 @@ def trl_fused_output(loss: torch.Tensor, stats, *, num_items_in_batch, shifted: 
     weighted = stats.weight * stats.loss
     share = weighted * (mean_loss.detach() * n_valid / weighted.sum().clamp(min=1e-30))
     per_token = torch.where(valid, share + (mean_loss - mean_loss.detach()), torch.zeros_like(share))
-    fields = dict(log_probs=-per_token, entropy=torch.full_like(share, float("nan")), is_top1=stats.correct,
-                  label_mask=valid)
+    fields = dict(log_probs=-per_token, entropy=stats.entropy, is_top1=stats.correct, label_mask=valid)
     if not shifted:  # TRL's own head scores positions [:, :-1] against labels[:, 1:]
         fields = {name: value[..., :-1] for name, value in fields.items()}
     return TRLFusedOutput(loss=loss, **fields)

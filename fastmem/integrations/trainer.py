@@ -1,6 +1,6 @@
 """HF Trainer / TRL callback: stop as soon as every answer token is recalled, before the update.
 
-DESIGN.md ("Whole-model tricks"): decide from the stats of the current forward and stop
+docs/design.md (section 9): decide from the stats of the current forward and stop
 *before* the optimizer step. One more AdamW step on (near-)zero gradients still moves the
 weights through its momentum, and on SmolLM2 that single step broke greedy exact match.
 

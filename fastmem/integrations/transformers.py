@@ -31,16 +31,16 @@ from fastmem.integrations.hf_forward import (CONFIG_ATTR, ORIGINAL_ATTR, STATS_A
                                              check_softcap_supported, head_weight_and_bias, is_fused_forward,
                                              make_fused_forward, unknown_router_loss_message)
 from fastmem.nn.modes import eval_mode
-from fastmem.ops.linear_cross_entropy import linear_cross_entropy
+from fastmem.ops.cross_entropy import LossSpec, linear_cross_entropy
 from fastmem.ops.token_stats import TokenStats
 
 # config.model_type -> the transformers class whose forward the family patch is tested on.
 FAMILY_CLASSES = {model_type: family.class_name for model_type, family in FAMILIES.items()}
 # Names accepted by apply_fastmem_to besides the model_types.
 FAMILY_ALIASES = ALIASES
-# linear_cross_entropy keywords a patch may fix (reduction / stats / per-call tensors are the patch's).
-LOSS_OPTIONS = ("threshold", "eps", "kappa", "tau", "window", "floor", "ignore_index", "chunk_size", "label_smoothing",
-                "lse_square_scale", "max_chunk_bytes")
+# LossSpec fields a patch may fix (reduction follows num_items_in_batch, softcap the model's config).
+LOSS_OPTIONS = ("threshold", "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "ignore_index", "chunk_size",
+                "label_smoothing", "lse_square_scale", "max_chunk_bytes")
 PREVIOUS_FORWARD_ATTR = "_fastmem_previous_forward"
 
 
@@ -55,19 +55,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner
 
 
-def _loss_config(objective: str, backend: str, return_logits, options: dict, device) -> FusedLossConfig:
-    unknown = sorted(set(options) - set(LOSS_OPTIONS))
+def _loss_config(spec: LossSpec | None, backend: str, return_logits, options: dict, device) -> FusedLossConfig:
+    unknown = sorted(set(options) - set(LOSS_OPTIONS) - {"objective"})
     if unknown:
-        raise TypeError(f"unknown loss option(s) {unknown}; apply_fastmem accepts {LOSS_OPTIONS}")
-    if isinstance(options.get("window"), torch.Tensor):
-        raise TypeError("window must be a number here (a per-sample tensor depends on the batch)")
+        raise TypeError(f"unknown loss option(s) {unknown}; apply_fastmem accepts objective, {LOSS_OPTIONS}")
     if return_logits not in (None, True, False):
         raise ValueError(f"return_logits must be None, True or False, got {return_logits!r}")
-    # One tiny call validates every option (and the backend on this device) with the op's own checks.
+    spec = LossSpec.from_options(spec, **options)  # validates every option
+    # One tiny call checks the backend on this device with the op's own checks.
     probe = torch.zeros(1, 2, dtype=torch.float32, device=device)
     linear_cross_entropy(probe, torch.zeros(3, 2, device=device), torch.zeros(1, dtype=torch.long, device=device),
-                         objective=objective, backend=backend, **options)
-    return FusedLossConfig(objective=objective, backend=backend, options=dict(options), return_logits=return_logits)
+                         spec=spec, backend=backend)
+    return FusedLossConfig(spec=spec, backend=backend, return_logits=return_logits)
 
 
 def _check_family(model) -> None:
@@ -119,7 +118,7 @@ def _probe_generic_forward(model, model_type) -> None:
                                   "unsupported architecture")
 
 
-def apply_fastmem(model: nn.Module, *, objective: str = "sft", backend: str = "auto",
+def apply_fastmem(model: nn.Module, *, spec: LossSpec | None = None, backend: str = "auto",
                   return_logits: bool | None = None, **loss_options) -> nn.Module:
     """Route the model's labelled forward through `fastmem.linear_cross_entropy`.
 
@@ -128,14 +127,16 @@ def apply_fastmem(model: nn.Module, *, objective: str = "sft", backend: str = "a
             generic `*ForCausalLM` that passes the decoder -> lm_head probe), or a PEFT model around
             one. Patched in place (its instance `forward`); returned for chaining. Call it after
             building a TRL trainer: TRL's SFTTrainer installs its own fused LM head at init.
-        objective: "sft", "ot" or "sw" (see fastmem.linear_cross_entropy).
+        spec: the loss as a LossSpec (default LossSpec(): SFT); `**loss_options` replace its
+            fields by name: objective ("sft", "ot" or "sw"), threshold, eps, sw_kappa, sw_tau,
+            sw_window, sw_floor, ignore_index, chunk_size, label_smoothing, lse_square_scale
+            (z-loss), max_chunk_bytes (see fastmem.linear_cross_entropy). `softcap` is not one:
+            it comes from the model's config (final_logit_softcapping), and the reduction from
+            num_items_in_batch.
         backend: "auto" | "torch" | "triton" for the fused op.
         return_logits: with labels, build `[B, S, V]` logits too: True / False, or None (default)
             for "only when autograd is off" (evaluation loops that want predictions). A call can
             override it with `model(..., return_logits=...)`.
-        **loss_options: threshold, eps, kappa, tau, window, floor, ignore_index, chunk_size,
-            label_smoothing, lse_square_scale (z-loss), max_chunk_bytes of fastmem.linear_cross_entropy.
-            `softcap` is not one: it comes from the model's config (final_logit_softcapping).
 
     After it, `model(input_ids, attention_mask=..., labels=labels [B, S] int64)` returns the
     fp32 loss, `logits=None` (in training), and `last_stats(model)` holds the TokenStats of
@@ -144,7 +145,7 @@ def apply_fastmem(model: nn.Module, *, objective: str = "sft", backend: str = "a
     inner = _unwrap(model)
     _check_family(inner)
     device = head_weight_and_bias(inner)[0].device
-    config = _loss_config(objective, backend, return_logits, loss_options, device)
+    config = _loss_config(spec, backend, return_logits, loss_options, device)
     current = inner.__dict__.get("forward")
     if current is not None and not is_fused_forward(current):
         # Someone else's instance forward (e.g. TRL's fused LM head): replaced, restored by unapply.
@@ -192,7 +193,7 @@ def _family_class(family: str):
     return getattr(transformers, FAMILY_CLASSES[model_type])
 
 
-def apply_fastmem_to(family: str, *, objective: str = "sft", backend: str = "auto",
+def apply_fastmem_to(family: str, *, spec: LossSpec | None = None, backend: str = "auto",
                      return_logits: bool | None = None, **loss_options) -> type:
     """Patch a family's `*ForCausalLM` class so that models loaded later use the fused loss.
 
@@ -201,7 +202,7 @@ def apply_fastmem_to(family: str, *, objective: str = "sft", backend: str = "aut
     Returns the patched class.
     """
     cls = _family_class(family)
-    config = _loss_config(objective, backend, return_logits, loss_options, torch.device("cpu"))
+    config = _loss_config(spec, backend, return_logits, loss_options, torch.device("cpu"))
     if not is_fused_forward(cls.__dict__.get("forward", cls.forward)):
         cls.forward = make_fused_forward(cls.forward)
     setattr(cls, CONFIG_ATTR, config)

@@ -1,6 +1,6 @@
 """Fit the Parametric Memory Law ΔL(r, ℓ) = C·r^α·ℓ^-β + b to a sweep of runs.
 
-Protocol (../shared/PAPER.md): runs whose final loss is below 0.69 sit past the recall
+Protocol (the paper "How LoRA Remembers? A Parametric Memory Law for LLM Finetuning"): runs whose final loss is below 0.69 sit past the recall
 threshold, where the loss saturates and hides the scaling, so they are left out (and counted).
 The fit is nonlinear least squares in linear ΔL space, started from a log-space linear fit
 (log(ΔL - b) = log C + α log r - β log ℓ is a plane), with bootstrap 95% intervals.

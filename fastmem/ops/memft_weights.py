@@ -1,4 +1,4 @@
-"""MemFT token weights (../shared/PAPER.md), computed chunk by chunk in position order.
+"""MemFT token weights (docs/design.md, section 1), computed chunk by chunk in position order.
 
 SFT: w_t = 1.  OT: w_t = 1[L_t > threshold].  SW: w_t = sigmoid(kappa (L_t - threshold))
 times a spatial factor from the sample's first greedy error a: exp(-max(t - a, 0) / tau)

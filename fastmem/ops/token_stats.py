@@ -11,9 +11,10 @@ from fastmem.constants import L_CRIT, is_stubborn
 
 # The per-call statistics in the order the op returns them (first_error last: it is per sample).
 # TokenStats is built from them by name, so a new per-token field is: its name here, a
-# dataclass field, its tensor in cross_entropy_pass.forward_pass (the chunk loop's result
-# also carries each row's target and best non-target logit) and its shape in the op's fake.
-STAT_FIELDS = ("loss", "prob", "correct", "lse", "weight", "valid", "margin", "first_error")
+# dataclass field, its tensor in cross_entropy/forward.py (the chunk loop's result also
+# carries each row's target and best non-target logit), its dtype in the op's fake impl and
+# one more tensor in the op's return annotation (cross_entropy/custom_op.py).
+STAT_FIELDS = ("loss", "prob", "correct", "lse", "weight", "valid", "margin", "entropy", "first_error")
 
 
 @dataclass
@@ -36,6 +37,9 @@ class TokenStats:
         margin: top-1 margin, the target's logit minus the best other logit (fp32; > 0 exactly
             where correct; 0 on ignored positions; +inf with a one-column vocabulary). None
             when the producer had no logits pass (a stats object built by hand).
+        entropy: H_t = lse_t - sum_v p_v z_v of the token's (soft-capped) logits (fp32; 0 on
+            ignored positions), from the same chunk pass as the loss. None when the producer
+            had no logits pass.
     """
 
     loss: torch.Tensor
@@ -46,6 +50,7 @@ class TokenStats:
     valid: torch.Tensor
     first_error: torch.Tensor
     margin: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     def stubborn_mask(self, threshold: float = L_CRIT) -> torch.Tensor:
         """Valid tokens not yet recalled: L_t >= threshold (p <= 0.5 at ln 2), or a NaN loss."""

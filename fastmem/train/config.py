@@ -1,4 +1,4 @@
-"""TrainConfig: every setting of a memorization run, with the paper's defaults (../shared/PAPER.md)."""
+"""TrainConfig: every setting of a memorization run, with the paper's defaults ("How LoRA Remembers?")."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from fastmem.constants import L_CRIT, MEMFT_EPS, OBJECTIVES, SW_FLOOR, SW_KAPPA, SW_TAU, SW_WINDOW
 from fastmem.errors import UsageError
+from fastmem.ops.cross_entropy import LossSpec
 ENGINES = ("fast", "hf")
 DISTRIBUTED = ("ddp", "fsdp2")
 ADAPTERS = ("lora", "mlp_block")  # LoRA on `modules`; one parallel adapter per MLP block (nn/mlp_block_adapter.py)
@@ -20,7 +21,7 @@ PAPER_EPOCHS = 2000
 
 def default_layers(num_layers: int) -> list[int]:
     """Two upper-middle layers: 2/3 and 4/5 of the depth (SmolLM2's 30 layers -> [20, 24],
-    the pair DESIGN.md's measurements use; the paper adapts 18/20 or 20/24 of 32-36)."""
+    the pair docs/design.md's measurements use; the paper adapts 18/20 or 20/24 of 32-36)."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     picks = {min(num_layers * 2 // 3, num_layers - 1), min(num_layers * 4 // 5, num_layers - 1)}
@@ -194,6 +195,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def loss_spec(self, objective: str | None = None) -> LossSpec:
+        """The fused loss's LossSpec of this run (same field names); `objective` overrides the
+        run's (the curriculum's SFT warm-up). The trainer reads no entropy: it is not computed
+        (a pass per chunk saved on the CPU)."""
+        return LossSpec(objective=objective or self.objective, threshold=self.threshold, eps=self.eps,
+                        sw_kappa=self.sw_kappa, sw_tau=self.sw_tau, sw_window=self.sw_window,
+                        sw_floor=self.sw_floor, entropy=False)
 
 
 def saved_setting(saved: dict, key: str):

@@ -1,7 +1,7 @@
 """`fastmem demo`: SmolLM2 memorizes a real passage and a small phone book on the CPU.
 
 Two runs of MemFT-OT with a margin (weights on tokens with L > 0.3, stop once every token
-has p > 0.5 — DESIGN.md's evidence for the margin), each printing greedy recall before and
+has p > 0.5 — docs/design.md's evidence for the margin), each printing greedy recall before and
 after, exact match and token accuracy, and a loss-curve PNG in the output directory.
 Exit code 0 when both end with 100% exact match, 1 otherwise.
 """

@@ -37,11 +37,9 @@ class FastEngine:
         labels = padded_labels([e.answer_ids for e in entries])
         if window is None:
             window = torch.full((len(indices),), float(cfg.sw_window), device=hidden.device)
-        return linear_cross_entropy(
-            hidden, self.parts.head_weight, labels, self.parts.head_bias,
-            objective=objective or cfg.objective, threshold=cfg.threshold, eps=cfg.eps,
-            kappa=cfg.sw_kappa, tau=cfg.sw_tau, window=window.to(hidden.device), floor=cfg.sw_floor,
-            return_stats=True, backend=cfg.loss_backend)
+        return linear_cross_entropy(hidden, self.parts.head_weight, labels, self.parts.head_bias,
+                                    spec=cfg.loss_spec(objective), window=window.to(hidden.device),
+                                    return_stats=True, backend=cfg.loss_backend)
 
     def sequence_tokens(self, indices: list[int]) -> int:
         return sum(self.cache.samples[i].answer_len + len(self.cache.samples[i].prompt_ids) for i in indices)

@@ -80,7 +80,7 @@ class RunFigures:
 
 class Recrossings:
     """Count tokens that were recalled (p > 0.5) at a sample's previous visit and are not now:
-    the drift DESIGN.md saw with OT at exactly ln 2 (the `recrossed` metric)."""
+    the drift docs/design.md (section 9) records with OT at exactly ln 2 (the `recrossed` metric)."""
 
     def __init__(self):
         self.last: dict[int, torch.Tensor] = {}

@@ -7,7 +7,7 @@ instead: at every answer position the target's logit beats the best other logit 
 recall comes first: a target can be the argmax at p <= 0.5 (issue 22: ~0.57x the steps on a
 300-token stress answer). Below, "recalled" means whichever of the two the run stops on.
 - A batch whose answers are all recalled gets no update: the step that would follow can
-  only move weights that already recall (DESIGN.md: on SmolLM2 one more AdamW step after
+  only move weights that already recall (docs/design.md, section 9: on SmolLM2 one more AdamW step after
   full recall broke greedy exact match; stopping first kept it).
 - The run stops once consecutive recalled batches have covered every sample with no update
   in between (so every check still holds for the final weights) and the curriculum, if any,

@@ -1,4 +1,4 @@
-"""MemFT-SW's per-sample window widening (the authors' code, ../shared/PAPER.md).
+"""MemFT-SW's per-sample window widening (the authors' code; the paper "How LoRA Remembers?").
 
 Each sample's anchor is its first greedy error. When the anchor has not moved for
 `patience` (3) consecutive visits, the window's expansion factor grows by `growth` (0.5)

@@ -25,7 +25,8 @@ template <typename T>
 void row_stats(const T* logits, int64_t n_rows, int64_t n_cols, int64_t stride_row, const int64_t* labels,
                typename fastmem::AccumOf<T>::type* row_max, typename fastmem::AccumOf<T>::type* log_sum,
                typename fastmem::AccumOf<T>::type* target, typename fastmem::AccumOf<T>::type* best_other,
-               typename fastmem::AccumOf<T>::type* sum_z, double softcap, int n_threads) {
+               typename fastmem::AccumOf<T>::type* sum_z, typename fastmem::AccumOf<T>::type* entropy, double softcap,
+               int n_threads) {
   using Acc = typename fastmem::AccumOf<T>::type;
   const Acc cap = static_cast<Acc>(softcap);
   const int threads = n_threads > 0 ? n_threads : fastmem::row_block_threads(n_cols, static_cast<int>(sizeof(T)));
@@ -53,6 +54,7 @@ void row_stats(const T* logits, int64_t n_rows, int64_t n_cols, int64_t stride_r
     target[row] = label_in_row ? fastmem::cap_logit<Acc>(fastmem::to_accum(row_ptr[label]), cap) : static_cast<Acc>(NAN);
     best_other[row] = warp0[0].best_other;
     sum_z[row] = warp0[0].sum;
+    entropy[row] = fastmem::finish_entropy(warp0[0]);
   }
 }
 
@@ -64,7 +66,10 @@ void softmax_grad(T* logits, int64_t n_rows, int64_t n_cols, int64_t stride_row,
   const fastmem::GradTerms<Acc> terms = fastmem::grad_terms<Acc>(options, n_cols);
   const int threads = n_threads > 0 ? n_threads : fastmem::row_block_threads(n_cols, static_cast<int>(sizeof(T)));
   for (int64_t row = 0; row < n_rows; ++row) {
-    if (weight[row] == Acc(0)) continue;
+    if (weight[row] == Acc(0)) {
+      for (int tid = 0; tid < threads; ++tid) fastmem::zero_row_partial<T>(logits + row * stride_row, n_cols, tid, threads);
+      continue;
+    }
     for (int tid = 0; tid < threads; ++tid) {
       fastmem::softmax_grad_partial<T>(logits + row * stride_row, n_cols, labels[row], row_max[row], log_sum[row],
                                        weight[row], tid, threads, terms);
@@ -79,7 +84,7 @@ void row_stats_as(const void* logits, int64_t n_rows, int64_t n_cols, int64_t st
                   void* const* outs, double softcap, int n_threads) {
   row_stats(static_cast<const T*>(logits), n_rows, n_cols, stride_row, labels, static_cast<Acc<T>*>(outs[0]),
             static_cast<Acc<T>*>(outs[1]), static_cast<Acc<T>*>(outs[2]), static_cast<Acc<T>*>(outs[3]),
-            static_cast<Acc<T>*>(outs[4]), softcap, n_threads);
+            static_cast<Acc<T>*>(outs[4]), static_cast<Acc<T>*>(outs[5]), softcap, n_threads);
 }
 
 template <typename T>
@@ -94,7 +99,7 @@ void softmax_grad_as(void* logits, int64_t n_rows, int64_t n_cols, int64_t strid
 
 extern "C" {
 
-// Same arguments as the launchers in csrc/fastmem_kernels.h (the five outputs of row stats as
+// Same arguments as the launchers in csrc/fastmem_kernels.h (the six outputs of row stats as
 // an array), plus the block size to emulate. Returns 0, or -1 for an unknown dtype / a thread
 // count that is not a multiple of 32 up to 1024 (0 picks the kernels' own choice).
 int fm_host_row_stats(int dtype, const void* logits, int64_t n_rows, int64_t n_cols, int64_t stride_row,

@@ -54,8 +54,8 @@ class CeHostKernels:
     def ce_row_stats(self, logits: torch.Tensor, labels: torch.Tensor, softcap: float = 0.0):
         self._check(logits, labels)
         rows, cols = logits.shape
-        outs = [torch.empty(rows, dtype=_accum(logits.dtype)) for _ in range(5)]
-        pointers = (ctypes.c_void_p * 5)(*[o.data_ptr() for o in outs])
+        outs = [torch.empty(rows, dtype=_accum(logits.dtype)) for _ in range(6)]
+        pointers = (ctypes.c_void_p * 6)(*[o.data_ptr() for o in outs])
         status = self.lib.fm_host_row_stats(DTYPE_CODES[logits.dtype], logits.data_ptr(), rows, cols,
                                             logits.stride(0), labels.data_ptr(), pointers, softcap, self.threads)
         assert status == 0

@@ -43,15 +43,17 @@ def make_chunk(dtype, rows, n_cols, offset, pad, seed=0):
 
 
 def reference(logits, labels, weight, softcap=0.0, label_smoothing=0.0, lse_square_scale=0.0):
-    """float64 row max, log sum exp(z - max), target, best non-target logit, sum of z and
-    w dloss/dz of the (capped) logits, with p_y - 1 through log1p / expm1 (plain softmax - 1
-    cancels to ~1e-12 even in float64)."""
+    """float64 lse, log sum exp(z - max), target, best non-target logit, w dloss/dz of the
+    (capped) logits, sum of z and entropy, with p_y - 1 through log1p / expm1 (plain softmax - 1
+    cancels to ~1e-12 even in float64) and H = log S - sum e d / S (d = z - max, e = exp(d))."""
     raw = logits.double()
     z = softcap * torch.tanh(raw / softcap) if softcap else raw
     row_max = z.max(dim=1, keepdim=True).values
     shifted = torch.exp(z - row_max)
+    e_d = (shifted * (z - row_max)).nan_to_num(0.0, 0.0, 0.0).sum(dim=1)
     shifted.scatter_(1, z.argmax(dim=1, keepdim=True), 0.0)  # every term but one 1
     log_sum = torch.log1p(shifted.sum(dim=1, keepdim=True))
+    entropy = log_sum.squeeze(1) - e_d / (1.0 + shifted.sum(dim=1))
     lse = row_max + log_sum
     log_p = z - row_max - log_sum
     rows, col = torch.arange(len(labels)), labels[:, None]
@@ -65,7 +67,7 @@ def reference(logits, labels, weight, softcap=0.0, label_smoothing=0.0, lse_squa
     target = z.gather(1, col).squeeze(1)
     best_other = z.scatter(1, col, float("-inf")).max(dim=1).values
     return (lse.squeeze(1), log_sum.squeeze(1), target, best_other, grad * weight.double()[:, None],
-            z.sum(dim=1))
+            z.sum(dim=1), entropy)
 
 
 CASES = [  # n_cols, storage offset (elements), row padding, threads per block (0: the kernels' choice)
@@ -80,12 +82,15 @@ def check_chunk_kernels(ops, dtype, n_cols, offset, pad, device, rows=6):
     storage, logits, labels = make_chunk(dtype, rows, n_cols, offset, pad)
     accum = torch.float64 if dtype == torch.float64 else torch.float32
     weight = torch.tensor([0.5, 0.0, 1.0, 2.0, 1.5, 0.25], dtype=accum)  # row 1 is inactive
-    ref_lse, ref_log_sum, ref_target, ref_best, ref_grad, ref_sum = reference(logits, labels, weight)
+    ref_lse, ref_log_sum, ref_target, ref_best, ref_grad, ref_sum, ref_entropy = reference(logits, labels, weight)
     storage = storage.to(device)
     logits = storage.as_strided(logits.shape, logits.stride(), offset)
 
-    row_max, log_sum, target, best_other, sum_z = (t.cpu() for t in ops.ce_row_stats(logits, labels.to(device), 0.0))
-    assert row_max.dtype == log_sum.dtype == target.dtype == best_other.dtype == sum_z.dtype == accum
+    row_max, log_sum, target, best_other, sum_z, entropy = (t.cpu() for t in ops.ce_row_stats(logits, labels.to(device),
+                                                                                              0.0))
+    assert row_max.dtype == log_sum.dtype == target.dtype == best_other.dtype == sum_z.dtype == entropy.dtype == accum
+    # entropy of the stored logits: relative to float64 (H >= 0, no cancellation), row 3 confident
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=LSE_TOL[dtype] * 5, atol=1e-12)
     torch.testing.assert_close(sum_z.double(), ref_sum, rtol=1e-5, atol=1e-4 * math.sqrt(n_cols))
     assert torch.equal(row_max.double(), logits.double().max(dim=1).values.cpu())
     torch.testing.assert_close(log_sum.double(), ref_log_sum, rtol=LSE_TOL[dtype], atol=0)
@@ -109,7 +114,8 @@ def check_chunk_kernels(ops, dtype, n_cols, offset, pad, device, rows=6):
         exact = float(ref_grad[3, labels[3]])
         assert -3e-4 < exact < -1e-5
         assert abs(float(grad[3, labels[3]]) - exact) <= CONFIDENT_RTOL[dtype] * abs(exact)
-    # inactive rows, row padding and the storage around the view are untouched, bit for bit
+    assert not grad[~active].any(), "a row of weight 0 is written as zeros"
+    # row padding and the storage around the view are untouched, bit for bit
     untouched = torch.ones_like(storage, dtype=torch.bool)
-    untouched.as_strided(grad.shape, logits.stride(), offset)[active] = False
+    untouched.as_strided(grad.shape, logits.stride(), offset)[:] = False
     assert torch.equal(storage[untouched], before[untouched])

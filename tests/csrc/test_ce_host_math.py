@@ -63,8 +63,8 @@ def test_large_logit_offset(ce_host, dtype):
     offset = 3e4 if dtype == torch.float32 else 3e3
     _, logits, labels = make_chunk(dtype, 6, 999, 0, 0, seed=3)
     logits = (logits.double() + offset).to(dtype)
-    row_max, log_sum, target, _, _ = ce_host.ce_row_stats(logits, labels)
-    ref_lse, _, ref_target, _, _, _ = reference(logits, labels, torch.ones(6))
+    row_max, log_sum, target, _, _, _ = ce_host.ce_row_stats(logits, labels)
+    ref_lse, _, ref_target, _, _, _, _ = reference(logits, labels, torch.ones(6))
     ulp = torch.finfo(torch.float32).eps * offset
     torch.testing.assert_close((row_max + log_sum - target).double(), ref_lse - ref_target, rtol=0, atol=4 * ulp)
     # kept apart, the loss is exact to fp32 relative precision however large the offset
@@ -75,7 +75,7 @@ def test_nan_logit_makes_the_lse_nan_and_bad_labels_read_nothing(ce_host):
     _, logits, labels = make_chunk(torch.float32, 6, 40, 0, 0, seed=4)
     logits[0, 17] = float("nan")
     labels[1] = 40  # out of range: no read, target NaN, never "correct"
-    row_max, log_sum, target, best_other, _ = ce_host.ce_row_stats(logits, labels)
+    row_max, log_sum, target, best_other, _, _ = ce_host.ce_row_stats(logits, labels)
     lse = row_max + log_sum
     assert math.isnan(float(lse[0])) and math.isfinite(float(lse[2]))
     assert math.isnan(float(target[1])) and not bool(target[1] > best_other[1])
@@ -87,7 +87,8 @@ def test_block_size_does_not_change_the_result_beyond_rounding(ce_host):
     for threads in (32, 160, 512, 1024):
         ce_host.threads = threads
         results.append(ce_host.ce_row_stats(logits, labels))
-    for row_max, log_sum, target, best_other, _ in results[1:]:
+    for row_max, log_sum, target, best_other, _, entropy in results[1:]:
+        torch.testing.assert_close(entropy, results[0][5], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(log_sum, results[0][1], rtol=1e-6, atol=1e-7)
         assert torch.equal(row_max, results[0][0]) and torch.equal(target, results[0][2])
         assert torch.equal(best_other, results[0][3])
@@ -102,14 +103,15 @@ def test_options_match_float64(ce_host, dtype, softcap, label_smoothing, lse_squ
     storage, logits, labels = make_chunk(dtype, 6, 1000, 3, 2, seed=7)
     weight = torch.tensor([0.5, 0.0, 1.0, 2.0, 1.5, 0.25], dtype=torch.float64 if dtype == torch.float64
                           else torch.float32)
-    ref_lse, ref_log_sum, ref_target, ref_best, ref_grad, ref_sum = reference(
+    ref_lse, ref_log_sum, ref_target, ref_best, ref_grad, ref_sum, ref_entropy = reference(
         logits, labels, weight, softcap, label_smoothing, lse_square_scale)
-    row_max, log_sum, target, best_other, sum_z = ce_host.ce_row_stats(logits, labels, softcap)
+    row_max, log_sum, target, best_other, sum_z, entropy = ce_host.ce_row_stats(logits, labels, softcap)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close((row_max + log_sum).double(), ref_lse, rtol=tol, atol=tol)
     torch.testing.assert_close(target.double(), ref_target, rtol=tol, atol=tol)
     torch.testing.assert_close(best_other.double(), ref_best, rtol=tol, atol=tol)
     torch.testing.assert_close(sum_z.double(), ref_sum, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-5, atol=1e-12)
     ce_host.ce_softmax_grad_(logits, labels, row_max, log_sum, weight, softcap, label_smoothing, lse_square_scale)
     active = weight != 0
     torch.testing.assert_close(logits[active].double(), ref_grad[active].to(dtype).double(),

@@ -1,10 +1,12 @@
 """The CUDA cross-entropy backend's Python side on the host: the op schemas with their fake
 impls (torch.library.opcheck, torch.compile), and the op test suite's expectations run
-through the kernels' host build behind those schemas and cross_entropy_cuda's chunk glue.
+through the kernels' host build behind those schemas and backend_cuda's chunk glue: the
+table's "cuda" rows (tests/ops/cross_entropy_cases.py) run here on the host kernels.
 (That the schemas equal csrc/bindings.cpp's is checked in test_lora_host_math.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 
@@ -14,16 +16,17 @@ import pytest
 import torch
 
 from fastmem import backends
-from fastmem.ops import cross_entropy_cuda
+from fastmem.ops.cross_entropy import backend_cuda as cross_entropy_cuda
 from tests.csrc.ce_host_kernels import CeHostKernels
 from tests.csrc.cuda_toolchain import register_host_ops
 from tests.ops import test_cross_entropy_numerics as numerics_suite
 from tests.ops import test_cross_entropy_options as options_suite
 from tests.ops import test_linear_cross_entropy as op_suite
+from tests.ops.cross_entropy_cases import cases_for
+from tests.ops.test_cross_entropy_table import _check_against_oracle, run_case
 
 HOST_NAMESPACE = "fastmem_cuda_host"
-# the module (fastmem.ops re-exports a function of the same name)
-lce_op = importlib.import_module("fastmem.ops.linear_cross_entropy")
+lce_op = importlib.import_module("fastmem.ops.cross_entropy.forward")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def test_opcheck_schemas_and_fakes(host_ops, dtype):
 
 def test_ops_trace_whole_under_torch_compile(host_ops):
     def chunk_step(logits, labels):
-        row_max, log_sum, target, best_other, _ = host_ops.ce_row_stats(logits, labels, 0.0)
+        row_max, log_sum, target, best_other, _, _ = host_ops.ce_row_stats(logits, labels, 0.0)
         weight = ((row_max + log_sum - target) > 0.5).to(row_max.dtype)
         host_ops.ce_softmax_grad_(logits, labels, row_max, log_sum, weight, 0.0, 0.0, 0.0)
         return row_max + log_sum, target > best_other
@@ -82,27 +85,28 @@ def chunks_on_host_kernels(host_ops):
         yield calls
 
 
-@pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
-@pytest.mark.parametrize("dtype", op_suite.DTYPES, ids=str)
-def test_op_suite_matches_oracle(chunks_on_host_kernels, dtype, objective):
-    for reduction, ignore in (("mean", "some"), ("none", "none"), ("sum", "all")):
-        op_suite.test_matches_oracle("torch", dtype, objective, reduction, ignore)
-    assert chunks_on_host_kernels, "the chunks did not run on the host kernels"
+@pytest.mark.parametrize("sync_free", [False, True], ids=["cpu-path", "sync-free-path"])
+@pytest.mark.parametrize("case", cases_for("oracle", backends=("cuda",)), ids=lambda case: case.id)
+def test_table_cuda_rows_on_the_host_kernels(chunks_on_host_kernels, monkeypatch, case, sync_free):
+    """Every "cuda" row of the table, its chunks on the host build of the CUDA kernels (on the
+    sync-free path a row of weight 0 reaches the dense gradient GEMM: the kernel zeroes it)."""
+    from fastmem.ops.cross_entropy import syncs
+
+    if sync_free:
+        monkeypatch.setattr(syncs, "SYNC_FREE_DEVICES", ())
+    host_case = dataclasses.replace(case, backend="torch")
+    _check_against_oracle(host_case, *run_case(host_case))
+    if case.ignore != "all" or sync_free:  # the CPU path runs no chunk without a labelled row
+        assert chunks_on_host_kernels, "the chunks did not run on the host kernels"
 
 
 @pytest.mark.parametrize("name", [
     "test_ties_count_as_wrong", "test_confident_targets_keep_their_gradient_in_bf16", "test_large_logit_offset",
-    "test_non_contiguous_inputs", "test_token_weights_and_per_sample_window", "test_empty_and_one_dimensional_inputs",
+    "test_non_contiguous_inputs", "test_empty_and_one_dimensional_inputs",
 ])
 def test_op_suite_edge_cases(chunks_on_host_kernels, name):
     getattr(op_suite, name)("torch")
     assert chunks_on_host_kernels
-
-
-@pytest.mark.parametrize("dtype", op_suite.DTYPES, ids=str)
-def test_op_suite_trainable_head(chunks_on_host_kernels, dtype):
-    op_suite.test_trainable_head_and_bias("torch", dtype, "sw", "sum")
-    op_suite.test_trainable_head_and_bias("torch", dtype, "ot", "mean")
 
 
 def test_run_chunk_kernels_rejects_a_strided_vocabulary(host_ops):

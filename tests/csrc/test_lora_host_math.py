@@ -13,7 +13,8 @@ import types
 import pytest
 import torch
 
-from fastmem.ops import cross_entropy_cuda, lora_linear_cuda
+from fastmem.ops import lora_linear_cuda
+from fastmem.ops.cross_entropy import backend_cuda as cross_entropy_cuda
 from tests.csrc.cuda_toolchain import CSRC, register_host_ops
 
 lora_op = importlib.import_module("fastmem.ops.lora_linear")
@@ -35,7 +36,7 @@ def test_binding_registers_exactly_the_python_schemas():
     assert sorted(re.findall(r'm\.def\(\s*"([^"]+)"\s*\)', text)) == sorted(schemas.values())
     assert sorted(re.findall(r'm\.impl\(\s*"(\w+)"', text)) == sorted(schemas)
     # each op's fakes live in the module set just before its m.def
-    for module, names in (("fastmem.ops.cross_entropy_cuda", cross_entropy_cuda.SCHEMAS),
+    for module, names in (("fastmem.ops.cross_entropy.backend_cuda", cross_entropy_cuda.SCHEMAS),
                           ("fastmem.ops.lora_linear_cuda", lora_linear_cuda.SCHEMAS)):
         block = text.split(f'm.set_python_module("{module}");')[1].split("set_python_module")[0]
         assert all(f'm.def("{name}(' in block for name in names), module

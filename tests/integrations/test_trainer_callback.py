@@ -1,5 +1,5 @@
 """StopWhenMemorized: stop at the first step whose forwards recall every answer token, and skip
-that step's optimizer update (DESIGN.md: one AdamW step on zero gradients broke exact match)."""
+that step's optimizer update (docs/design.md, section 9: one AdamW step on zero gradients broke exact match)."""
 
 import pytest
 import torch

@@ -224,7 +224,7 @@ def test_labels_with_logits_to_keep_is_a_clear_error():
 def test_memft_objective_and_stats_through_the_patch(objective):
     model = make_model("gemma3_text")
     input_ids, attention_mask, labels = batch()
-    options = dict(threshold=0.3, kappa=5.0, tau=4.0, window=6)
+    options = dict(threshold=0.3, sw_kappa=5.0, sw_tau=4.0, sw_window=6)
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     want, want_stats = linear_cross_entropy(hidden, model.lm_head.weight, shift, objective=objective,
@@ -300,6 +300,13 @@ def test_trl_fused_lm_head_protocol():
     assert_same_grads({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, ref_grads)
     logp = ref.logits.detach().log_softmax(-1)[:, :-1].gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
     torch.testing.assert_close(out.log_probs[out.label_mask], logp[out.label_mask], rtol=1e-4, atol=1e-5)
+    # entropy and top-1 (TRL's entropy / mean_token_accuracy metrics) from the fused pass, no NaN
+    full = ref.logits.detach().double()[:, :-1]
+    entropy = torch.logsumexp(full, -1) - (full.softmax(-1) * full).sum(-1)
+    assert torch.isfinite(out.entropy).all()
+    torch.testing.assert_close(out.entropy[out.label_mask].double(), entropy[out.label_mask], rtol=1e-5, atol=1e-6)
+    top1 = full.argmax(-1) == labels[:, 1:]
+    assert torch.equal(out.is_top1[out.label_mask], top1[out.label_mask])
 
     apply_fastmem(model, objective="ot", threshold=0.3)
     num_items = torch.tensor(40)
@@ -369,7 +376,7 @@ def test_bad_options_fail_before_patching():
     with pytest.raises(ValueError, match="objective"):
         apply_fastmem(model, objective="dpo")
     with pytest.raises(ValueError, match="tau"):
-        apply_fastmem(model, objective="sw", tau=0)
+        apply_fastmem(model, objective="sw", sw_tau=0)
     with pytest.raises(ValueError, match="backend"):
         apply_fastmem(model, backend="cuDNN")
     assert not is_patched(model)

@@ -13,11 +13,13 @@ import torch
 
 
 def oracle_loss(hidden, weight, labels, bias=None, *, objective="sft", threshold=math.log(2), eps=0.01,
-                token_weights=None, kappa=10.0, tau=20.0, window=50, floor=0.01, ignore_index=-100,
+                token_weights=None, sw_kappa=10.0, sw_tau=20.0, sw_window=50, sw_floor=0.01, window=None,
+                ignore_index=-100,
                 reduction="mean", first_error=None, softcap=None, label_smoothing=0.0, lse_square_scale=0.0):
     """Return (loss, per-token dict, first_error) in float64; loss carries autograd.
 
     `first_error` overrides the anchors (used where low-precision rounding can flip a near tie).
+    Options by LossSpec's names; `window` is the per-sample window tensor (default sw_window).
     """
     seq_len = labels.shape[-1] if labels.dim() else 1
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -60,14 +62,14 @@ def oracle_loss(hidden, weight, labels, bias=None, *, objective="sft", threshold
     elif objective == "ot":
         w = (L > threshold).double()
     else:
-        w = torch.sigmoid(kappa * (L - threshold))
-        win = window if isinstance(window, torch.Tensor) else torch.full((max(num_samples, 1),), float(window))
+        w = torch.sigmoid(sw_kappa * (L - threshold))
+        win = window if window is not None else torch.full((max(num_samples, 1),), float(sw_window))
         for i in range(flat.numel()):
             a = int(first_error[sample[i]])
             if a < 0:
                 continue
             d = int(position[i]) - a
-            w[i] = w[i] * (math.exp(-max(d, 0) / tau) if d < float(win.reshape(-1)[sample[i]]) else floor)
+            w[i] = w[i] * (math.exp(-max(d, 0) / sw_tau) if d < float(win.reshape(-1)[sample[i]]) else sw_floor)
     if token_weights is not None:
         w = w * token_weights.reshape(-1).double()
     w = torch.where(valid, w, torch.zeros_like(w))
@@ -80,6 +82,9 @@ def oracle_loss(hidden, weight, labels, bias=None, *, objective="sft", threshold
         loss = (w * loss_tok).sum() / (w.sum() + eps)
     else:
         loss = loss_tok.sum() / max(int(valid.sum()), 1)
+    probs = torch.softmax(logits.detach(), dim=-1)
+    entropy = lse.detach() - (probs * logits.detach()).nan_to_num(0.0, 0.0, 0.0).sum(-1)
     per_token = dict(loss=L, prob=torch.where(valid, torch.exp(-L), torch.zeros_like(L)), correct=correct,
-                     lse=torch.where(valid, lse.detach(), torch.zeros_like(L)), weight=w, valid=valid)
+                     lse=torch.where(valid, lse.detach(), torch.zeros_like(L)), weight=w, valid=valid,
+                     entropy=torch.where(valid, entropy, torch.zeros_like(L)))
     return loss, per_token, first_error

@@ -26,7 +26,7 @@ def toy_op():
 def test_linear_cross_entropy_is_registered_fastest_first():
     assert backends.op_backends("linear_cross_entropy") == ("cuda", "triton", "torch")
     impl = backends.implementation("linear_cross_entropy", "torch")
-    assert impl.__name__ == "fastmem.ops.cross_entropy_torch" and callable(impl.process_chunk)
+    assert impl.__name__ == "fastmem.ops.cross_entropy.backend_torch" and callable(impl.process_chunk)
 
 
 def test_module_paths_are_imported_only_when_used(monkeypatch):

@@ -1,4 +1,4 @@
-"""The chunk rule of the fused cross-entropy (cross_entropy_chunked.chunk_rows_for) at the
+"""The chunk rule of the fused cross-entropy (cross_entropy/chunk_loop.chunk_rows_for) at the
 shapes users run, the max_chunk_bytes knob, and the host syncs per chunk."""
 
 from __future__ import annotations
@@ -8,15 +8,14 @@ import math
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import fastmem
-from fastmem.ops.cross_entropy_chunked import bytes_per_logit, chunk_rows_for, ridge_rows
+from fastmem.ops.cross_entropy.chunk_loop import bytes_per_logit, chunk_rows_for, ridge_rows
 from tests.ops.test_linear_cross_entropy import make_case
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on CUDA here
 LLAMA3_V, QWEN_V, SMOLLM2_V = 128256, 151936, 49152
-lce_op = importlib.import_module("fastmem.ops.cross_entropy_pass")
+lce_op = importlib.import_module("fastmem.ops.cross_entropy.forward")
 
 
 def test_ridge_rows_from_the_gpu_arithmetic_intensity():
@@ -72,11 +71,60 @@ def test_cpu_defaults_are_the_measured_rows_at_the_smollm2_head(monkeypatch):
 
 
 def test_onednn_is_there_on_the_ci_torch():
-    """The CPU speed target rests on it: a torch without the op must fail loudly here, not
+    """The AVX-512 route rests on it: a torch without the op must fail loudly here, not
     silently run 2x slower."""
     import fastmem.ops.cpu_gemm as cpu_gemm
 
-    assert cpu_gemm.onednn_serves(torch.float32, CPU)
+    assert cpu_gemm._ONEDNN_LINEAR is not None
+
+
+FAST_ONEDNN = {"onednn": 0.01, "mkl": 0.02}
+FAST_MKL = {"onednn": 0.03, "mkl": 0.02}
+
+
+@pytest.mark.parametrize("requested,available,timings,route", [
+    ("auto", True, FAST_ONEDNN, "onednn"), ("auto", True, FAST_MKL, "mkl"), ("", True, FAST_ONEDNN, "onednn"),
+    ("auto", False, FAST_ONEDNN, "mkl"), ("mkl", True, FAST_ONEDNN, "mkl"), ("onednn", True, FAST_MKL, "onednn"),
+    ("onednn", False, FAST_ONEDNN, "mkl"), (" MKL ", True, FAST_ONEDNN, "mkl"),
+])
+def test_the_cpu_gemm_route_is_the_measured_faster_one_unless_overridden(requested, available, timings, route):
+    from fastmem.ops.cpu_gemm import choose_route
+
+    measured = []
+
+    def measure():
+        measured.append(True)
+        return timings
+
+    chosen, why = choose_route(requested, available, measure)
+    assert chosen == route and why
+    # measured only when the machine decides
+    assert bool(measured) == (requested.strip().lower() in ("", "auto") and available)
+
+
+def test_a_bad_cpu_gemm_override_is_a_clear_error():
+    from fastmem.ops.cpu_gemm import choose_route
+
+    with pytest.raises(ValueError, match="FASTMEM_CPU_GEMM must be one of auto, onednn, mkl"):
+        choose_route("blas", True, dict)
+
+
+def test_the_calibration_is_cached_on_disk(tmp_path, monkeypatch):
+    import fastmem.ops.cpu_gemm as cpu_gemm
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(cpu_gemm, "_measure_routes", lambda: calls.append(1) or dict(FAST_MKL))
+    assert cpu_gemm._measured_with_cache() == FAST_MKL and cpu_gemm._measured_with_cache() == FAST_MKL
+    assert calls == [1]  # the second process-equivalent read the file
+    assert (tmp_path / "fastmem" / "cpu_gemm_route.json").exists()
+
+
+def test_the_calibration_times_both_routes():
+    import fastmem.ops.cpu_gemm as cpu_gemm
+
+    seconds = cpu_gemm._measure_routes()
+    assert set(seconds) == set(cpu_gemm.ROUTES) and all(0 < t < 60 for t in seconds.values())
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -101,41 +149,13 @@ def test_the_op_runs_the_rule_and_chunk_size_overrides_it(monkeypatch):
     real = lce_op.run_chunks
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["chunk_rows"])
+        seen.append(args[4].chunk_rows)  # the LoopPlan
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lce_op, "run_chunks", spy)
     hidden, weight, _, labels = make_case(torch.float32, seed=41)
-    n_rows, vocab = labels.numel(), weight.shape[0]
+    n_rows, vocab = int((labels != -100).sum()), weight.shape[0]  # the chunk loop runs the labelled rows
     fastmem.linear_cross_entropy(hidden, weight, labels)
     fastmem.linear_cross_entropy(hidden, weight, labels, chunk_size=5)
     fastmem.linear_cross_entropy(hidden, weight, labels, max_chunk_bytes=vocab * 4 * 3)
     assert seen == [min(n_rows, chunk_rows_for(n_rows, vocab, torch.float32, CPU, "torch")), 5, 3]
-
-
-class CountSyncs(TorchFunctionMode):
-    """Counts the calls that make the host wait for the device."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in ("nonzero", "item", "__bool__", "__int__", "__float__", "tolist"):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("objective", ["sft", "ot"])
-def test_at_most_one_host_sync_per_chunk(objective):
-    """Per call: the label-range check and the valid-row index; per chunk: none for SFT, the
-    active-row count for OT (the gradient GEMM's size)."""
-    hidden, weight, _, labels = make_case(torch.float32, seed=42, ignore="some")
-    n_chunks = math.ceil(int((labels != -100).sum()) / 8)
-    h = hidden.clone().requires_grad_(True)
-    with CountSyncs() as syncs:
-        loss = fastmem.linear_cross_entropy(h, weight, labels, objective=objective, threshold=1.0,
-                                            backend="triton", chunk_size=8)
-    per_call = 2
-    assert syncs.count <= per_call + (n_chunks if objective == "ot" else 0), syncs.count
-    loss.backward()

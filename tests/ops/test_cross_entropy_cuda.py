@@ -1,11 +1,10 @@
-"""backend="cuda" (csrc/ kernels) on a GPU: the op suite's expectations against the float64
-oracle, the kernels' chunk checks, the custom ops under opcheck / torch.compile, > 2^31
-logits. Skipped, with the reason, where there is no GPU or the extension cannot load; the
+"""backend="cuda" (csrc/ kernels) on a GPU: the kernels' chunk checks, no host sync under
+set_sync_debug_mode("error"), CUDA-graph capture of a training step, the custom ops under
+opcheck / torch.compile, > 2^31 logits. The float64-oracle cases are the table's "cuda" rows
+(tests/ops/cross_entropy_cases.py, run by test_cross_entropy_table.py). Skipped, with the reason, where there is no GPU or the extension cannot load; the
 kernels' math is checked without a GPU in tests/csrc/."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 import fastmem
 from fastmem._cuda_build import cuda_gpu_skip_reason
 from tests.csrc.ce_reference import CASES, DTYPES, check_chunk_kernels
-from tests.ops import test_linear_cross_entropy as op_suite
 from tests.ops.cross_entropy_oracle import oracle_loss
 from tests.ops.test_linear_cross_entropy import make_case, rel_err
 
@@ -25,54 +23,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP_REASON is not None, reaso
 
 @pytest.fixture(scope="module")
 def cuda_ops():
-    from fastmem.ops.cross_entropy_cuda import cuda_ops as load_ops
+    from fastmem.ops.cross_entropy.backend_cuda import cuda_ops as load_ops
 
     return load_ops()
-
-
-def run_both_on_gpu(hidden, weight, labels, bias=None, *, backend="cuda", train_head=False, grad_seed=1,
-                    **options):
-    """The op suite's run_both with ours on the GPU: CPU inputs in, CPU results out."""
-    assert backend == "cuda"
-    dev = torch.device("cuda")
-
-    def gpu(t):
-        return t.to(dev) if isinstance(t, torch.Tensor) else t
-
-    ours_in = [gpu(hidden.detach()).requires_grad_(True), gpu(weight.detach()).requires_grad_(train_head)]
-    ours_bias = None if bias is None else gpu(bias.detach()).requires_grad_(train_head)
-    loss, stats = fastmem.linear_cross_entropy(ours_in[0], ours_in[1], gpu(labels), ours_bias, return_stats=True,
-                                               backend="cuda", chunk_size=16,
-                                               **{k: gpu(v) for k, v in options.items()})
-    grad_out = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    loss.backward(grad_out.to(dev, loss.dtype))
-    stats = dataclasses.replace(stats, **{f.name: getattr(stats, f.name).cpu() for f in dataclasses.fields(stats)})
-
-    ref_in = [hidden.detach().double().clone().requires_grad_(True),
-              weight.detach().double().clone().requires_grad_(train_head)]
-    ref_bias = None if bias is None else bias.detach().double().clone().requires_grad_(train_head)
-    first_error = None
-    if hidden.dtype in (torch.float16, torch.bfloat16):
-        first_error = stats.first_error.reshape(-1)  # near ties may round either way
-    ref_loss, ref_tok, ref_first_error = oracle_loss(ref_in[0], ref_in[1], labels, ref_bias, first_error=first_error,
-                                                     **options)
-    ref_loss.backward(grad_out)
-
-    def cpu(t):
-        return None if t is None else t.detach().cpu()
-
-    ours = dict(loss=cpu(loss), stats=stats, grad_hidden=cpu(ours_in[0].grad), grad_weight=cpu(ours_in[1].grad),
-                grad_bias=None if ours_bias is None else cpu(ours_bias.grad))
-    ref = dict(loss=ref_loss, tok=ref_tok, first_error=ref_first_error, grad_hidden=ref_in[0].grad,
-               grad_weight=ref_in[1].grad, grad_bias=None if ref_bias is None else ref_bias.grad)
-    return ours, ref
-
-
-@pytest.fixture
-def suite_on_gpu(monkeypatch):
-    """The op suite's own tests, with their run_both running ours on the GPU."""
-    monkeypatch.setattr(op_suite, "run_both", run_both_on_gpu)
-    return op_suite
 
 
 @pytest.mark.parametrize("n_cols,offset,pad,threads", CASES, ids=[f"V{c[0]}-off{c[1]}-pad{c[2]}" for c in CASES])
@@ -81,33 +34,90 @@ def test_chunk_kernels_on_gpu(cuda_ops, dtype, n_cols, offset, pad, threads):
     check_chunk_kernels(cuda_ops, dtype, n_cols, offset, pad, torch.device("cuda"))
 
 
-@pytest.mark.parametrize("ignore", ["none", "some", "all"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def _gpu_step_inputs(dtype=torch.float32, seed=0):
+    hidden, weight, bias, labels = make_case(dtype, batch=2, seq=300, hidden_size=64, vocab=1031, seed=seed)
+    return hidden.cuda(), weight.cuda(), labels.cuda()
+
+
 @pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
-@pytest.mark.parametrize("dtype", op_suite.DTYPES, ids=str)
-def test_matches_oracle(suite_on_gpu, dtype, objective, reduction, ignore):
-    suite_on_gpu.test_matches_oracle("cuda", dtype, objective, reduction, ignore)
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_no_host_sync_under_sync_debug_mode_error(backend, objective):
+    """Forward + backward with torch.cuda.set_sync_debug_mode("error"): any host sync raises.
+    One warm-up call first (backend choice, JIT build, Triton compile)."""
+    hidden, weight, labels = _gpu_step_inputs()
+
+    def step():
+        h = hidden.clone().requires_grad_(True)
+        loss, stats = fastmem.linear_cross_entropy(h, weight, labels, objective=objective, threshold=2.0,
+                                                   return_stats=True, backend=backend, chunk_size=128)
+        loss.backward()
+        return loss, stats.entropy, h.grad
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, entropy, grad = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss) and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("dtype", op_suite.DTYPES, ids=str)
-@pytest.mark.parametrize("objective,reduction", [("sft", "mean"), ("ot", "mean"), ("sw", "sum"), ("sft", "none")])
-def test_trainable_head_and_bias(suite_on_gpu, dtype, objective, reduction):
-    suite_on_gpu.test_trainable_head_and_bias("cuda", dtype, objective, reduction)
+@pytest.mark.parametrize("objective", ["sft", "ot"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_of_a_training_step(backend, objective):
+    """A training step (fused loss forward, backward, SGD update) captured in a CUDA graph and
+    replayed gives the eager step's loss and weights."""
+    hidden, weight, labels = _gpu_step_inputs(seed=1)
+    proj = torch.nn.Linear(64, 64, device="cuda")
+    eager_proj = torch.nn.Linear(64, 64, device="cuda")
+    eager_proj.load_state_dict(proj.state_dict())
 
+    def step(module, optimizer):
+        optimizer.zero_grad(set_to_none=False)
+        loss = fastmem.linear_cross_entropy(module(hidden), weight, labels, objective=objective, threshold=2.0,
+                                            backend=backend, chunk_size=128)
+        loss.backward()
+        optimizer.step()
+        return loss
 
-@pytest.mark.parametrize("name", ["test_token_weights_and_per_sample_window",
-                                  "test_confident_targets_keep_their_gradient_in_bf16", "test_large_logit_offset",
-                                  "test_non_contiguous_inputs"])
-def test_op_suite_case(suite_on_gpu, name):
-    getattr(suite_on_gpu, name)("cuda")
+    optimizer = torch.optim.SGD(proj.parameters(), lr=0.1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            step(proj, optimizer)
+    torch.cuda.current_stream().wait_stream(side)
+    eager_optimizer = torch.optim.SGD(eager_proj.parameters(), lr=0.1)
+    for _ in range(2):
+        step(eager_proj, eager_optimizer)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_loss = step(proj, optimizer)
+    for _ in range(3):
+        graph.replay()
+        expected = step(eager_proj, eager_optimizer)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured_loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(proj.weight, eager_proj.weight, rtol=1e-5, atol=1e-6)
 
 
 def test_float64_matches_oracle():
+    """The table's float64 rows cover the frozen head; here the trainable head and bias."""
     hidden, weight, bias, labels = make_case(torch.float64, seed=11)
     for objective in ("sft", "ot", "sw"):
-        ours, ref = run_both_on_gpu(hidden, weight, labels, bias, train_head=True, objective=objective)
-        for name in ("loss", "grad_hidden", "grad_weight", "grad_bias"):
-            assert rel_err(ours[name], ref[name]) <= 1e-10, name
+        h = hidden.cuda().requires_grad_(True)
+        w, b = weight.cuda().requires_grad_(True), bias.cuda().requires_grad_(True)
+        loss = fastmem.linear_cross_entropy(h, w, labels.cuda(), b, objective=objective, backend="cuda",
+                                            chunk_size=16)
+        loss.backward()
+        ref_h, ref_w, ref_b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+        ref_loss, _, _ = oracle_loss(ref_h, ref_w, labels, ref_b, objective=objective)
+        ref_loss.backward()
+        assert rel_err(loss.detach().cpu(), ref_loss.detach()) <= 1e-10
+        for got, want in ((h.grad, ref_h.grad), (w.grad, ref_w.grad), (b.grad, ref_b.grad)):
+            assert rel_err(got.cpu(), want) <= 1e-10
 
 
 def test_ties_count_as_wrong():
@@ -138,7 +148,7 @@ def test_opcheck(cuda_ops, dtype):
 
 def test_ops_compile_with_inductor(cuda_ops):
     def chunk_step(logits, labels):
-        row_max, log_sum, target, best_other, _ = cuda_ops.ce_row_stats(logits, labels, 0.0)
+        row_max, log_sum, target, best_other, _, _ = cuda_ops.ce_row_stats(logits, labels, 0.0)
         weight = ((row_max + log_sum - target) > 0.5).float()
         cuda_ops.ce_softmax_grad_(logits, labels, row_max, log_sum, weight, 0.0, 0.0, 0.0)
         return row_max + log_sum, target > best_other

@@ -1,4 +1,4 @@
-"""Numerics of fastmem.linear_cross_entropy that the anchors got wrong (DESIGN.md, "bug classes"):
+"""Numerics of fastmem.linear_cross_entropy that the anchors got wrong (docs/design.md, section 4):
 confident targets (1 - p_y <= 1e-5) at logit offsets 0 and +20, vocabulary tiles that are
 entirely -inf, NaN / Inf hidden states, double backward, > 2^31 gradient elements (GPU)."""
 
@@ -88,7 +88,7 @@ def masked_bias_case(dtype=torch.float32, *, vocab=300, masked=slice(0, 256), se
 @pytest.mark.parametrize("masked", [slice(0, 256), slice(64, 299), slice(0, 128)], ids=["head", "tail", "first2"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vocabulary_tiles_of_minus_inf(backend, masked, monkeypatch):
-    import fastmem.ops.cross_entropy_triton as triton_chunk
+    import fastmem.ops.cross_entropy.backend_triton as triton_chunk
 
     monkeypatch.setattr(triton_chunk, "_block_v", lambda n_cols: 64)
     hidden, weight, bias, labels = masked_bias_case(masked=masked)
@@ -102,7 +102,7 @@ def test_vocabulary_tiles_of_minus_inf(backend, masked, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_column_but_the_target_minus_inf(backend, monkeypatch):
     """p_y = 1 exactly: loss 0, gradient 0, correct, finite everywhere (5000 columns as the issue's case)."""
-    import fastmem.ops.cross_entropy_triton as triton_chunk
+    import fastmem.ops.cross_entropy.backend_triton as triton_chunk
 
     monkeypatch.setattr(triton_chunk, "_block_v", lambda n_cols: 1024)
     gen = torch.Generator().manual_seed(3)
@@ -218,7 +218,7 @@ def test_more_than_2_pow_31_gradient_elements_on_gpu(backend):
 def test_torch_backend_without_the_aliased_softmax(monkeypatch):
     """The torch backend's GPU paths (three-pass softmax, no row subsets that need a host sync)
     keep the same numerics."""
-    import fastmem.ops.cross_entropy_torch as torch_chunk
+    import fastmem.ops.cross_entropy.backend_torch as torch_chunk
 
     monkeypatch.setattr(torch_chunk, "_softmax_may_alias", lambda work: False)
     monkeypatch.setattr(torch_chunk, "_host_sync_is_free", lambda work: False)

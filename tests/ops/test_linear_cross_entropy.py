@@ -1,4 +1,6 @@
-"""fastmem.linear_cross_entropy against the float64 oracle, per backend, dtype and objective."""
+"""fastmem.linear_cross_entropy: the cases the table (cross_entropy_cases.py, iterated by
+test_cross_entropy_table.py) does not express: ties, margins, tiles, contiguity, GEMM counts,
+bad input, the module wrapper."""
 
 from __future__ import annotations
 
@@ -13,54 +15,21 @@ import torch.nn.functional as F
 import fastmem
 from fastmem.nn import FusedLinearMemFTLoss
 from tests.conftest import DEVICE
+from tests.ops.cross_entropy_cases import TOL as CASE_TOL
+from tests.ops.cross_entropy_cases import make_case, pick_threshold  # noqa: F401 (used by other suites)
 from tests.ops.cross_entropy_oracle import oracle_loss
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# relative error (norm of the difference / norm of the oracle), written once per dtype
-TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# relative error (norm of the difference / norm of the oracle): the table's, written once per dtype
+TOL = {dtype: tol[0] for dtype, tol in CASE_TOL.items()}
+GRAD_TOL = {dtype: tol[1] for dtype, tol in CASE_TOL.items()}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     scale = expected.norm().item()
     return (actual - expected).norm().item() / (scale if scale > 0 else 1.0)
-
-
-def make_case(dtype, *, batch=2, seq=23, hidden_size=24, vocab=131, ignore="some", seed=0,
-              correct_fraction=0.6):
-    """Hidden states, head and labels where ~60% of labels are the greedy argmax, so samples
-    have first errors at varied positions; vocab 131 is not a multiple of any tile."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, seq, hidden_size, generator=gen, dtype=torch.float64)
-    weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) * (3.0 / math.sqrt(hidden_size))
-    bias = torch.randn(vocab, generator=gen, dtype=torch.float64) * 0.1
-    hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
-    logits = hidden.double() @ weight.double().t()
-    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
-    take_argmax = torch.rand(batch, seq, generator=gen) < correct_fraction
-    labels = torch.where(take_argmax, logits.argmax(-1), labels)
-    if ignore == "some":
-        labels[0, :3] = -100
-        labels[1, seq // 3] = -100
-        labels[1, -1] = -100
-    elif ignore == "all":
-        labels[:] = -100
-    return hidden, weight, bias, labels
-
-
-def pick_threshold(hidden, weight, labels) -> float:
-    """A weighting threshold in the middle of the widest gap of the token losses, so that
-    rounding in fp16/bf16 cannot move a token across it."""
-    _, per_token, _ = oracle_loss(hidden.double(), weight.double(), labels)
-    losses = per_token["loss"][per_token["valid"]].sort().values
-    if losses.numel() < 4:
-        return math.log(2)
-    lo, hi = int(losses.numel() * 0.2), int(losses.numel() * 0.8)
-    gaps = losses[lo + 1:hi + 1] - losses[lo:hi]
-    k = int(gaps.argmax())
-    return float(losses[lo + k] + gaps[k] / 2)
 
 
 def on_device(value):
@@ -101,89 +70,12 @@ def run_both(hidden, weight, labels, bias=None, *, backend, train_head=False, gr
     return ours, ref
 
 
-@pytest.mark.parametrize("ignore", ["none", "some", "all"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_oracle(backend, dtype, objective, reduction, ignore):
-    hidden, weight, _, labels = make_case(dtype, ignore=ignore)
-    threshold = pick_threshold(hidden, weight, labels)
-    ours, ref = run_both(hidden, weight, labels, backend=backend, objective=objective, reduction=reduction,
-                         threshold=threshold)
-    assert ours["loss"].dtype == torch.float32
-    assert torch.isfinite(ours["loss"]).all()
-    assert rel_err(ours["loss"], ref["loss"]) <= TOL[dtype]
-    assert rel_err(ours["grad_hidden"], ref["grad_hidden"]) <= GRAD_TOL[dtype]
-    assert ours["grad_weight"] is None  # frozen head: no grad_W at all
-    stats, tok = ours["stats"], ref["tok"]
-    assert stats.loss.shape == labels.shape and stats.first_error.shape == labels.shape[:1]
-    assert torch.equal(stats.valid.reshape(-1), tok["valid"])
-    assert rel_err(stats.loss.reshape(-1), tok["loss"]) <= TOL[dtype]
-    assert rel_err(stats.prob.reshape(-1), tok["prob"]) <= TOL[dtype]
-    assert rel_err(stats.lse.reshape(-1), tok["lse"]) <= TOL[dtype]
-    assert rel_err(stats.weight.reshape(-1), tok["weight"]) <= GRAD_TOL[dtype]
-    if dtype == torch.float32:
-        assert torch.equal(stats.correct.reshape(-1), tok["correct"])
-        assert torch.equal(stats.first_error, ref["first_error"])
-    else:
-        # rounding may flip only near ties: compare where the oracle's margin is clear
-        logits = hidden.double().reshape(-1, hidden.shape[-1]) @ weight.double().t()
-        top2 = logits.topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 0.25
-        assert torch.equal(stats.correct.reshape(-1)[clear], tok["correct"][clear])
-    if ignore == "all":
-        assert float(ours["loss"].detach().abs().sum()) == 0.0
-        assert float(ours["grad_hidden"].abs().sum()) == 0.0
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("objective,reduction", [("sft", "mean"), ("ot", "mean"), ("sw", "sum"), ("sft", "none")])
-def test_trainable_head_and_bias(backend, dtype, objective, reduction):
-    hidden, weight, bias, labels = make_case(dtype, seed=3)
-    threshold = pick_threshold(hidden, weight, labels)
-    ours, ref = run_both(hidden, weight, labels, bias, backend=backend, train_head=True, objective=objective,
-                         reduction=reduction, threshold=threshold)
-    assert rel_err(ours["loss"], ref["loss"]) <= TOL[dtype]
-    for name in ("grad_hidden", "grad_weight", "grad_bias"):
-        assert ours[name].dtype == dtype
-        assert rel_err(ours[name], ref[name]) <= GRAD_TOL[dtype], name
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_token_weights_and_per_sample_window(backend):
-    hidden, weight, _, labels = make_case(torch.float32, seed=5, batch=3, seq=30)
-    token_weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(9)) * 2
-    window = torch.tensor([3.0, 50.0, 7.5])
-    for objective in ("sft", "ot", "sw"):
-        ours, ref = run_both(hidden, weight, labels, backend=backend, objective=objective,
-                             token_weights=token_weights, window=window, tau=5.0, floor=0.05)
-        assert rel_err(ours["loss"], ref["loss"]) <= 1e-5
-        assert rel_err(ours["grad_hidden"], ref["grad_hidden"]) <= 1e-4
-        assert rel_err(ours["stats"].weight.reshape(-1), ref["tok"]["weight"]) <= 1e-5
-
-
 def test_float64_reference_matches_oracle_exactly():
     hidden, weight, bias, labels = make_case(torch.float64, seed=11)
     for objective in ("sft", "ot", "sw"):
         ours, ref = run_both(hidden, weight, labels, bias, backend="torch", train_head=True, objective=objective)
         for name in ("loss", "grad_hidden", "grad_weight", "grad_bias"):
             assert rel_err(ours[name], ref[name]) <= 1e-12, name
-
-
-@pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradcheck_reference(objective, reduction):
-    hidden, weight, bias, labels = make_case(torch.float64, batch=2, seq=5, hidden_size=6, vocab=11, seed=2)
-    threshold = pick_threshold(hidden, weight, labels)
-    inputs = (hidden.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True))
-
-    def fn(h, w, b):
-        return fastmem.linear_cross_entropy(h, w, labels, b, objective=objective, reduction=reduction,
-                                            threshold=threshold, backend="torch", chunk_size=4)
-
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
 def test_sft_mean_is_exactly_f_cross_entropy():
@@ -196,7 +88,7 @@ def test_sft_mean_is_exactly_f_cross_entropy():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vocab_spanning_several_tiles(backend, monkeypatch):
     """Online lse / argmax across tiles with a padded last tile (131 = 2 * 64 + 3)."""
-    import fastmem.ops.cross_entropy_triton as triton_chunk
+    import fastmem.ops.cross_entropy.backend_triton as triton_chunk
 
     monkeypatch.setattr(triton_chunk, "_block_v", lambda n_cols: 64)
     hidden, weight, _, labels = make_case(torch.float32, seed=6)
@@ -289,38 +181,28 @@ def test_empty_and_one_dimensional_inputs(backend):
 
 
 class CountGemms:
-    """Records the row count of every torch.mm / torch.addmm inside the block, and of the
-    oneDNN linear the CPU's fp32 chunk loop calls instead (fastmem.ops.cpu_gemm)."""
+    """Records the row count of every GEMM the chunk loop runs (its matmul_nt / matmul_nn,
+    which take oneDNN or torch.mm): the loop runs inside the custom op, out of reach of a
+    TorchFunctionMode."""
 
     def __enter__(self):
-        from torch.overrides import TorchFunctionMode
-
-        import fastmem.ops.cpu_gemm as cpu_gemm
+        import fastmem.ops.cross_entropy.chunk_loop as chunk_loop
 
         calls = self.calls = []
-        self._onednn = onednn = cpu_gemm._ONEDNN_LINEAR
-        if onednn is not None:
-            def counted(x, *args):
-                calls.append(("onednn_linear", x.shape[0]))
-                return onednn(x, *args)
+        self._saved = {name: getattr(chunk_loop, name) for name in ("matmul_nt", "matmul_nn")}
+        for name, real in self._saved.items():
+            def counted(a, *args, _real=real, _name=name, **kwargs):
+                calls.append((_name, a.shape[0]))
+                return _real(a, *args, **kwargs)
 
-            cpu_gemm._ONEDNN_LINEAR = counted
-
-        class Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                if func in (torch.mm, torch.addmm):
-                    calls.append((func.__name__, args[-2].shape[0]))
-                return func(*args, **(kwargs or {}))
-
-        self._mode = Mode()
-        self._mode.__enter__()
+            setattr(chunk_loop, name, counted)
         return self
 
     def __exit__(self, *exc):
-        import fastmem.ops.cpu_gemm as cpu_gemm
+        import fastmem.ops.cross_entropy.chunk_loop as chunk_loop
 
-        self._mode.__exit__(*exc)
-        cpu_gemm._ONEDNN_LINEAR = self._onednn
+        for name, real in self._saved.items():
+            setattr(chunk_loop, name, real)
 
 
 def test_frozen_head_runs_two_gemm_passes_and_ot_skips_inactive_rows():
@@ -393,9 +275,11 @@ def _bad_calls():
     yield "token_weights shape", dict(token_weights=torch.ones(2, 4))
     yield "token_weights must be a float", dict(token_weights=torch.ones(2, 5, dtype=torch.long))
     yield "window must be a number or a", dict(window=torch.ones(3))
-    yield "window must be a positive", dict(window=0)
-    yield "tau must be", dict(tau=0.0)
-    yield "floor must be in", dict(floor=2.0)
+    yield "window must be a torch.Tensor", dict(window=0)
+    yield "sw_window must be a positive", dict(sw_window=0)
+    yield "sw_tau must be", dict(sw_tau=0.0)
+    yield "sw_floor must be in", dict(sw_floor=2.0)
+    yield "unknown loss option", dict(kappa=1.0)
     yield "backend must be one of", dict(backend="cuDNN")
     yield "hidden must be a torch.Tensor", dict(hidden=[[1.0]])
     yield "chunk_size must be", dict(chunk_size=0)
@@ -403,19 +287,20 @@ def _bad_calls():
     yield "max_chunk_bytes=8 is below one row", dict(max_chunk_bytes=8)
     nan, inf = float("nan"), float("inf")
     for name, values in (("threshold", (nan, inf, 0.0, -1.0)), ("eps", (nan, inf, 0.0, -0.1)),
-                         ("kappa", (nan, -inf, 0.0)), ("tau", (nan, inf, -2.0)), ("floor", (nan, -0.5, 1.5)),
+                         ("sw_kappa", (nan, -inf, 0.0)), ("sw_tau", (nan, inf, -2.0)),
+                         ("sw_floor", (nan, -0.5, 1.5)),
                          ("softcap", (nan, inf, -30.0)), ("label_smoothing", (nan, -0.1, 1.01)),
                          ("lse_square_scale", (nan, inf, -1e-4))):
         for value in values:
             yield f"{name} must be", {name: value}
     yield "threshold must be a number", dict(threshold="0.5")
     yield "window must be > 0", dict(window=torch.tensor([3.0, float("nan")]))
-    yield "window must be a positive", dict(window=float("nan"))
+    yield "sw_window must be a positive", dict(sw_window=float("nan"))
 
 
 @pytest.mark.parametrize("message,override", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input_is_a_clear_error_before_any_kernel(message, override, monkeypatch):
-    op = importlib.import_module("fastmem.ops.cross_entropy_pass")  # where the chunk loop is called
+    op = importlib.import_module("fastmem.ops.cross_entropy.forward")  # where the chunk loop is called
 
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel ran before the input was checked")

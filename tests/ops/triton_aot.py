@@ -152,7 +152,7 @@ def record_lora_linear(recorder: Recorder) -> None:
 
 def record_linear_cross_entropy(recorder: Recorder) -> None:
     import fastmem.backends as backends
-    from fastmem.ops.linear_cross_entropy import linear_cross_entropy
+    from fastmem.ops.cross_entropy import linear_cross_entropy
 
     real_runs = backends._backend_runs
     backends._backend_runs = lambda backend, device: True if backend == "triton" else real_runs(backend, device)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -301,7 +300,6 @@ def test_a_huge_max_steps_is_refused_before_the_model_loads_in_under_1_gb(tmp_pa
         "training), got 99999999999999"]
     assert peak_kib * 1024 < 1 << 30, peak_kib  # peak RSS of the whole refusing process
     assert not out.exists() and elapsed < 120
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < 1 << 30
 
 
 def test_the_progress_bar_shows_no_false_total_under_the_stop_rule():

@@ -15,7 +15,7 @@ from tests.train.tiny import make_samples, tiny_config, tiny_model
 
 
 def test_default_layers_are_two_upper_middle_layers():
-    assert default_layers(30) == [20, 24]  # SmolLM2: the layers DESIGN.md's figures use
+    assert default_layers(30) == [20, 24]  # SmolLM2: the layers docs/design.md's figures use
     assert default_layers(4) == [2, 3]
     assert default_layers(1) == [0]
 

@@ -5,7 +5,12 @@ One chunk of logits `[C, V]` in, per-row stats and (optionally) the weighted log
 (row by row in cache), one sum, a scale only when the weights are not all 1; no extra
 `[C, V]` tensor beyond that copy (and, with softcap, its derivative).
 
-Numerics (see cross_entropy_options and `_log_sum`): where the target holds the row max, the
+Entropy H = lse - sum_c p_c z_c = log S - sum_c p_c (z_c - max) comes from the softmax pass:
+each block of rows keeps z - max in a small cache-resident scratch while its softmax is formed
+in place, and one batched dot gives sum p (z - max). Both terms are >= 0 (no cancellation),
+so a confident row's H -> 0 keeps fp32's relative precision.
+
+Numerics (see row_math and `_log_sum`): where the target holds the row max, the
 sum of exp(z - max) is kept as `rest`, the sum without the target's term, so log_sum =
 log1p(rest) and p_y - 1 = expm1(log p_y) keep fp32's relative precision however confident
 the target.
@@ -17,14 +22,16 @@ from typing import Callable
 
 import torch
 
-from fastmem.ops.cross_entropy_options import NO_OPTIONS, ChunkStats, LogitOptions, row_losses, target_grad
+from fastmem.ops.cross_entropy.row_math import NO_OPTIONS, ChunkStats, row_losses, target_grad
+from fastmem.ops.cross_entropy.spec import LossSpec
+from fastmem.ops.cross_entropy.syncs import host_sync_is_free
 from fastmem.ops.host_buffers import empty_scratch
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool,
-                  options: LogitOptions = NO_OPTIONS) -> ChunkStats:
+                  options: LossSpec = NO_OPTIONS) -> ChunkStats:
     """Stats, weights and gradient of one chunk.
 
     Args:
@@ -59,12 +66,17 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
     target_at_max = target >= best_other
     row_max = torch.maximum(best_other, target)
     sum_z = work.sum(dim=1, keepdim=True) if options.label_smoothing else None
-    _softmax_in_place(work, row_max)
+    if getattr(options, "entropy", True):
+        shifted_dot = _softmax_in_place(work, row_max)
+    else:
+        _plain_softmax_in_place(work, row_max)
+        shifted_dot = None
     p_y = work.gather(1, col)
     work.scatter_(1, col, 0.0)
     others = work.sum(dim=1, keepdim=True)
     log_sum = _log_sum(work, others, p_y, target, row_max, target_at_max)
     lse, nll, loss = row_losses(row_max, log_sum, target, sum_z, n_cols, options)
+    entropy = torch.zeros_like(log_sum) if shifted_dot is None else log_sum - shifted_dot
     weight = weigh(nll.squeeze(1), correct.squeeze(1))
     grad = None
     if want_grad:
@@ -82,7 +94,7 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
             work.mul_(logits.to(acc).div_(cap).tanh_().square_().neg_().add_(1.0))
         grad = work
     return ChunkStats(lse.squeeze(1), nll.squeeze(1), loss.squeeze(1), target.squeeze(1), best_other.squeeze(1),
-                      correct.squeeze(1), weight, grad)
+                      correct.squeeze(1), weight, entropy.squeeze(1), grad)
 
 
 def _log_sum(p: torch.Tensor, others: torch.Tensor, p_y: torch.Tensor, target: torch.Tensor,
@@ -118,19 +130,16 @@ def _all_ones(weight: torch.Tensor) -> bool:
 
 
 def _host_sync_is_free(work: torch.Tensor) -> bool:
-    return work.device.type == "cpu"
+    return host_sync_is_free(work.device)
 
 
 def _softmax_may_alias(work: torch.Tensor) -> bool:
     return work.device.type == "cpu"
 
 
-def _softmax_in_place(work: torch.Tensor, row_max: torch.Tensor) -> None:
-    """work <- softmax(work) along rows. ATen's CPU kernel runs max, exp-sum and scale row by
-    row while the row is in cache (3x fewer trips to memory than three whole-chunk passes);
-    its out= may alias the input (each element is read before it is written, by the same
-    thread). Elsewhere (GPU kernels are not checked for that), or where a build refuses the
-    alias: three passes."""
+def _plain_softmax_in_place(work: torch.Tensor, row_max: torch.Tensor) -> None:
+    """work <- softmax(work), no entropy (LossSpec(entropy=False)): ATen's row-by-row kernel
+    where it may alias (the CPU), else three passes."""
     if _softmax_may_alias(work):
         try:
             torch.ops.aten._softmax.out(work, 1, False, out=work)
@@ -139,3 +148,56 @@ def _softmax_in_place(work: torch.Tensor, row_max: torch.Tensor) -> None:
             pass
     work.sub_(row_max).exp_()
     work.div_(work.sum(dim=1, keepdim=True))
+
+
+# Rows per softmax block: small enough that a block and its z - max scratch stay in L2
+# between the softmax and the product (16 x V x 4 bytes = 3 MiB each at V = 49152).
+SOFTMAX_BLOCK_ROWS = 16
+
+
+def _softmax_in_place(work: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """work <- softmax(work) along rows; returns sum_c p_c (z_c - max) per row `[C, 1]`.
+
+    On the CPU, ATen's softmax runs max, exp-sum and scale row by row while the row is in
+    cache; its out= may alias the input (each element is read before it is written, by the
+    same thread). It runs on blocks of SOFTMAX_BLOCK_ROWS rows, each block's z - max kept in a
+    scratch for the product with p. A -inf logit makes that product 0 * -inf = NaN: only the
+    rows where that happened are redone with the -inf terms dropped. Elsewhere (GPU kernels
+    are not checked for aliasing): three whole-chunk passes and a `[C, V]` temporary.
+    """
+    rows = work.shape[0]
+    dot = torch.empty_like(row_max)
+    if _softmax_may_alias(work) and rows:
+        block = min(SOFTMAX_BLOCK_ROWS, rows)
+        scratch = torch.empty((block, work.shape[1]), dtype=work.dtype, device=work.device)
+        try:
+            for r0 in range(0, rows, block):
+                r1 = min(r0 + block, rows)
+                work_b, shifted_b = work[r0:r1], scratch[: r1 - r0]
+                torch.sub(work_b, row_max[r0:r1], out=shifted_b)
+                torch.ops.aten._softmax.out(work_b, 1, False, out=work_b)
+                torch.sum(shifted_b.mul_(work_b), dim=1, keepdim=True, out=dot[r0:r1])
+        except RuntimeError:
+            if r0 != 0:
+                raise
+        else:
+            return _drop_minus_inf_terms(dot, work, row_max)
+    shifted = work.sub_(row_max).clone()
+    work.exp_()
+    work.div_(work.sum(dim=1, keepdim=True))
+    return shifted.mul_(work).nan_to_num_(nan=0.0).sum(dim=1, keepdim=True)
+
+
+def _drop_minus_inf_terms(dot: torch.Tensor, p: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """Rows whose sum p (z - max) is NaN from 0 * -inf terms (a -inf logit, p = 0 there):
+    recomputed from log p = z - max - log S without them (a host sync, on the CPU only)."""
+    bad = dot.isnan().squeeze(1)
+    if not bool(bad.any()):
+        return dot
+    rows = bad.nonzero().squeeze(1)
+    p_rows = p.index_select(0, rows)
+    log_p = p_rows.log()
+    log_sum = -torch.log(p_rows.amax(dim=1, keepdim=True))  # p_max = 1 / S
+    terms = torch.where(p_rows > 0, p_rows * (log_p + log_sum), torch.zeros_like(p_rows))
+    dot[rows] = terms.sum(dim=1, keepdim=True)
+    return dot

@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 
 from fastmem.ops.cpu_gemm import matmul_nn, matmul_nt, onednn_applies, onednn_serves
-from fastmem.ops.cross_entropy_options import NO_OPTIONS, LogitOptions
+from fastmem.ops.cross_entropy.row_math import NO_OPTIONS
+from fastmem.ops.cross_entropy.spec import LossSpec
 from fastmem.ops.host_buffers import empty_scratch
 
 # ---- how many token rows a chunk takes ----
@@ -64,6 +65,7 @@ class ChunkLoopResult:
     best_other: torch.Tensor
     correct: torch.Tensor
     weight: torch.Tensor
+    entropy: torch.Tensor
     grad_hidden: torch.Tensor | None
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None
@@ -98,24 +100,41 @@ def chunk_rows_for(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.d
     return int(max(1, min(rows, n_rows)))
 
 
-def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               labels: torch.Tensor, rows: torch.Tensor | None, weigh: ChunkWeigh,
-               process_chunk, *, want_grad_hidden: bool, want_grad_weight: bool,
-               want_grad_bias: bool, chunk_rows: int, options: LogitOptions = NO_OPTIONS,
-               dense_weights: bool = False) -> ChunkLoopResult:
-    """Run the chunk loop over the valid rows of `hidden [N, H]`.
+@dataclass(frozen=True)
+class LoopPlan:
+    """How the chunk loop runs.
+
+    rows: ascending int64 indices of the rows to run, or None for every row (then `labels`
+        must already be in [0, V) everywhere and `weigh` gives ignored rows weight 0).
+    chunk_rows: rows per chunk.  wants: (grad_hidden, grad_weight, grad_bias) to form.
+    sparse: the gradient GEMMs take only the chunk's rows with w != 0, counted on the host
+        (one sync per chunk: only where syncs are free, see syncs.py); otherwise they take
+        the whole chunk, with no sync.
+    spec: the logit options (softcap, label smoothing, z-loss) the chunk kernel applies.
+    """
+
+    rows: torch.Tensor | None
+    chunk_rows: int
+    wants: tuple[bool, bool, bool]
+    sparse: bool = False
+    spec: LossSpec = NO_OPTIONS
+
+
+def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+               plan: LoopPlan, weigh: ChunkWeigh, process_chunk) -> ChunkLoopResult:
+    """Run the chunk loop over the rows `plan.rows` of `hidden [N, H]`.
 
     Args:
-        rows: ascending int64 indices of the valid rows, or None when every row is valid.
-        weigh: `(c0, c1, rows_c, loss_c, correct_c) -> weight_c` for valid rows c0:c1.
-        process_chunk: the backend's chunk kernel (see cross_entropy_torch.process_chunk).
-        dense_weights: every weight is known to be non-zero (SFT without token weights): the
-            gradient GEMM takes the whole chunk without counting its active rows.
+        weigh: `(c0, c1, rows_c, loss_c, correct_c) -> weight_c` for rows c0:c1 of the run.
+        process_chunk: the backend's chunk kernel (see backend_torch.process_chunk); its
+            gradient rows of weight 0 are 0 (or never read, with `plan.sparse`).
     Returns:
         stats per valid row; grad_hidden `[N, H]` in hidden's dtype (zero on rows that are
         ignored or weigh 0), grad_weight `[V, H]` and grad_bias `[V]` in fp32 (fp64 for
         fp64 inputs), all scaled by w_t but not by 1/Z.
     """
+    rows, chunk_rows, options = plan.rows, plan.chunk_rows, plan.spec
+    want_grad_hidden, want_grad_weight, want_grad_bias = plan.wants
     n_rows, hidden_size = hidden.shape
     n_valid = n_rows if rows is None else rows.numel()
     device = hidden.device
@@ -123,7 +142,7 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     want_grad = want_grad_hidden or want_grad_weight or want_grad_bias
 
     lse = torch.empty(n_valid, dtype=acc_dtype, device=device)
-    nll, loss, target, best_other, weight_rows = (torch.empty_like(lse) for _ in range(5))
+    nll, loss, target, best_other, weight_rows, entropy = (torch.empty_like(lse) for _ in range(6))
     correct = torch.empty(n_valid, dtype=torch.bool, device=device)
     grad_hidden = (torch.zeros(n_rows, hidden_size, dtype=hidden.dtype, device=device)
                    if want_grad_hidden else None)
@@ -147,22 +166,21 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         out = process_chunk(logits, labels_c, lambda nll_c, ok: weigh(c0, c1, rows_c, nll_c, ok), want_grad, options)
         lse[c0:c1], nll[c0:c1], loss[c0:c1], target[c0:c1] = out.lse, out.nll, out.loss, out.target
         best_other[c0:c1], correct[c0:c1], weight_rows[c0:c1] = out.best_other, out.correct, out.weight
+        entropy[c0:c1] = out.entropy
         if want_grad:
-            _accumulate_grads(out.grad, out.weight, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias,
-                              out_rows=slice(c0, c1) if rows is None else None, dense=dense_weights)
+            _accumulate_grads(out.grad, out.weight, hidden_c, rows_c, weight, (grad_hidden, grad_weight, grad_bias),
+                              out_rows=slice(c0, c1) if rows is None else None, sparse=plan.sparse)
         del out, logits
-    return ChunkLoopResult(lse, nll, loss, target, best_other, correct, weight_rows, grad_hidden, grad_weight,
-                           grad_bias)
+    return ChunkLoopResult(lse, nll, loss, target, best_other, correct, weight_rows, entropy, grad_hidden,
+                           grad_weight, grad_bias)
 
 
-def _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grad_hidden, grad_weight, grad_bias, out_rows,
-                      dense):
-    """The second GEMM pass of a chunk, over its rows with w != 0 only.
-
-    Counting the active rows is this chunk's one host sync (the GEMM's row count depends on
-    it); with `dense` (every w known non-zero) there is none.
-    """
-    if not dense:
+def _accumulate_grads(dlogits, weight_c, hidden_c, rows_c, weight, grads, out_rows, sparse):
+    """The second GEMM pass of a chunk into `grads` = (grad_hidden, grad_weight, grad_bias).
+    With `sparse`, over its rows with w != 0 only: counting them is this chunk's one host
+    sync (the GEMM's row count depends on it)."""
+    grad_hidden, grad_weight, grad_bias = grads
+    if sparse:
         keep = (weight_c != 0).nonzero().squeeze(1)
         n_active = keep.numel()
         if n_active == 0:

@@ -1,5 +1,5 @@
-"""The logit options of the fused cross-entropy (softcap, label smoothing, z-loss) and the
-per-row math every backend shares.
+"""The per-row math every backend of the fused cross-entropy shares: the logit options
+(LossSpec's softcap, label_smoothing, lse_square_scale) and what a chunk kernel returns.
 
 Names and meaning as Liger-Kernel's (so switching is a rename) and as F.cross_entropy's:
     softcap:          z -> softcap * tanh(z / softcap) before everything else (Gemma 2)
@@ -22,15 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fastmem.ops.cross_entropy.spec import LossSpec
 
-@dataclass(frozen=True)
-class LogitOptions:
-    softcap: float = 0.0  # 0: off
-    label_smoothing: float = 0.0
-    lse_square_scale: float = 0.0
-
-
-NO_OPTIONS = LogitOptions()
+NO_OPTIONS = LossSpec()
 
 
 @dataclass
@@ -40,6 +34,7 @@ class ChunkStats:
     nll: -log p_y (the token's cross-entropy, what MemFT weighs and recall reads).
     loss: the unweighted per-token objective (nll with label smoothing and z-loss applied).
     best_other: the largest non-target (capped) logit; correct = target > best_other.
+    entropy: H = lse - sum_c p_c z_c of the (capped) logits, from the same read of the chunk.
     grad: `[C, V]` w (dloss/dz), in the logits' buffer or the fp32 working copy, or None.
     """
 
@@ -50,11 +45,12 @@ class ChunkStats:
     best_other: torch.Tensor
     correct: torch.Tensor
     weight: torch.Tensor
+    entropy: torch.Tensor
     grad: torch.Tensor | None
 
 
 def row_losses(row_max: torch.Tensor, log_sum: torch.Tensor, target: torch.Tensor, sum_z: torch.Tensor | None,
-               n_cols: int, options: LogitOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               n_cols: int, options: LossSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse, nll, per-token loss) from the row max, log sum exp(z - max), target and sum of z.
 
     nll is (max - z_y) + log_sum, not lse - z_y: for a confident target both terms are tiny
@@ -73,7 +69,7 @@ def row_losses(row_max: torch.Tensor, log_sum: torch.Tensor, target: torch.Tenso
 
 
 def target_grad(weight: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor, target: torch.Tensor,
-                n_cols: int, options: LogitOptions) -> torch.Tensor:
+                n_cols: int, options: LossSpec) -> torch.Tensor:
     """w d loss / d z_y (before the softcap factor), precise for p_y -> 1."""
     log_p = (target - row_max) - log_sum
     value = torch.expm1(log_p)
