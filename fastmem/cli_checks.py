@@ -9,7 +9,7 @@ import functools
 import json
 from pathlib import Path
 
-from fastmem.files import check_nearest_parent
+from fastmem.files import check_nearest_parent, parse_json_object
 from fastmem.data.jsonl import _KNOWN_FIELDS as KNOWN_FIELDS
 from fastmem.data.jsonl import check_text_fields
 from fastmem.errors import UsageError
@@ -41,13 +41,7 @@ def check_jsonl_file(path: str, flag: str = "--data", records: str = "prompt/ans
                              f"column {err.start + 1}); save the file as UTF-8") from None
         if not text.strip():
             continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{flag} {path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise UsageError(f"{flag} {path}:{number}: expected a JSON object like "
-                             f'{{"prompt": "...", "answer": "..."}}, got {type(record).__name__}')
+        record = parse_json_object(text, f"{flag} {path}:{number}", ' like {"prompt": "...", "answer": "..."}')
         count += 1
         if records != "prompt/answer":
             continue

@@ -64,3 +64,14 @@ def check_nearest_parent(path, flag: str) -> None:
             if not os.access(parent, os.W_OK):
                 raise UsageError(f"{flag} {path}: {parent} is not writable")
             return
+
+
+def parse_json_object(text: str, where: str, example: str = "") -> dict:
+    """One JSON-lines record: a JSON object, or UsageError naming `where` (file:line)."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: expected a JSON object{example}, got {type(record).__name__}")
+    return record

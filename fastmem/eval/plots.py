@@ -6,7 +6,6 @@ Object-oriented matplotlib on an Agg canvas: headless, and no global pyplot stat
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from matplotlib.patches import Rectangle
 
 from fastmem.constants import L_CRIT, P_RECALL
 from fastmem.errors import MissingInput, UsageError
+from fastmem.files import parse_json_object
 from fastmem.plotting import save_figure
 
 # matplotlib refuses images past 2^16 pixels a side: cap the figure height (inches at DPI).
@@ -187,13 +187,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{number}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise UsageError(f"{path}:{number}: expected a JSON object per line")
-        rows.append(row)
+        rows.append(parse_json_object(line, f"{path}:{number}"))
     if not rows:
         raise UsageError(f"{path} holds no metrics")
     return rows

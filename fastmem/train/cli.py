@@ -115,19 +115,18 @@ def register(subparsers) -> None:
     # the authors' protocol (benchmarks/reproduce/authors.toml) and the stop on exact recall
     parser.add_argument("--max-grad-norm", type=float,
                         help="clip the adapter's gradient norm before each optimizer step (0: off; the authors: 1.0)")
-    parser.add_argument("--adapter", choices=ADAPTERS,
-                        help="lora: LoRA on --modules; mlp_block: one adapter parallel to each --layers MLP block, "
-                             "out = mlp(x) + (alpha/r)·B A drop(x) (the authors')")
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                        help="linear (default: warm-up, then linear decay to 0, as HF get_scheduler('linear')) or "
-                             "constant (after the warm-up)")
+    # the authors' protocol's choices (TrainConfig's docstrings say more)
+    for flag, choices, text in (
+            ("--adapter", ADAPTERS, "lora: LoRA on --modules; mlp_block: one adapter parallel to each --layers MLP "
+                                    "block, out = mlp(x) + (alpha/r)·B A drop(x) (the authors')"),
+            ("--lr-schedule", LR_SCHEDULES, "linear (default: warm-up, then linear decay to 0, as HF "
+                                            "get_scheduler('linear')) or constant (after the warm-up)"),
+            ("--curriculum-loader", CURRICULUM_LOADERS, "with --curriculum: fastmem (active prefix reshuffled per "
+                                                        "epoch) or authors (their loader: fixed order, whole batches only)"),
+            ("--stop-on", STOP_ON, "recall (default: every answer token at p > 0.5) or em (every position's target "
+                                   "logit beats the runner-up by >= --em-margin)")):
+        parser.add_argument(flag, choices=choices, help=text)
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
-    parser.add_argument("--curriculum-loader", choices=CURRICULUM_LOADERS,
-                        help="with --curriculum: fastmem (active prefix reshuffled per epoch) or authors (their "
-                             "loader: fixed order, whole batches only)")
-    parser.add_argument("--stop-on", choices=STOP_ON,
-                        help="recall (default: every answer token at p > 0.5) or em (every position's target "
-                             "logit beats the runner-up by >= --em-margin)")
     parser.add_argument("--em-margin", type=float, help="the margin δ of --stop-on em, in logits (default 0.5: what survived a bf16 cast "
                         "and merging; see TrainConfig)")
     parser.set_defaults(func=run)

@@ -243,7 +243,7 @@ def test_training_curves_from_metrics_jsonl(tmp_path):
     path = plot_training_curves(metrics, tmp_path / "curves.png")
     assert path.stat().st_size > 10_000
     metrics.write_text('{"step": 1, "loss": 2.0}\nnot json\n')
-    with pytest.raises(ValueError, match=":2: not JSON"):
+    with pytest.raises(ValueError, match=":2: invalid JSON"):
         plot_training_curves(metrics, tmp_path / "bad.png")
     metrics.write_text('{"step": 1, "objective": "ot"}\n')
     with pytest.raises(ValueError, match="no numeric metric"):
