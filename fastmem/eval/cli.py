@@ -60,8 +60,9 @@ def _load(args):
     from fastmem.models import load_config, load_model
     from fastmem.rope_scaling import check_adapter_context
 
-    config = load_config(args.model, context=args.context)
+    config = None  # the model's own, read by from_pretrained, unless an adapter or --context needs it first
     if args.adapter:  # the config alone (seconds) tells a mismatched scaling before the weights load
+        config = load_config(args.model, context=args.context)
         check_adapter_context(args.adapter, config, args.context)
     model, tokenizer = load_model(args.model, device=args.device, context=args.context, config=config)
     if args.adapter:
