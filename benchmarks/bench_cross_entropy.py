@@ -232,17 +232,28 @@ def device_name(device):
             f"{torch.get_num_threads()} threads")
 
 
-def time_fastmem_with_route(route, n_rows, hidden_size, vocab, dtype, reps):
-    """Median ms of fastmem's fwd+bwd in a fresh process with FASTMEM_CPU_GEMM=`route`."""
+def time_in_own_process(name, n_rows, hidden_size, vocab, dtype, reps, env=None):
+    """Median ms of contender `name`'s fwd+bwd in a fresh process (no other contender's memory
+    or cache state before it), with `env` added to the environment."""
     code = (
         "import torch, sys; sys.path.insert(0, %r);"
-        "import bench_cross_entropy as b, fastmem;"
+        "import bench_cross_entropy as b;"
         "h, w, y = b.make_inputs(%d, %d, %d, %s, torch.device('cpu'));"
-        "print(b.time_fwd_bwd(lambda h, w, y: fastmem.linear_cross_entropy(h, w, y, backend='torch'), h, w, y, %d))"
-    ) % (str(Path(__file__).parent), n_rows, hidden_size, vocab, repr(dtype), reps)
-    env = dict(os.environ, FASTMEM_CPU_GEMM=route)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        "print(b.time_fwd_bwd(b.contenders(torch.device('cpu'), False)[%r], h, w, y, %d))"
+    ) % (str(Path(__file__).parent), n_rows, hidden_size, vocab, repr(dtype), name, reps)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, **(env or {})))
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def time_own_processes(names, n_rows, hidden_size, vocab, dtype, reps, rounds=3):
+    """CPU: each contender in a process of its own, the processes interleaved over `rounds`;
+    the median over rounds of each process's median ms."""
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            times[name].append(time_in_own_process(name, n_rows, hidden_size, vocab, dtype, reps))
+    return {name: (statistics.median(t), t) for name, t in times.items()}
 
 
 def run(args):
@@ -261,7 +272,13 @@ def run(args):
         hidden, weight, labels = make_inputs(n_rows, hidden_size, vocab, dtype, device)
         eager_ms = None
         found = contenders(device, compile_too)
-        cpu_times = time_interleaved(found, hidden, weight, labels, args.reps) if device.type == "cpu" else {}
+        if device.type != "cpu":
+            cpu_times = {}
+        elif args.own_process:
+            cpu_times = time_own_processes([name for name in found if name != "torch.compile"], n_rows, hidden_size,
+                                           vocab, dtype, args.reps)
+        else:
+            cpu_times = time_interleaved(found, hidden, weight, labels, args.reps)
         for name, fn in found.items():
             try:
                 ms, all_ms = cpu_times[name] if name in cpu_times else (time_fwd_bwd(fn, hidden, weight, labels,
@@ -285,7 +302,8 @@ def run(args):
             other = "mkl" if cpu_gemm_route()[0] == "onednn" else "onednn"
             rows.append(dict(case=case, N=n_rows, H=hidden_size, V=vocab,
                              contender=f"fastmem[torch] FASTMEM_CPU_GEMM={other} (own process, not interleaved)",
-                             ms=time_fastmem_with_route(other, n_rows, hidden_size, vocab, dtype, args.reps),
+                             ms=time_in_own_process("fastmem[torch]", n_rows, hidden_size, vocab, dtype, args.reps,
+                                                    env={"FASTMEM_CPU_GEMM": other}),
                              extra_mib=None))
         # MemFT-OT with 5% of the tokens above the threshold: only those rows reach the second GEMM.
         threshold = ot_threshold_for_active_fraction(hidden, weight, labels, 0.05)
@@ -327,7 +345,10 @@ def write_table(device, dtype, rows, args):
              "", f"- date: {stamp:%Y-%m-%d %H:%M} UTC", f"- device: {device_name(device)}",
              *([f"- fastmem's fp32 CPU GEMM route: {cpu_route_line()}"] if device.type == "cpu" else []),
              f"- versions: {json.dumps(versions())}", f"- command: `python {' '.join(sys.argv)}`",
-             f"- ms: median of {args.reps} rounds" + (", contenders interleaved" if device.type == "cpu" else ""),
+             f"- ms: median of {args.reps} rounds" + (
+                 "" if device.type != "cpu" else
+                 "; each contender in a process of its own, 3 processes each, interleaved (median of the 3 medians)"
+                 if args.own_process else ", contenders interleaved in one process"),
              f"- load average (1, 5, 15 min) before: {args.load_before}, after: {load_average()}"
              f" on {os.cpu_count()} cores" + (" -- NOT a quiet machine: compare ratios within this run only"
                                               if args.load_before and args.load_before[0] > 0.5 * (os.cpu_count() or 1)
@@ -343,7 +364,8 @@ def write_table(device, dtype, rows, args):
     per_round = [f"- {r['contender']}: " + ", ".join(f"{t:.0f}" for t in r["all_ms"])
                  for r in rows if r.get("all_ms")]
     if per_round:
-        lines += ["", "Every round (ms):", *per_round]
+        lines += ["", "Every round (ms" + ("; each one process's median" if args.own_process else "") + "):",
+                  *per_round]
     kind = "smoke" if args.smoke else device.type
     print_and_write(lines, None if args.no_write else f"cross_entropy_{kind}_{stamp:%Y%m%d}.md")
 
@@ -356,6 +378,9 @@ def main(argv=None):
     parser.add_argument("--cpu-target", action="store_true",
                         help="the CPU target of docs/design.md (SmolLM2 head, N=2048, fp32)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on the CPU")
+    parser.add_argument("--own-process", action="store_true",
+                        help="CPU: time each contender in a fresh process of its own (3 rounds of processes, "
+                             "interleaved) instead of all in this one")
     parser.add_argument("--smoke", action="store_true", help="a tiny CPU run for CI")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
