@@ -223,10 +223,46 @@ def report(order: list[LongRun]) -> Path:
                      f"{fmt('eval_first_error', '{}')} | {fmt('teacher_forcing_s', '{:.1f}')} | "
                      f"{fmt('decoding_s', '{:.1f}')} | {fmt('eval_peak_rss_gib', '{:.2f} GiB')} |")
     lines += ["", "Per-step rows: `<run>.metrics.jsonl`; settings and the RoPE scaling: `<run>.run.json`; "
-              "all rows: `runs.json`."]
+              "all rows: `runs.json`.", ""]
+    lines += cost_growth_lines(rows)
     path = RESULTS / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# The 4,096-token CLI runs of issue 12 (same data, adapter and lr; another machine and threshold),
+# the shortest rows of the cost-growth table.
+EARLIER_RUNS = {("sft", 4096): Path("benchmarks/results/long_answer_cli_4096_sft_metrics.jsonl"),
+                ("ot", 4096): Path("benchmarks/results/long_answer_cli_4096_ot_metrics.jsonl")}
+
+
+def cost_growth_lines(rows: list[dict]) -> list[str]:
+    """How the wall time to recall grows with the answer length: steps x s/step per (ℓ, objective),
+    real text (ρ 0) only, the 4,096-token rows from EARLIER_RUNS."""
+    growth = []
+    for (objective, length), path in EARLIER_RUNS.items():
+        by_step = {r["step"]: r for r in _rows(path)}
+        if by_step:
+            times = sorted(r["step_s"] for r in by_step.values())
+            growth.append(dict(length=length, objective=objective, steps=max(by_step), state="recalled",
+                               median=times[len(times) // 2], wall=sum(times),
+                               where="issue 12: AMD EPYC, 2 threads" + (", OT threshold 0.3" if objective == "ot" else "")))
+    for row in rows:
+        if row["ratio"] == 0:
+            state = ("recalled" if row["stopped_on_recall"] else "budget spent") if row["finished"] else "not yet"
+            growth.append(dict(length=row["length"], objective=row["objective"], steps=row["steps"], state=state,
+                               median=row["median_step_s"], wall=row["wall_s"], where="this runner: Xeon, 1 thread"))
+    if not growth:
+        return []
+    lines = ["## Cost growth with ℓ (real text, ρ = 0)", "",
+             "Wall time to recall = steps × s/step. A run still going shows its steps so far (a lower bound on its "
+             "steps to recall). s/step is the median over the run's steps, on the machine named.", "",
+             "| ℓ | objective | steps | recalled? | median s/step | s/step per 1k tokens | Σ step_s | where |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in sorted(growth, key=lambda g: (g["objective"], g["length"])):
+        lines.append(f"| {g['length']:,} | {g['objective']} | {g['steps']} | {g['state']} | {g['median']:.1f} | "
+                     f"{1000 * g['median'] / g['length']:.2f} | {g['wall']:,.0f} | {g['where']} |")
+    return lines
 
 
 def _commits(run: LongRun) -> list[str]:

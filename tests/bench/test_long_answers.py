@@ -76,3 +76,18 @@ def test_train_command_names_the_context_and_checkpointing(roots, monkeypatch):
     assert train[:1] == ["train"] and "--gradient-checkpointing" in train
     assert train[train.index("--context") + 1] == str(run.context)
     assert train[train.index("--objective") + 1] == "ot" and train[train.index("--max-steps") + 1] == "50"
+
+
+def test_cost_growth_lists_real_text_runs_by_objective_and_length(roots):
+    done, running, random = (long_answers.LongRun.parse(name)
+                             for name in ("8192-rho0-sft", "12288-rho0-sft", "8192-rho0.25-sft"))
+    _fake_run(done, steps=3, finished=True, evaluated=True)
+    _fake_run(running, steps=2, finished=False)
+    _fake_run(random, steps=5, finished=True)
+    lines = long_answers.cost_growth_lines([long_answers.collect(r) for r in (done, running, random)])
+    table = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    ours = [line for line in table if "this runner" in line]
+    # medians of the distinct steps: 8192 -> (11, 12, 99) -> 12; 12288 -> (11, 99) -> 99
+    assert ours == ["| 8,192 | sft | 3 | recalled | 12.0 | 1.46 | 122 | this runner: Xeon, 1 thread |",
+                    "| 12,288 | sft | 2 | not yet | 99.0 | 8.06 | 110 | this runner: Xeon, 1 thread |"]
+    assert all("4,096" in line for line in table if "issue 12" in line)  # the committed 4k rows, when present
