@@ -154,3 +154,27 @@ def test_a_family_too_small_to_fit_is_reported_not_fatal(tmp_path):
     lines = driver.analysis.law_table(tmp_path, {"stress_rho1": []}, tmp_path)
     assert lines[-1].startswith("| stress_rho1 | not fitted: ") and "need at least 5 runs" in lines[-1]
     assert "$ fastmem fit --db" in (tmp_path / "law.log").read_text()
+
+
+def test_law_table_shows_the_out_of_sample_figures_beside_the_in_sample_ones(tmp_path):
+    from fastmem.law import fit_law
+
+    ranks, lengths = [1, 1, 2, 1, 2, 4, 4], [256, 512, 512, 1024, 1024, 1024, 256]
+    delta = [40 * r ** 0.4 * n ** -0.6 + 0.5 for r, n in zip(ranks, lengths)]
+    delta[3] *= 1.1  # off the law: LOO and in-sample figures differ
+    fit = fit_law(ranks, lengths, delta, bootstrap=0)
+    (tmp_path / "fit" / "stress_rho0").mkdir(parents=True)
+    fit.to_json(tmp_path / "fit" / "stress_rho0" / "fit.json")
+    old = json.loads(fit.to_json())
+    for name in ("r2_loo", "mape_loo", "loo_failed", "plane"):
+        old.pop(name)
+    (tmp_path / "fit" / "phonebook").mkdir()
+    (tmp_path / "fit" / "phonebook" / "fit.json").write_text(json.dumps(old))
+    lines = driver.analysis.law_table(tmp_path, {"stress_rho0": [], "phonebook": [], "pooled": []}, tmp_path)
+    assert lines[0].count("|") == lines[1].count("|") == 13
+    assert all(line.count("|") == 13 for line in lines)
+    row = lines[2].split(" | ")
+    assert row[8:] == [f"{fit.r2_loo:.3g}", f"{fit.mape_loo:.3g}", f"{fit.plane.r2:.3g} ({fit.plane.r2_loo:.3g})",
+                       f"{fit.plane.mape:.3g} ({fit.plane.mape_loo:.3g}) |"]
+    assert lines[3].endswith("| – | – | – (–) | – (–) |")  # a fit.json from before the check: not invented
+    assert lines[4].startswith("| pooled | not fitted yet |")
