@@ -31,20 +31,30 @@ def _fmt(value, spec=".3g") -> str:
 
 
 def law_table(root: Path, families: dict, figures: Path) -> list[str]:
-    lines = ["| family | runs used (dropped) | C | α | β | b | R² | MAPE % |", "|---|---|---|---|---|---|---|---|"]
+    """One row per family's fit.json: the law's parameters and in-sample R² / MAPE (bootstrap 95%
+    intervals in brackets), its leave-one-out R² / MAPE, and the plane baseline's in-sample and
+    leave-one-out ones (fastmem/law/validation.py; every figure on ΔL)."""
+    empty = " |" * 11
+    lines = ["| family | runs used (dropped) | C | α | β | b | R² | MAPE % | LOO R² | LOO MAPE % "
+             "| plane R² (LOO) | plane MAPE % (LOO) |", "|---" * 12 + "|"]
     for name in families:
         fit_file, refused = root / "fit" / name / "fit.json", root / "fit" / name / "not_fitted.txt"
         if refused.exists():
-            lines.append(f"| {name} | not fitted: {refused.read_text().strip()} | | | | | | |")
+            lines.append(f"| {name} | not fitted: {refused.read_text().strip()}{empty}")
             continue
         if not fit_file.exists():
-            lines.append(f"| {name} | not fitted yet | | | | | | |")
+            lines.append(f"| {name} | not fitted yet{empty}")
             continue
         fit = json.loads(fit_file.read_text())
         ci = fit.get("ci", {})
         cell = lambda k: f"{fit[k]:.3g} [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else f"{fit[k]:.3g}"  # noqa: E731
+        plane = fit.get("plane") or {}
+        failed = f" ({fit['loo_failed']} refits failed)" if fit.get("loo_failed") else ""
         lines.append(f"| {name} | {fit['n_used']} ({fit['n_dropped']}) | {cell('C')} | {cell('alpha')} | "
-                     f"{cell('beta')} | {cell('b')} | {cell('r2')} | {cell('mape')} |")
+                     f"{cell('beta')} | {cell('b')} | {cell('r2')} | {cell('mape')} | "
+                     f"{_fmt(fit.get('r2_loo'))}{failed} | {_fmt(fit.get('mape_loo'))} | "
+                     f"{_fmt(plane.get('r2'))} ({_fmt(plane.get('r2_loo'))}) | "
+                     f"{_fmt(plane.get('mape'))} ({_fmt(plane.get('mape_loo'))}) |")
         for plot in ("fit_surface.png", "fit_residuals.png"):
             if (fit_file.parent / plot).exists():
                 shutil.copy(fit_file.parent / plot, figures / f"law_{name}_{plot}")

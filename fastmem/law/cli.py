@@ -16,7 +16,10 @@ FIT_EPILOG = """examples:
 
 Reads finished runs (status 'done') with columns rank, length, delta_loss (or base_loss and
 final_loss), final_loss and optionally layers; runs whose final loss is below 0.69 are left
-out (the paper's rule). Writes OUT/fit.json, OUT/fit_residuals.png and OUT/fit_surface.png.
+out (the paper's rule). Prints the in-sample R² and MAPE (in ΔL), the leave-one-out ones (each
+run predicted by a refit on the others) and those of the 3-parameter plane baseline
+ΔL = a + p·ln r + q·ln ℓ: a law that does not beat the plane out of sample has not shown its
+power-law form. Writes OUT/fit.json, OUT/fit_residuals.png and OUT/fit_surface.png.
 """
 
 PLAN_EPILOG = """examples:
@@ -99,6 +102,13 @@ def run_fit(args) -> int:
         print(f"  {name:5s} = {getattr(fit, name):.6g}{_interval(fit, name)}")
     boot = f", 95% intervals from {fit.n_bootstrap} bootstrap refits" if fit.ci else ""
     print(f"  R² = {fit.r2:.4f}{_interval(fit, 'r2')}   MAPE = {fit.mape:.2f}%{_interval(fit, 'mape')}{boot}")
+    failed = f"   ({fit.loo_failed} of {fit.n_used} refits failed)" if fit.loo_failed else ""
+    print(f"  leave-one-out (each run predicted by a refit on the others): R² = {fit.r2_loo:.4f}   "
+          f"MAPE = {fit.mape_loo:.2f}%{failed}")
+    plane = fit.plane
+    x_log = "ln(rank×layers)" if fit.variable == "effective_params" else "ln r"
+    print(f"  plane baseline ΔL = a + p·{x_log} + q·ln ℓ (3 parameters): R² = {plane.r2:.4f}   "
+          f"MAPE = {plane.mape:.2f}%;   leave-one-out R² = {plane.r2_loo:.4f}   MAPE = {plane.mape_loo:.2f}%")
     if runs.final_loss is None:
         print("  note: no final_loss column, so the final-loss exclusion rule was not applied")
     print(f"wrote {out / 'fit.json'}, {residual_png}, {surface_png}")

@@ -3,7 +3,8 @@
 Protocol (the paper "How LoRA Remembers? A Parametric Memory Law for LLM Finetuning"): runs whose final loss is below 0.69 sit past the recall
 threshold, where the loss saturates and hides the scaling, so they are left out (and counted).
 The fit is nonlinear least squares in linear ΔL space, started from a log-space linear fit
-(log(ΔL - b) = log C + α log r - β log ℓ is a plane), with bootstrap 95% intervals.
+(log(ΔL - b) = log C + α log r - β log ℓ is a plane), with bootstrap 95% intervals, and checked
+out of sample (leave-one-out R² and MAPE, beside the 3-parameter plane baseline: validation.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,19 @@ from scipy.optimize import OptimizeWarning, curve_fit
 
 from fastmem.errors import MissingInput, UsageError
 from fastmem.files import write_text_atomic
+from fastmem.law.validation import PlaneFit, fit_plane, leave_one_out, mape_percent, r_squared
 
 # The paper discards runs "where the final loss fell below 0.69" (≈ ln 2, the recall line).
 EXCLUDE_FINAL_LOSS_BELOW = 0.69
 PARAMETERS = ("C", "alpha", "beta", "b")
 # Fewer bootstrap refits than this give no interval worth printing.
 MIN_BOOTSTRAP_FITS = 20
+# A leave-one-out refit on 5 runs often has its optimum at the law's plane limit (α, β → 0,
+# b → −∞), which trust-region steps approach slowly (~10^5 evaluations on the reproduction's
+# 6-run family); its prediction settles long before the parameters do.
+LOO_MAX_NFEV = 200_000
+# The fit-quality figures of LawFit and PlaneFit (NaN when not computed; null in JSON).
+_FIGURES = ("r2", "mape", "r2_loo", "mape_loo")
 
 
 def _law(xs, log_c, alpha, beta, b):
@@ -44,6 +52,11 @@ class LawFit:
         C, alpha, beta, b: the parameters (floats).
         r2: coefficient of determination on the runs used, in ΔL space.
         mape: mean absolute percentage error on the runs used, in percent.
+        r2_loo, mape_loo: the same, each run predicted by a refit on the other runs
+            (leave-one-out, validation.py); NaN when a refit failed or was not run.
+        loo_failed: leave-one-out refits that failed (too few runs left, no convergence).
+        plane: the 3-parameter baseline ΔL = a + p·ln x + q·ln ℓ on the same runs, with its
+            in-sample and leave-one-out R² and MAPE (validation.PlaneFit); None when not run.
         n_used, n_dropped: runs fitted / left out by the final-loss exclusion rule.
         ci: bootstrap 95% percentile intervals, `{"C": (lo, hi), ...}` for C, alpha, beta, b
             and for "r2" and "mape" (each refit's, on its resample); empty when bootstrap=0
@@ -70,6 +83,10 @@ class LawFit:
     lengths: list = field(default_factory=list)
     delta_loss: list = field(default_factory=list)
     run_layers: list | None = None
+    r2_loo: float = math.nan
+    mape_loo: float = math.nan
+    loo_failed: int = 0
+    plane: PlaneFit | None = None
 
     # -- the law ---------------------------------------------------------------------------
     def _x(self, rank, layers):
@@ -149,6 +166,11 @@ class LawFit:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["ci"] = {k: list(v) for k, v in self.ci.items()}
+        # Strict JSON has no NaN: a figure that could not be computed is written as null.
+        for figures in (out, out["plane"] or {}):
+            for name in _FIGURES:
+                if isinstance(figures.get(name), float) and not math.isfinite(figures[name]):
+                    figures[name] = None
         out["formula"] = ("ΔL = C · (rank × layers)^alpha · length^-beta + b" if self.variable ==
                           "effective_params" else "ΔL = C · rank^alpha · length^-beta + b")
         return out
@@ -171,6 +193,11 @@ class LawFit:
         kwargs.setdefault("n_used", 0)
         kwargs.setdefault("n_dropped", 0)
         kwargs["ci"] = {k: tuple(v) for k, v in data.get("ci", {}).items()}
+        for name in _FIGURES:
+            if name in kwargs and kwargs[name] is None:
+                kwargs[name] = math.nan
+        if kwargs.get("plane") is not None:
+            kwargs["plane"] = PlaneFit(**{k: math.nan if v is None else v for k, v in kwargs["plane"].items()})
         return cls(**kwargs)
 
     @classmethod
@@ -226,12 +253,12 @@ def _log_space_start(x, length, y) -> np.ndarray:
     return best
 
 
-def _curve_fit(x, length, y, start) -> np.ndarray:
+def _curve_fit(x, length, y, start, max_nfev: int = 20000) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizeWarning)
         with np.errstate(over="ignore", invalid="ignore"):
             params, _ = curve_fit(_law, (x, length), y, p0=start, method="trf", x_scale="jac",
-                                  max_nfev=20000)
+                                  max_nfev=max_nfev)
     if not np.all(np.isfinite(params)):
         raise RuntimeError("the fit diverged")
     return params
@@ -243,10 +270,22 @@ def _identifiable(x, length) -> bool:
 
 def _quality(x, length, y, params) -> tuple[float, float]:
     """R² and MAPE (%) of the law with `params` on the runs (x, length, y), in ΔL space."""
-    residuals = y - _law((x, length), *params)
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(residuals ** 2)) / ss_tot if ss_tot > 0 else math.nan
-    return r2, float(np.mean(np.abs(residuals) / np.abs(y)) * 100.0)
+    predicted = _law((x, length), *params)
+    return r_squared(y, predicted), mape_percent(y, predicted)
+
+
+def _leave_one_out(x, length, y) -> np.ndarray:
+    """`[n]` predictions of each run by the law refitted, as fit_law fits it, on the others
+    (NaN where that refit fails: fewer than 5 runs or one rank or length left, no convergence)."""
+    def refit_predict(keep, i):
+        if keep.sum() < len(PARAMETERS) + 1 or not _identifiable(x[keep], length[keep]):
+            raise ValueError("too few runs left to refit")
+        start = _log_space_start(x[keep], length[keep], y[keep])
+        params = _curve_fit(x[keep], length[keep], y[keep], start, max_nfev=LOO_MAX_NFEV)
+        with np.errstate(over="ignore"):
+            return float(_law((x[i:i + 1], length[i:i + 1]), *params)[0])
+
+    return leave_one_out(y.size, refit_predict)
 
 
 def _bootstrap(x, length, y, start, n_resamples: int, seed: int) -> tuple[dict, int]:
@@ -273,7 +312,8 @@ def _bootstrap(x, length, y, start, n_resamples: int, seed: int) -> tuple[dict, 
 
 
 def fit_law(ranks, lengths, delta_loss, final_loss=None, *, layers=None, bootstrap: int = 1000,
-            seed: int = 0, exclude_final_loss_below: float = EXCLUDE_FINAL_LOSS_BELOW) -> LawFit:
+            seed: int = 0, exclude_final_loss_below: float = EXCLUDE_FINAL_LOSS_BELOW,
+            validate: bool = True) -> LawFit:
     """Fit ΔL(r, ℓ) = C·r^α·ℓ^-β + b over a sweep of runs.
 
     Args:
@@ -288,6 +328,8 @@ def fit_law(ranks, lengths, delta_loss, final_loss=None, *, layers=None, bootstr
             fitted on effective parameters rank × layers; when all equal, on rank.
         bootstrap: resamples for the 95% intervals (0: none).
         seed: seed of the bootstrap resampling.
+        validate: also refit leaving each run out (r2_loo, mape_loo) and fit the plane baseline
+            (plane); False leaves them NaN / None (n more refits of the law saved).
 
     Raises:
         ValueError: mismatched lengths, NaN/inf, non-positive values, fewer than 5 runs left
@@ -338,8 +380,14 @@ def fit_law(ranks, lengths, delta_loss, final_loss=None, *, layers=None, bootstr
         raise UsageError(f"the law could not be fitted to these runs: C = exp({log_c:.4g}) overflows")
     r2, mape = _quality(x, length_arr, y, params)
     ci, n_boot = _bootstrap(x, length_arr, y, params, bootstrap, seed) if bootstrap else ({}, 0)
+    loo, plane = np.full(n_used, math.nan), None
+    if validate:
+        loo = _leave_one_out(x, length_arr, y)
+        plane = fit_plane(x, length_arr, y)
     return LawFit(C=math.exp(log_c), alpha=alpha, beta=beta, b=b, r2=r2, mape=mape, n_used=n_used,
                   n_dropped=n - n_used, variable=variable, layers=common_layers, ci=ci,
                   n_bootstrap=n_boot, exclude_final_loss_below=exclude_final_loss_below,
                   ranks=rank_arr.tolist(), lengths=length_arr.tolist(), delta_loss=y.tolist(),
-                  run_layers=None if layer_arr is None else layer_arr.tolist())
+                  run_layers=None if layer_arr is None else layer_arr.tolist(),
+                  r2_loo=r_squared(y, loo), mape_loo=mape_percent(y, loo),
+                  loo_failed=int(np.isnan(loo).sum()) if validate else 0, plane=plane)

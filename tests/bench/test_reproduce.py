@@ -154,3 +154,54 @@ def test_a_family_too_small_to_fit_is_reported_not_fatal(tmp_path):
     lines = driver.analysis.law_table(tmp_path, {"stress_rho1": []}, tmp_path)
     assert lines[-1].startswith("| stress_rho1 | not fitted: ") and "need at least 5 runs" in lines[-1]
     assert "$ fastmem fit --db" in (tmp_path / "law.log").read_text()
+
+
+def test_law_table_shows_the_out_of_sample_figures_beside_the_in_sample_ones(tmp_path):
+    from fastmem.law import fit_law
+
+    ranks, lengths = [1, 1, 2, 1, 2, 4, 4], [256, 512, 512, 1024, 1024, 1024, 256]
+    delta = [40 * r ** 0.4 * n ** -0.6 + 0.5 for r, n in zip(ranks, lengths)]
+    delta[3] *= 1.1  # off the law: LOO and in-sample figures differ
+    fit = fit_law(ranks, lengths, delta, bootstrap=0)
+    (tmp_path / "fit" / "stress_rho0").mkdir(parents=True)
+    fit.to_json(tmp_path / "fit" / "stress_rho0" / "fit.json")
+    old = json.loads(fit.to_json())
+    for name in ("r2_loo", "mape_loo", "loo_failed", "plane"):
+        old.pop(name)
+    (tmp_path / "fit" / "phonebook").mkdir()
+    (tmp_path / "fit" / "phonebook" / "fit.json").write_text(json.dumps(old))
+    lines = driver.analysis.law_table(tmp_path, {"stress_rho0": [], "phonebook": [], "pooled": []}, tmp_path)
+    assert lines[0].count("|") == lines[1].count("|") == 13
+    assert all(line.count("|") == 13 for line in lines)
+    row = lines[2].split(" | ")
+    assert row[8:] == [f"{fit.r2_loo:.3g}", f"{fit.mape_loo:.3g}", f"{fit.plane.r2:.3g} ({fit.plane.r2_loo:.3g})",
+                       f"{fit.plane.mape:.3g} ({fit.plane.mape_loo:.3g}) |"]
+    assert lines[3].endswith("| – | – | – (–) | – (–) |")  # a fit.json from before the check: not invented
+    assert lines[4].startswith("| pooled | not fitted yet |")
+
+
+def test_discussion_quotes_what_the_committed_databases_hold():
+    """The hand-written discussion's figures, recomputed from the committed cpu databases."""
+    from fastmem.law import fit_law, load_runs
+
+    kept = driver.KEPT / "cpu"
+    text = " ".join((stages.HERE / "discussion_cpu.md").read_text().split())
+    facts = driver.analysis.recall_table(driver.analysis.rows(kept / "law.sqlite"))[1]["facts"]
+    low, hidden = facts["low_mean_loss"], facts["low_mean_loss_not_recalled"]
+    assert f"of the {low} sequences with a mean loss below ln 2, {hidden} ({hidden / low:.0%}) were not recalled" in text
+    assert f"all {facts['above']} sequences whose tokens all had p > 0.5" in text and facts["counterexamples"] == 0
+    stubborn = next(r for r in driver.analysis.rows(kept / "law.sqlite")
+                    if (r["data"], r["ratio"], r["length"], r["rank"]) == ("stress", 0.0, 256, 2))
+    wrong = round((1 - stubborn["token_acc"]) * 256)
+    assert f"{stubborn['stubborn_tokens']} tokens at p ≤ 0.5, of which {wrong} are not the argmax" in text
+    sw_rank2 = next(r for r in driver.analysis.rows(kept / "memft.sqlite")
+                    if (r["data"], r["rank"], r["objective"]) == ("stress", 2, "sw"))
+    assert sw_rank2["exact_match"] == 0.0 and f"token accuracy {sw_rank2['token_acc']:.3f} after 300 steps" in text
+    # The out-of-sample figures of the families the text quotes (ρ 0 is left to the report's
+    # table: one of its refits takes ~10^5 evaluations).
+    for where, loo, plane_loo in ((["data=phonebook"], "0.64", "0.75"), (["data=stress", "ratio=0.5"], "0.977", "0.835"),
+                                  (["data=stress", "ratio=1.0"], "0.922", "0.693")):
+        runs = load_runs(db=kept / "law.sqlite", where=where)
+        fit = fit_law(runs.rank, runs.length, runs.delta_loss, runs.final_loss, layers=runs.layers, bootstrap=0)
+        assert (f"{fit.r2_loo:.{len(loo) - 2}f}", f"{fit.plane.r2_loo:.{len(plane_loo) - 2}f}") == (loo, plane_loo)
+        assert loo in text and plane_loo in text

@@ -41,7 +41,11 @@ def test_fit_from_sqlite_writes_report_and_plots(sweep_db, tmp_path, capsys):
                  "--bootstrap", "50"]) == 0
     report = capsys.readouterr().out
     assert "25 runs used, 1 dropped" in report and "R² = 1.0000" in report
+    # The runs lie exactly on a law: out of sample too; the plane cannot follow the power law.
+    assert "leave-one-out (each run predicted by a refit on the others): R² = 1.0000" in report
+    assert "plane baseline ΔL = a + p·ln r + q·ln ℓ (3 parameters): R² = 0.8192" in report
     data = json.loads((out / "fit.json").read_text())
+    assert data["r2_loo"] == pytest.approx(1.0) and data["plane"]["r2_loo"] < 0.99
     assert data["n_used"] == 25 and data["n_dropped"] == 1
     assert data["alpha"] == pytest.approx(0.5, abs=1e-3) and data["beta"] == pytest.approx(0.7, abs=1e-3)
     for png in ("fit_residuals.png", "fit_surface.png"):
