@@ -91,3 +91,16 @@ def test_cost_growth_lists_real_text_runs_by_objective_and_length(roots):
     assert ours == ["| 8,192 | sft | 3 | recalled | 12.0 | 1.46 | 122 | this runner: Xeon, 1 thread |",
                     "| 12,288 | sft | 2 | not yet | 99.0 | 8.06 | 110 | this runner: Xeon, 1 thread |"]
     assert all("4,096" in line for line in table if "issue 12" in line)  # the committed 4k rows, when present
+
+
+def test_no_decode_evaluates_by_teacher_forcing_only(roots, monkeypatch):
+    run = long_answers.LongRun.parse("16384-rho0-sft")
+    _fake_run(run, steps=2, finished=True)
+    (run.out / "adapter").mkdir()
+    seen = []
+    monkeypatch.setattr(long_answers, "write_data", lambda run, python: None)
+    monkeypatch.setattr(long_answers, "_timed", lambda python, args, stem, threads: seen.append(args) or 1)
+    long_answers.run_one(run, "python", max_steps=50, threads=1, checkpoint_every=3, decode=False)
+    (evaluate,) = seen  # trained already: only the eval runs
+    assert evaluate[0] == "eval" and "--decode" not in evaluate
+    assert evaluate[evaluate.index("--context") + 1] == str(run.context)
