@@ -165,10 +165,12 @@ def collect(run: LongRun) -> dict | None:
     if report.is_file():
         data = json.loads(report.read_text())
         record = data["records"][0]
+        decoded = record.get("decode_agrees") is not None  # --no-decode: no greedy-decode time
         row.update(eval_em=record["exact_match"], eval_token_acc=record["token_acc"],
                    eval_first_error=record["first_error"], eval_min_p=record["min_prob"],
                    eval_decode_agrees=record.get("decode_agrees"),
-                   teacher_forcing_s=data["timing"]["teacher_forcing_s"], decoding_s=(data["timing"].get("decoding_s") if record.get("decode_agrees") is not None else None),
+                   teacher_forcing_s=data["timing"]["teacher_forcing_s"],
+                   decoding_s=data["timing"].get("decoding_s") if decoded else None,
                    eval_peak_rss_gib=_peak_rss_gib(sorted(run.logs.parent.glob(f"{run.name}.eval.time.*.txt"))))
     return row
 
