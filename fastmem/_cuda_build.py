@@ -197,6 +197,15 @@ def cuda_ops_namespace():
     return getattr(torch.ops, OPS_NAMESPACE)
 
 
+@functools.cache
+def cuda_ops_with_fakes(register_fakes):
+    """`cuda_ops_namespace()`, with `register_fakes()` (a module's shape-only impls of its ops in
+    that namespace) run once per process, the first time the namespace loads for that module."""
+    ops = cuda_ops_namespace()
+    register_fakes()
+    return ops
+
+
 def cuda_gpu_skip_reason() -> str | None:
     """Why the GPU tests of the CUDA backend cannot run here (None when they can)."""
     if not torch.cuda.is_available():

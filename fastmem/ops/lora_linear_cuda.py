@@ -22,11 +22,9 @@ still to be measured on a GPU.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from fastmem._cuda_build import OPS_NAMESPACE, cuda_ops_namespace
+from fastmem._cuda_build import OPS_NAMESPACE, cuda_ops_with_fakes
 from fastmem.ops.lora_linear_checks import DropoutSpec
 
 # Exactly the strings csrc/bindings.cpp passes to m.def (tests/csrc checks they agree).
@@ -62,12 +60,9 @@ def register_fake_impls(namespace: str = OPS_NAMESPACE) -> None:
         torch.library.register_fake(f"{namespace}::{name}", fake)
 
 
-@functools.cache
 def cuda_ops():
     """`torch.ops.fastmem_cuda`, loading (or JIT-building) the extension on first use."""
-    ops = cuda_ops_namespace()
-    register_fake_impls()
-    return ops
+    return cuda_ops_with_fakes(register_fake_impls)
 
 
 def keep_mask(dropout: DropoutSpec, n_rows: int, n_cols: int, device: torch.device, ops=None) -> torch.Tensor:

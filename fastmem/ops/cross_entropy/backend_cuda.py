@@ -23,12 +23,11 @@ offset. The schemas are registered by csrc/bindings.cpp; this module holds the f
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
 
-from fastmem._cuda_build import OPS_NAMESPACE, cuda_ops_namespace
+from fastmem._cuda_build import OPS_NAMESPACE, cuda_ops_with_fakes
 from fastmem.ops.cross_entropy.backend_torch import Weigh
 from fastmem.ops.cross_entropy.row_math import NO_OPTIONS, ChunkStats, row_losses
 from fastmem.ops.cross_entropy.spec import LossSpec
@@ -62,12 +61,9 @@ def register_fake_impls(namespace: str = OPS_NAMESPACE) -> None:
     torch.library.register_fake(f"{namespace}::ce_softmax_grad_", _fake_softmax_grad_)
 
 
-@functools.cache
 def cuda_ops():
     """`torch.ops.fastmem_cuda`, loading (or JIT-building) the extension on first use."""
-    ops = cuda_ops_namespace()
-    register_fake_impls()
-    return ops
+    return cuda_ops_with_fakes(register_fake_impls)
 
 
 def run_chunk_kernels(row_stats: Callable, softmax_grad_: Callable, logits: torch.Tensor, labels: torch.Tensor,
