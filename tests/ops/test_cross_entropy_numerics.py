@@ -150,6 +150,52 @@ def test_targets_far_below_the_max_keep_lse(backend):
     assert rel_err(ours["grad_hidden"][finite], ref["grad_hidden"][finite]) <= 1e-4
 
 
+def _far_below_case():
+    """Rows with targets 120 and 300 below the max (fp32 p_y underflows), the rest ordinary."""
+    gen = torch.Generator().manual_seed(4)
+    vocab = 97
+    hidden = torch.randn(6, 12, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, 12, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([3, 10, 50, 96, 0, 7])
+    bias = torch.zeros(vocab, dtype=torch.float64)
+    bias[3], bias[10] = -120.0, -300.0
+    return hidden.float().reshape(2, 3, 12), weight.float(), labels.reshape(2, 3), bias.float()
+
+
+def _mixed_confidence_case(dtype):
+    """Half the rows confident (1 - p_y ~ 1e-5), half ordinary: the chunk needs the others' sum."""
+    hidden, weight, labels = confident_case(torch.float64, 20.0, seed=2)
+    hidden = hidden.clone()
+    hidden[1] = hidden[1] * 0.05  # the second sample's logits shrink to ordinary confidence
+    return hidden.to(dtype), weight.to(dtype), labels, None
+
+
+@pytest.mark.parametrize("softcap", [0.0, 400.0])
+@pytest.mark.parametrize("case", ["far_below", "mixed_fp32", "mixed_bf16"])
+@pytest.mark.parametrize("objective", ["sft", "ot"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_stats_the_loss_and_gradient_are_the_ones_with_stats(backend, objective, case, softcap):
+    """return_stats=False skips the runner-up logit (and, on the CPU, the row max: a row whose
+    p_y underflowed is taken again from the GEMM): per-token losses and gradients still match
+    float64 and the stats path."""
+    hidden, weight, labels, bias = _far_below_case() if case == "far_below" else _mixed_confidence_case(
+        torch.bfloat16 if case == "mixed_bf16" else torch.float32)
+    options = dict(backend=backend, objective=objective, threshold=1e-7, reduction="none", softcap=softcap)
+    bare, ref = run_both(hidden, weight, labels, bias, return_stats=False, **options)
+    with_stats, _ = run_both(hidden, weight, labels, bias, **options)
+    tol = 1e-5 if hidden.dtype == torch.float32 else 2e-2
+    assert rel_err(bare["loss"].reshape(-1), ref["tok"]["loss"]) <= tol
+    assert rel_err(bare["grad_hidden"], ref["grad_hidden"]) <= 10 * tol
+    assert torch.allclose(bare["loss"], with_stats["loss"], rtol=1e-6, atol=0)
+    assert torch.allclose(bare["grad_hidden"], with_stats["grad_hidden"], rtol=1e-5, atol=1e-6)
+
+
+def test_return_stats_needs_greedy_stats():
+    hidden, weight, labels = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
+    with pytest.raises(ValueError, match="greedy_stats"):
+        fastmem.linear_cross_entropy(hidden, weight, labels, return_stats=True, greedy_stats=False)
+
+
 @pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("backend", BACKENDS)

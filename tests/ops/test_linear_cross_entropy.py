@@ -41,23 +41,26 @@ def to_cpu(stats):
     return dataclasses.replace(stats, **{f.name: getattr(stats, f.name).cpu() for f in dataclasses.fields(stats)})
 
 
-def run_both(hidden, weight, labels, bias=None, *, backend, train_head=False, grad_seed=1, **options):
-    """Our loss/stats/grads (on DEVICE, returned on the CPU) and the oracle's, from the same input values."""
+def run_both(hidden, weight, labels, bias=None, *, backend, train_head=False, grad_seed=1, return_stats=True,
+             **options):
+    """Our loss/stats/grads (on DEVICE, returned on the CPU) and the oracle's, from the same input values.
+    With return_stats=False ours["stats"] is None (the op's path that skips what only stats read)."""
     ours_in = [on_device(hidden.detach()).clone().requires_grad_(True),
                on_device(weight.detach()).clone().requires_grad_(train_head)]
     ours_bias = None if bias is None else on_device(bias.detach()).clone().requires_grad_(train_head)
-    loss, stats = fastmem.linear_cross_entropy(ours_in[0], ours_in[1], on_device(labels), ours_bias,
-                                               return_stats=True, backend=backend, chunk_size=16,
-                                               **{k: on_device(v) for k, v in options.items()})
+    out = fastmem.linear_cross_entropy(ours_in[0], ours_in[1], on_device(labels), ours_bias,
+                                       return_stats=return_stats, backend=backend, chunk_size=16,
+                                       **{k: on_device(v) for k, v in options.items()})
+    loss, stats = out if return_stats else (out, None)
     grad_out = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
     loss.backward(on_device(grad_out.to(loss.dtype)))
-    stats = to_cpu(stats)
+    stats = None if stats is None else to_cpu(stats)
 
     ref_in = [hidden.detach().double().clone().requires_grad_(True),
               weight.detach().double().clone().requires_grad_(train_head)]
     ref_bias = None if bias is None else bias.detach().double().clone().requires_grad_(train_head)
     first_error = None
-    if hidden.dtype in (torch.float16, torch.bfloat16):
+    if stats is not None and hidden.dtype in (torch.float16, torch.bfloat16):
         first_error = stats.first_error.reshape(-1)  # near ties may round either way; checked separately
     ref_loss, ref_tok, ref_first_error = oracle_loss(ref_in[0], ref_in[1], labels, ref_bias,
                                                      first_error=first_error, **options)

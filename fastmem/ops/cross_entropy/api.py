@@ -92,8 +92,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if window is None:
         window = torch.full((samples.shape[0],), spec.sw_window, dtype=torch.float32, device=hidden.device)
     window = window.reshape(-1).to(torch.float32)
-    # The entropy is a stat: without return_stats nobody reads it (the torch backend saves a pass).
-    op_spec = spec if return_stats or not spec.entropy else dataclasses.replace(spec, entropy=False)
+    if return_stats and not spec.greedy_stats:
+        raise ValueError("return_stats=True needs greedy_stats=True (TokenStats.correct and .margin come from it)")
+    # Entropy, correctness and margin are stats: without return_stats nobody reads them (the
+    # torch backend saves a pass over each chunk per stat it skips).
+    op_spec = spec if return_stats else dataclasses.replace(spec, entropy=False, greedy_stats=False)
 
     # The op sets its own precision (fp32 accumulation, GEMMs in the input dtype): an enclosing
     # autocast region must not recast its GEMMs or in-place buffers.

@@ -87,7 +87,7 @@ def run_chunk_kernels(row_stats: Callable, softmax_grad_: Callable, logits: torc
 
 
 def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool,
-                  options: LossSpec = NO_OPTIONS) -> ChunkStats:
+                  options: LossSpec = NO_OPTIONS, raw_rows=None) -> ChunkStats:
     """See backend_torch.process_chunk; the gradient overwrites `logits`.
 
     Args:

@@ -28,10 +28,11 @@ from fastmem.ops.cross_entropy.syncs import host_sync_is_free
 from fastmem.ops.host_buffers import empty_scratch
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RawRows = Callable[[torch.Tensor], torch.Tensor]
 
 
 def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool,
-                  options: LossSpec = NO_OPTIONS) -> ChunkStats:
+                  options: LossSpec = NO_OPTIONS, raw_rows: RawRows | None = None) -> ChunkStats:
     """Stats, weights and gradient of one chunk.
 
     Args:
@@ -42,7 +43,10 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
         labels: `[C]` int64, all valid.
         weigh: `(nll [C], correct [C]) -> weight [C]` in the accumulation dtype.
         want_grad: form the gradient.
-        options: softcap, label smoothing, z-loss.
+        options: softcap, label smoothing, z-loss; `greedy_stats` / `entropy` off skip
+            the passes only TokenStats reads.
+        raw_rows: `(local row indices) -> [k, V]` the GEMM's logits of those rows again. With
+            it, a chunk that needs no greedy stats skips the row-max pass (see `_rows_without_max`).
 
     Returns:
         ChunkStats (fp64 for fp64 logits, else fp32).
@@ -56,25 +60,35 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
         work = logits if logits.dtype == acc else _working_copy(logits, acc)
     col = labels.unsqueeze(1)
     target = work.gather(1, col)
-    # Greedy correctness with ties counting as wrong: the target must beat every other
-    # logit strictly, so take the max with the target column masked out (amax: no indices,
-    # a third of max's time on CPU).
-    work.scatter_(1, col, float("-inf"))
-    best_other = work.amax(dim=1, keepdim=True)
-    work.scatter_(1, col, target)
-    correct = target > best_other
-    target_at_max = target >= best_other
-    row_max = torch.maximum(best_other, target)
+    greedy = options.greedy_stats or options.objective == "sw"  # SW's spatial factor reads the first error
+    skip_max = (not greedy and not options.entropy and _host_sync_is_free(work)
+                and (raw_rows is not None or work is not logits))
+    if skip_max:
+        # Nobody reads correct / margin (linear_cross_entropy without return_stats, not SW).
+        row_max, best_other, correct = None, torch.full_like(target, float("nan")), torch.zeros_like(target, dtype=torch.bool)
+    else:
+        # Greedy correctness with ties counting as wrong: the target must beat every other
+        # logit strictly, so take the max with the target column masked out (amax: no indices,
+        # a third of max's time on CPU).
+        work.scatter_(1, col, float("-inf"))
+        best_other = work.amax(dim=1, keepdim=True)
+        work.scatter_(1, col, target)
+        correct = target > best_other
+        row_max = torch.maximum(best_other, target)
     sum_z = work.sum(dim=1, keepdim=True) if options.label_smoothing else None
-    if getattr(options, "entropy", True):
+    if options.entropy:
         shifted_dot = _softmax_in_place(work, row_max)
     else:
         _plain_softmax_in_place(work, row_max)
         shifted_dot = None
     p_y = work.gather(1, col)
-    work.scatter_(1, col, 0.0)
-    others = work.sum(dim=1, keepdim=True)
-    log_sum = _log_sum(work, others, p_y, target, row_max, target_at_max)
+    if skip_max:
+        # row_losses and target_grad take any reference point m with log_sum = lse - m: the
+        # target's logit with log_sum = nll needs no row max.
+        log_sum = _nll_without_max(work, col, p_y, target, logits if work is not logits else None, raw_rows, cap)
+        row_max = target
+    else:
+        log_sum = _log_sum(work, col, p_y, target, row_max)
     lse, nll, loss = row_losses(row_max, log_sum, target, sum_z, n_cols, options)
     entropy = torch.zeros_like(log_sum) if shifted_dot is None else log_sum - shifted_dot
     weight = weigh(nll.squeeze(1), correct.squeeze(1))
@@ -97,21 +111,64 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
                       correct.squeeze(1), weight, entropy.squeeze(1), grad)
 
 
-def _log_sum(p: torch.Tensor, others: torch.Tensor, p_y: torch.Tensor, target: torch.Tensor,
-             row_max: torch.Tensor, target_at_max: torch.Tensor) -> torch.Tensor:
-    """log S, S = sum_c exp(z_c - max), from the softmax `p` (target column zeroed) and
-    others = sum of p over c != y.
+def _others(p: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """sum of p over the non-target columns (the target column is zeroed: the gradient
+    overwrites it later)."""
+    p.scatter_(1, col, 0.0)
+    return p.sum(dim=1, keepdim=True)
 
-    Target at the max: S = 1 + rest with rest = others / p_y (a sum of small terms, the
-    softmax's 1 / S cancels), and log1p keeps its relative precision however confident the
-    target. Elsewhere p_y = exp(z_y - max) / S gives log S = (z_y - max) - log p_y, exact to
-    a few fp32 ulps while p_y is a normal float; rows where p_y underflowed (z_y more than
-    ~87 below the max) take -log of their largest p = 1 / S instead (an extra pass, on
-    those rows only on CPU, where the test costs no device sync).
+
+def _confident_rows_exist(p_y: torch.Tensor) -> bool:
+    """Some row has p_y > 1/2, where only log1p(others / p_y) keeps nll's relative precision.
+    Elsewhere nll >= ln 2 and -log p_y (p_y to a few ulps) is precise, and the pass over the
+    chunk that sums the others is skipped (a host sync, taken only where it is free)."""
+    return not _host_sync_is_free(p_y) or bool((p_y > 0.5).any())
+
+
+def _nll_without_max(p: torch.Tensor, col: torch.Tensor, p_y: torch.Tensor, target: torch.Tensor,
+                     raw: torch.Tensor | None, raw_rows: RawRows | None, cap: float) -> torch.Tensor:
+    """nll per row from the softmax `p` without the row max (CPU: host syncs are free).
+
+    p_y > 1/2: log1p(others / p_y); else -log p_y. A row whose p_y underflowed (nll above
+    ~87) has lost z_y - max to the softmax: its logits are taken again (`raw`, the untouched
+    GEMM output, or `raw_rows`) and its nll is logsumexp(z) - z_y.
     """
-    log_sum = torch.where(target_at_max, torch.log1p(others / p_y), (target - row_max) - torch.log(p_y))
+    if bool((p_y > 0.5).any()):
+        others = _others(p, col)
+        nll = torch.where(p_y > 0.5, torch.log1p(others / p_y), -torch.log(p_y))
+    else:
+        nll = -torch.log(p_y)
+    underflow = (p_y < torch.finfo(p.dtype).tiny).squeeze(1)
+    if bool(underflow.any()):
+        rows = underflow.nonzero().squeeze(1)
+        z = raw.index_select(0, rows) if raw is not None else raw_rows(rows)
+        z = z.to(p.dtype)
+        if cap:
+            z = z.div(cap).tanh_().mul_(cap)
+        nll[rows] = torch.logsumexp(z, dim=1, keepdim=True) - target.index_select(0, rows)
+    return nll
+
+
+def _log_sum(p: torch.Tensor, col: torch.Tensor, p_y: torch.Tensor, target: torch.Tensor,
+             row_max: torch.Tensor) -> torch.Tensor:
+    """log S, S = sum_c exp(z_c - max), from the softmax `p`.
+
+    Target at the max with p_y > 1/2: S = 1 + rest with rest = others / p_y (a sum of small
+    terms, the softmax's 1 / S cancels), and log1p keeps its relative precision however
+    confident the target. Elsewhere p_y = exp(z_y - max) / S gives log S = (z_y - max) - log p_y,
+    exact to a few fp32 ulps while p_y is a normal float (and nll >= ln 2 where the target
+    holds the max); rows where p_y underflowed (z_y more than ~87 below the max) take -log of
+    their largest p = 1 / S instead (an extra pass, on those rows only on CPU, where the test
+    costs no device sync).
+    """
+    plain = (target - row_max) - torch.log(p_y)
+    if _confident_rows_exist(p_y):
+        confident = (target >= row_max) & (p_y > 0.5)
+        log_sum = torch.where(confident, torch.log1p(_others(p, col) / p_y), plain)
+    else:
+        log_sum = plain
     tiny = torch.finfo(p.dtype).tiny
-    underflow = ~target_at_max & (p_y < tiny)
+    underflow = (target < row_max) & (p_y < tiny)
     if not _host_sync_is_free(p):
         return torch.where(underflow, -torch.log(p.amax(dim=1, keepdim=True)), log_sum)
     if bool(underflow.any()):
@@ -137,7 +194,7 @@ def _softmax_may_alias(work: torch.Tensor) -> bool:
     return work.device.type == "cpu"
 
 
-def _plain_softmax_in_place(work: torch.Tensor, row_max: torch.Tensor) -> None:
+def _plain_softmax_in_place(work: torch.Tensor, row_max: torch.Tensor | None) -> None:
     """work <- softmax(work), no entropy (LossSpec(entropy=False)): ATen's row-by-row kernel
     where it may alias (the CPU), else three passes."""
     if _softmax_may_alias(work):
@@ -146,7 +203,7 @@ def _plain_softmax_in_place(work: torch.Tensor, row_max: torch.Tensor) -> None:
             return
         except RuntimeError:
             pass
-    work.sub_(row_max).exp_()
+    work.sub_(work.amax(dim=1, keepdim=True) if row_max is None else row_max).exp_()
     work.div_(work.sum(dim=1, keepdim=True))
 
 

@@ -16,7 +16,7 @@ def _block_v(n_cols: int) -> int:
 
 
 def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want_grad: bool,
-                  options: LossSpec = NO_OPTIONS) -> ChunkStats:
+                  options: LossSpec = NO_OPTIONS, raw_rows=None) -> ChunkStats:
     """See backend_torch.process_chunk; the gradient overwrites `logits` (rows of weight 0 with 0)."""
     rows, n_cols = logits.shape
     assert logits.stride(1) == 1, "the chunk buffer is made contiguous by the driver"

@@ -163,7 +163,8 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             rows_c = rows[c0:c1]
             hidden_c, labels_c = hidden.index_select(0, rows_c), labels.index_select(0, rows_c)
         logits = matmul_nt(hidden_c, weight, bias, out=None if fresh_logits else logits_buffer[: c1 - c0])
-        out = process_chunk(logits, labels_c, lambda nll_c, ok: weigh(c0, c1, rows_c, nll_c, ok), want_grad, options)
+        out = process_chunk(logits, labels_c, lambda nll_c, ok: weigh(c0, c1, rows_c, nll_c, ok), want_grad, options,
+                            raw_rows=lambda idx, h=hidden_c: matmul_nt(h.index_select(0, idx), weight, bias))
         lse[c0:c1], nll[c0:c1], loss[c0:c1], target[c0:c1] = out.lse, out.nll, out.loss, out.target
         best_other[c0:c1], correct[c0:c1], weight_rows[c0:c1] = out.best_other, out.correct, out.weight
         entropy[c0:c1] = out.entropy

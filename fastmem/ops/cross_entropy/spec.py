@@ -50,7 +50,10 @@ class LossSpec:
     (None: the rule in chunk_loop.chunk_rows_for).  entropy: compute TokenStats.entropy (the
     Triton and CUDA kernels carry it in their online pass for free; on the torch backend it
     costs one more in-cache pass per chunk, see docs/design.md section 8); False leaves
-    `TokenStats.entropy` None.
+    `TokenStats.entropy` None.  greedy_stats: compute TokenStats.correct and .margin (the
+    runner-up logit: one more pass over each chunk on the torch backend; MemFT-SW computes
+    them regardless, its weights read the first error). `linear_cross_entropy` turns both
+    off when `return_stats=False`, and refuses `return_stats=True` with greedy_stats off.
     """
 
     objective: str = "sft"
@@ -68,6 +71,7 @@ class LossSpec:
     chunk_size: int | None = None
     max_chunk_bytes: int | None = None
     entropy: bool = True
+    greedy_stats: bool = True
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -101,8 +105,9 @@ class LossSpec:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         if self.lse_square_scale < 0:
             raise ValueError(f"lse_square_scale must be >= 0, got {self.lse_square_scale}")
-        if not isinstance(self.entropy, bool):
-            raise TypeError(f"entropy must be True or False, got {self.entropy!r}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _optional_positive_int("chunk_size", self.chunk_size)
         _optional_positive_int("max_chunk_bytes", self.max_chunk_bytes)
 
@@ -154,7 +159,7 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(LossSpec))
 _FLOAT_FIELDS = ("threshold", "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "softcap", "label_smoothing",
                  "lse_square_scale")
 _INT_FIELDS = ("ignore_index", "chunk_size", "max_chunk_bytes")
-_BOOL_FIELDS = ("entropy",)
+_BOOL_FIELDS = ("entropy", "greedy_stats")
 
 
 @functools.lru_cache(maxsize=64)
