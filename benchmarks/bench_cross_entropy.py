@@ -344,6 +344,7 @@ def write_table(device, dtype, rows, args):
     lines = [f"# fused linear cross-entropy, fwd+bwd, frozen head, {str(dtype).replace('torch.', '')}",
              "", f"- date: {stamp:%Y-%m-%d %H:%M} UTC", f"- device: {device_name(device)}",
              *([f"- fastmem's fp32 CPU GEMM route: {cpu_route_line()}"] if device.type == "cpu" else []),
+             *([f"- instruction sets limited by the environment: {isa_limits()}"] if isa_limits() else []),
              f"- versions: {json.dumps(versions())}", f"- command: `python {' '.join(sys.argv)}`",
              f"- ms: median of {args.reps} rounds" + (
                  "" if device.type != "cpu" else
@@ -367,7 +368,18 @@ def write_table(device, dtype, rows, args):
         lines += ["", "Every round (ms" + ("; each one process's median" if args.own_process else "") + "):",
                   *per_round]
     kind = "smoke" if args.smoke else device.type
-    print_and_write(lines, None if args.no_write else f"cross_entropy_{kind}_{stamp:%Y%m%d}.md")
+    tag = f"_{args.tag}" if args.tag else ""
+    print_and_write(lines, None if args.no_write else f"cross_entropy_{kind}_{stamp:%Y%m%d}{tag}.md")
+
+
+# Environment variables that cap the instruction sets MKL, ATen's vectorized kernels and oneDNN
+# use: with them an AVX-512 machine runs the code paths of one without (its caches and memory
+# stay its own).
+ISA_LIMIT_VARS = ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def isa_limits() -> str:
+    return ", ".join(f"{name}={os.environ[name]}" for name in ISA_LIMIT_VARS if os.environ.get(name))
 
 
 def main(argv=None):
@@ -383,6 +395,9 @@ def main(argv=None):
                              "interleaved) instead of all in this one")
     parser.add_argument("--smoke", action="store_true", help="a tiny CPU run for CI")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--tag", default="", help="suffix of the result file's name (e.g. avx2 for a run under "
+                                                   "MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 "
+                                                   "ONEDNN_MAX_CPU_ISA=AVX2)")
     args = parser.parse_args(argv)
     device, dtype, rows = run(args)
     write_table(device, dtype, rows, args)
