@@ -167,6 +167,49 @@ def memft_table(chosen: list[dict]) -> list[str]:
     return lines
 
 
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3g}"
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.3g} ± {sd:.2g}"
+
+
+def _decoded_em(row: dict) -> float | None:
+    """Greedy-decoded exact match of the cell's samples (None when nothing was decoded)."""
+    decoded = [v for v in row["details"].get("decoded_em_per_sample") or [] if v is not None]
+    return sum(decoded) / len(decoded) if decoded else None
+
+
+def protocol_table(groups: dict[str, list[dict]]) -> list[str]:
+    """MemFT vs SFT under the authors' protocol, seeds pooled: per (data, rank, recipe) the seeds
+    done, EM at the end of the budget per seed (greedy-decoded, every sample), token accuracy and
+    final loss (mean ± sample sd over seeds), and the first step whose training forward had every
+    token right / every token at p > 0.5, per seed (– : never within the budget)."""
+    lines = ["| data | rank | recipe | seeds | decoded EM per seed | EM all seeds | token acc | final loss "
+             "| first all-correct step per seed | first all p > 0.5 step per seed |", "|---" * 10 + "|"]
+    keyed: dict[tuple, list[dict]] = {}
+    for recipe, found in groups.items():
+        for r in found:
+            name = "SFT" if r["objective"] == "sft" else recipe
+            keyed.setdefault((r["data"], r["ratio"], r["rank"], name), []).append(r)
+    order = {name: i for i, name in enumerate(["SFT", *groups])}
+    for (data, ratio, rank, name), found in sorted(keyed.items(), key=lambda kv: (*kv[0][:3], order[kv[0][3]])):
+        found.sort(key=lambda r: r["seed"])
+        ems = [_decoded_em(r) for r in found]
+        em_text = ", ".join(f"{r['seed']}: {_fmt(e, '.0%')}" for r, e in zip(found, ems))
+        every = sum(e == 1.0 for e in ems if e is not None)
+        steps = lambda key: ", ".join(str(r["details"].get(key) or "–") for r in found)  # noqa: E731
+        label = data if data != "stress" else f"stress ρ {ratio:g}"
+        lines.append(f"| {label} | {rank} | {name} | {len(found)} | {em_text} | {every}/{len(found)} | "
+                     f"{_mean_sd([r['token_acc'] for r in found if r['token_acc'] is not None])} | "
+                     f"{_mean_sd([r['final_loss'] for r in found if r['final_loss'] is not None])} | "
+                     f"{steps('first_em_step')} | {steps('first_recall_step')} |")
+    return lines
+
+
 def memft_figure(rows_: list[dict], path: Path) -> None:
     """EM, token accuracy and steps against rank, one column per data family, one line per objective."""
     groups = sorted({(r["data"], r["ratio"], r["length"]) for r in rows_})

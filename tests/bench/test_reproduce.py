@@ -205,3 +205,30 @@ def test_discussion_quotes_what_the_committed_databases_hold():
         fit = fit_law(runs.rank, runs.length, runs.delta_loss, runs.final_loss, layers=runs.layers, bootstrap=0)
         assert (f"{fit.r2_loo:.{len(loo) - 2}f}", f"{fit.plane.r2_loo:.{len(plane_loo) - 2}f}") == (loo, plane_loo)
         assert loo in text and plane_loo in text
+
+
+def test_protocol_stage_runs_sft_once_then_the_curriculum_then_ot_at_0_1(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(stages, "fastmem", lambda *args, log=None: calls.append(args))
+    stages.run_protocol(tmp_path, "cpu")
+    dbs = [args[args.index("--db") + 1].rsplit("/", 1)[1] for args in calls]
+    assert dbs == ["protocol_ln2.sqlite", "protocol_curriculum.sqlite", "protocol_0.1.sqlite"]
+    ln2, ot01 = (SweepSpec.from_file(tmp_path / f"protocol_{n}.toml") for n in ("ln2", "0.1"))
+    assert ln2.objectives == ["sft", "ot"] and ot01.objectives == ["ot"]
+    assert ln2.threshold == pytest.approx(math.log(2)) and ot01.threshold == pytest.approx(0.1)
+    assert len(ln2.seeds) >= 3 and ln2.train["max_grad_norm"] == 1.0 and ln2.train["adapter"] == "mlp_block"
+
+
+def test_protocol_table_pools_seeds_and_names_sft_once():
+    def cell(objective, seed, em, acc, first):
+        decoded = [True] * em + [False] * (2 - em)
+        return {"data": "phonebook", "ratio": 0.0, "rank": 1, "objective": objective, "seed": seed,
+                "token_acc": acc, "final_loss": 0.1 * seed, "details": {
+                    "decoded_em_per_sample": decoded, "first_em_step": first, "first_recall_step": None}}
+    lines = driver.analysis.protocol_table({
+        "OT at ln 2": [cell("sft", 1, 1, 0.9, None), cell("sft", 2, 2, 1.0, 40), cell("ot", 1, 2, 1.0, 30)],
+        "OT at 0.1": [cell("ot", 1, 2, 1.0, 20)]})
+    assert lines[2] == ("| phonebook | 1 | SFT | 2 | 1: 50%, 2: 100% | 1/2 | 0.95 ± 0.071 | 0.15 ± 0.071 "
+                        "| –, 40 | –, – |")
+    assert lines[3].startswith("| phonebook | 1 | OT at ln 2 | 1 | 1: 100% | 1/1 |")
+    assert lines[4].startswith("| phonebook | 1 | OT at 0.1 | 1 |") and len(lines) == 5
