@@ -93,13 +93,37 @@ def keep_databases(root: Path, kept: Path) -> None:
         tmp.replace(kept / db.name)
     if (root / "stage_seconds.json").exists():
         (kept / "stage_seconds.json").write_text((root / "stage_seconds.json").read_text())
+    for path in _run_files(root):
+        target = kept / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(path.read_bytes())
+        tmp.replace(target)
+
+
+# The run files the report reads besides the databases (the stubborn case's evaluation, the
+# headline's per-step metrics, summaries, caps and evaluations): small, kept in git with them so
+# that the report can be rebuilt from a clone (`--report-only`).
+KEPT_RUN_FILES = ("stubborn/eval/report.json", "stubborn/eval/*.png", "stubborn/run/metrics.jsonl",
+                  "stubborn/run/summary.json", "headline/*.json", "headline/*/metrics.jsonl",
+                  "headline/*/summary.json", "headline/*/capped.json", "headline/*-eval/report.json")
+
+
+def _run_files(root: Path) -> list[Path]:
+    return sorted({p for pattern in KEPT_RUN_FILES for p in root.glob(pattern) if p.is_file()})
 
 
 def restore_databases(kept: Path, root: Path) -> None:
-    """Seed `root` with the kept databases it lacks (a fresh machine or clone resumes the grids)."""
+    """Seed `root` with the kept databases and run files it lacks (a fresh machine or clone
+    resumes the grids and rebuilds the report)."""
     for db in sorted(kept.glob("*.sqlite")) if kept.exists() else []:
         if not (root / db.name).exists():
             (root / db.name).write_bytes(db.read_bytes())
+    for path in _run_files(kept) if kept.exists() else []:
+        target = root / path.relative_to(kept)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
     if (kept / "stage_seconds.json").exists() and not (root / "stage_seconds.json").exists():
         (root / "stage_seconds.json").write_text((kept / "stage_seconds.json").read_text())
 
@@ -214,6 +238,12 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
               "is stopped there (checkpointed, resumable): its ratio is a measured lower bound (≥). Every "
               "finished run is then checked by `fastmem eval`.", ""]
     lines += headline_lines + [""]
+    if not cells and scale == "cpu":
+        lines += ["No headline run is in this repository yet. The table of the first runs (2026-11-29) was "
+                  "computed from runs that were not kept; it is in `git show abc9b1a:docs/reproduction.md`, "
+                  "section 5, and cannot be recomputed. `python -m benchmarks.reproduce --scale cpu --stages "
+                  "headline` reruns it and keeps every run's metrics, summary and evaluation in "
+                  "`benchmarks/results/reproduce/cpu/headline/`.", ""]
     lines += _figure(analysis.headline_figure, cells, figures / "headline_wall.png", "wall time to EM", rel)
     discussion = stages.HERE / f"discussion_{scale}.md"
     if discussion.exists():

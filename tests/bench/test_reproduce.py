@@ -101,6 +101,21 @@ def test_databases_are_kept_and_restored(tmp_path):
     assert (fresh / "memft.sqlite").exists() and len(ResultsStore(fresh / "law.sqlite").rows()) == 1
 
 
+def test_the_run_files_the_report_reads_are_kept_and_restored(tmp_path):
+    root, kept, fresh = tmp_path / "runs", tmp_path / "kept", tmp_path / "fresh"
+    files = {"stubborn/eval/report.json": "{}", "headline/reference_forward_1024.json": "{}",
+             "headline/1024-authors/metrics.jsonl": "{}\n", "headline/1024-authors-eval/report.json": "{}"}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "headline/1024-authors/checkpoints").mkdir()
+    (root / "headline/1024-authors/checkpoints/state.pt").write_text("big")  # not kept
+    driver.keep_databases(root, kept)
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == sorted(files)
+    driver.restore_databases(kept, fresh)
+    assert all((fresh / name).read_text() == text for name, text in files.items())
+
+
 _FAKE_TRAINER = """
 import json, signal, sys, time
 signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
