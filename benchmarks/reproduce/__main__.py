@@ -228,15 +228,17 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
 
     headline_lines, cells = analysis.headline_table(root, stages.headline_lengths(scale), stages.RECIPES)
     lines += ["## 5. Wall time to 100% exact recall", "",
-              "Stress-test answers with 25% random tokens, one LoRA setup for every recipe (`HEADLINE_LORA` in "
-              "stages.py). fastmem: fast engine, prefix cache, fused loss, the trainer's defaults (SFT); "
-              "fastmem-ot: the same with MemFT-OT at the default threshold (0.1); authors: `--engine hf` (full "
-              "logits), OT at ln 2, plus their per-step forward without the adapter (timed separately, "
-              "`reference_forward_<ℓ>.json`, and added per step); hf-sft: plain SFT through HF. Wall = the "
-              "steps' own time (Σ step_s of metrics.jsonl; model loading, prefix cache and the base / final "
-              "passes left out for every recipe). A baseline whose wall passes `HEADLINE_CAP` × fastmem's best "
-              "is stopped there (checkpointed, resumable): its ratio is a measured lower bound (≥). Every "
-              "finished run is then checked by `fastmem eval`.", ""]
+              "Stress-test answers with 25% random tokens (`RECIPES` in stages.py). fastmem: fast engine, prefix "
+              "cache, fused loss, the trainer's defaults (SFT) on `HEADLINE_LORA` (rank 16 on all 7 projections "
+              "of layers 24–29); fastmem-ot: the same with MemFT-OT at the default threshold (0.1); hf-sft: plain "
+              "transformers + PEFT SFT, same adapter; authors: their recipe as their code runs it (`AUTHORS_RECIPE`, "
+              "each setting cited in authors.toml): one MLP-block adapter (rank 8, scale 1) at layer 20, dropout "
+              "0.1, gradient norm clipped at 1.0, linear decay, OT at ln 2, full logits (`--engine hf`) and their "
+              "per-step forward without the adapter executed in the loop (`--reference-forward`, inside each "
+              "step's time). Wall = the steps' own time (Σ step_s of metrics.jsonl; model loading, prefix cache "
+              "and the base / final passes left out for every recipe). A baseline whose wall passes "
+              "`HEADLINE_CAP` × fastmem's best is stopped there (checkpointed, resumable): its ratio is a "
+              "measured lower bound (≥). Every finished run is then checked by `fastmem eval`.", ""]
     lines += headline_lines + [""]
     if not cells and scale == "cpu":
         lines += ["No headline run is in this repository yet. The table of the first runs (2026-11-29) was "

@@ -127,6 +127,9 @@ def register(subparsers) -> None:
                                    "logit beats the runner-up by >= --em-margin)")):
         parser.add_argument(flag, choices=choices, help=text)
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    parser.add_argument("--reference-forward", action="store_true",
+                        help="--engine hf: one more forward per step without the adapter, its loss logged "
+                             "(the authors' loop; changes no weight, costs its time)")
     parser.add_argument("--em-margin", type=float, help="the margin δ of --stop-on em, in logits (default 0.5: what survived a bf16 cast "
                         "and merging; see TrainConfig)")
     parser.set_defaults(func=run)

@@ -126,6 +126,10 @@ class TrainConfig:
     # merging and a bf16 cast in every case; at δ = 0 a merged bf16 copy lost one of 20 PhoneBook
     # entries (bf16 logits near 20 are 0.125 apart). benchmarks/results/stop_on_em_20261203.md.
     em_margin: float = 0.5
+    # `--engine hf` only: per step, one more forward of the batch with the adapter disabled, its
+    # answer loss logged as `reference_loss` (the authors' loop runs it every step and only logs it,
+    # MemFTModelTrainer.py:479-490): it changes no weight, it costs what their recipe pays.
+    reference_forward: bool = False
 
     def validate(self) -> None:
         """Raise UsageError (a ValueError) naming the setting for anything that cannot train:
@@ -180,6 +184,9 @@ class TrainConfig:
             raise UsageError(f"checkpoint_minutes must be >= 0 (0: no timed checkpoints), got {self.checkpoint_minutes}")
         if self.context is not None and (not _is_int(self.context) or self.context < 2):
             raise UsageError(f"context must be a number of positions >= 2, got {self.context!r}")
+        if self.reference_forward and self.engine != "hf":
+            raise UsageError("reference_forward runs on engine 'hf' (the authors' loop it reproduces); "
+                             f"got engine {self.engine!r}")
         if self.max_grad_norm < 0:
             raise UsageError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         for name, allowed in (("adapter", ADAPTERS), ("lr_schedule", LR_SCHEDULES),

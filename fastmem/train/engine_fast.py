@@ -44,6 +44,10 @@ class FastEngine:
     def sequence_tokens(self, indices: list[int]) -> int:
         return sum(self.cache.samples[i].answer_len + len(self.cache.samples[i].prompt_ids) for i in indices)
 
+    def step_metrics(self, indices: list[int]) -> dict:
+        """Nothing beyond the stats (the hf engine's reference forward is a baseline's cost)."""
+        return {}
+
 
 def stats_summary(stats: TokenStats) -> dict:
     """Unweighted answer-token metrics of one pass (recall line: p > 0.5)."""

@@ -9,6 +9,8 @@ not objectives.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,24 @@ class HFEngine:
     def __init__(self, config: TrainConfig, peft_model: nn.Module, samples: list[MemorySample],
                  device: torch.device):
         self.config, self.model, self.samples, self.device = config, peft_model, samples, device
+
+    def step_metrics(self, indices: list[int]) -> dict:
+        """What the step adds to metrics.jsonl: with `reference_forward`, the batch's answer loss
+        without the adapter and its seconds (the authors' per-step second forward)."""
+        if not self.config.reference_forward:
+            return {}
+        start = time.perf_counter()
+        total, count = 0.0, 0
+        with torch.no_grad(), self.model.disable_adapter():
+            for i in indices:
+                sample = self.samples[i]
+                input_ids = torch.tensor([sample.input_ids], dtype=torch.long, device=self.device)
+                logits = self.model(input_ids=input_ids, use_cache=False).logits
+                answer = logits[0, answer_slice(len(sample.prompt_ids), sample.answer_len)].float()
+                labels = torch.tensor(sample.answer_ids, device=self.device)
+                total += float(F.cross_entropy(answer, labels, reduction="sum"))
+                count += labels.numel()
+        return {"reference_loss": total / max(count, 1), "reference_s": time.perf_counter() - start}
 
     def forward(self, indices: list[int], window: torch.Tensor | None = None,
                 objective: str | None = None):

@@ -119,7 +119,8 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
     run.step += 1
     run.stopped = decision.stop
 
-    # 4. bookkeeping
+    # 4. bookkeeping (the hf engine's reference forward, when asked for, counts in the step's time)
+    extra = run.engine.step_metrics(indices)
     run.sw_state.update(list(scheduled.global_batch), gather_first_errors(stats.first_error, info))
     step_s = time.perf_counter() - t0
     row = {"step": run.step, "epoch": scheduled.epoch, "samples": list(scheduled.global_batch),
@@ -127,7 +128,7 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
            "stubborn_tokens_global": signal.stubborn_tokens, "active_tokens": signal.active_tokens,
            "recrossed": run.recrossings.count(indices, stats), "lr": lr, "update": decision.update,
            "decision": decision.reason, "confirmation": confirmation, "confirm_s": confirm_s, "step_s": step_s,
-           "tokens_per_s": run.engine.sequence_tokens(indices) / max(step_s, 1e-9)}
+           "tokens_per_s": run.engine.sequence_tokens(indices) / max(step_s, 1e-9), **extra}
     if config.objective == "sw":
         row["sw_window_mean"] = float(window.mean())
     run.metrics.write(row)

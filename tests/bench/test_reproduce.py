@@ -73,12 +73,13 @@ def test_headline_reads_finished_runs(tmp_path):
         # summary.json's wall_s covers only the last process of a resumed run: the steps' own
         # times (metrics.jsonl) are what counts, a step redone after the resume once
         (run / "summary.json").write_text(json.dumps({"steps": steps, "wall_s": 1.0, "stopped_on_recall": True}))
-        rows = [{"step": i, "step_s": step_s} for i in (*range(1, 11), *range(10, steps + 1))]
+        ref = {"reference_s": 2.0} if name == "authors" else {}  # inside step_s (--reference-forward)
+        rows = [{"step": i, "step_s": step_s, **ref} for i in (*range(1, 11), *range(10, steps + 1))]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "reference_forward_256.json").write_text(json.dumps({"seconds": 2.0}))
     lines, cells = driver.analysis.headline_table(tmp_path, (256,), stages.RECIPES)
     authors = next(c for c in cells if c["recipe"] == "authors")
-    assert authors["wall"] == pytest.approx(800.0 + 80 * 2.0) and "9.60×" in "\n".join(lines)  # vs fastmem's best
+    assert authors["wall"] == pytest.approx(800.0) and authors["ref_s"] == 2.0
+    assert "8.00×" in "\n".join(lines)  # vs fastmem's best
     # a baseline interrupted before recall (no summary.json yet) counts as a lower bound
     (out / "256-hf-sft").mkdir()
     (out / "256-hf-sft" / "metrics.jsonl").write_text("".join(
@@ -103,7 +104,7 @@ def test_databases_are_kept_and_restored(tmp_path):
 
 def test_the_run_files_the_report_reads_are_kept_and_restored(tmp_path):
     root, kept, fresh = tmp_path / "runs", tmp_path / "kept", tmp_path / "fresh"
-    files = {"stubborn/eval/report.json": "{}", "headline/reference_forward_1024.json": "{}",
+    files = {"stubborn/eval/report.json": "{}", "headline/capped_note.json": "{}",
              "headline/1024-authors/metrics.jsonl": "{}\n", "headline/1024-authors-eval/report.json": "{}"}
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -247,3 +248,13 @@ def test_protocol_table_pools_seeds_and_names_sft_once():
                         "| –, 40 | –, – |")
     assert lines[3].startswith("| phonebook | 1 | OT at ln 2 | 1 | 1: 100% | 1/1 |")
     assert lines[4].startswith("| phonebook | 1 | OT at 0.1 | 1 |") and len(lines) == 5
+
+
+def test_the_authors_headline_recipe_is_their_protocol_with_the_reference_forward_in_the_loop():
+    name, engine, objective, threshold, flags = next(r for r in stages.RECIPES if r[0] == "authors")
+    assert engine == "hf" and objective == "ot" and threshold == pytest.approx(math.log(2))
+    assert "--reference-forward" in flags
+    pairs = [f for f in flags if f != "--reference-forward"]
+    settings = dict(zip(pairs[::2], pairs[1::2]))
+    assert settings["--adapter"] == "mlp_block" and settings["--dropout"] == "0.1"
+    assert settings["--max-grad-norm"] == "1.0" and settings["--rank"] == settings["--alpha"]

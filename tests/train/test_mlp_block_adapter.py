@@ -155,3 +155,23 @@ def test_every_engine_path_trains_the_block_adapter_alike(settings):
     reference = train(_config(lr=2e-2, max_steps=4, stop_on_recall=False), samples, model=tiny_model())
     other = train(_config(lr=2e-2, max_steps=4, stop_on_recall=False, **settings), samples, model=tiny_model())
     assert [r["loss"] for r in other.metrics] == pytest.approx([r["loss"] for r in reference.metrics], rel=1e-4)
+
+
+def test_the_reference_forward_logs_the_base_models_loss_every_step_and_changes_nothing():
+    samples = make_samples(2)
+    settings = dict(engine="hf", lr=2e-2, max_steps=3, stop_on_recall=False, batch_size=2)  # one batch: both
+    plain = train(_config(**settings), samples, model=tiny_model())
+    with_ref = train(_config(**settings, reference_forward=True), samples, model=tiny_model())
+    assert [r["loss"] for r in with_ref.metrics] == [r["loss"] for r in plain.metrics]  # no weight changed by it
+    refs = [r["reference_loss"] for r in with_ref.metrics]
+    # the adapter is disabled for it: the base model's loss, the same every step (B starts at 0:
+    # step 1's training loss is the base loss too)
+    assert refs == pytest.approx([with_ref.metrics[0]["loss"]] * 3, rel=1e-5)
+    assert all(r["reference_s"] > 0 for r in with_ref.metrics) and "reference_loss" not in plain.metrics[0]
+
+
+def test_the_reference_forward_is_refused_on_the_fast_engine():
+    from fastmem.errors import UsageError
+
+    with pytest.raises(UsageError, match="reference_forward runs on engine 'hf'"):
+        _config(reference_forward=True).validate()
