@@ -258,6 +258,26 @@ def threshold_table(root: Path, names) -> tuple[list[str], list[dict]]:
     return lines, found
 
 
+def threshold_seeds_table(root: Path, names, stage: str = "threshold_protocol") -> list[str]:
+    """The threshold study with seeds: per (data, ρ, objective, threshold) the seeds done, how
+    many reached 100% recall within the budget, steps to it (mean ± sd over those that did; the
+    budget for the rest is listed per seed), and re-crossings (mean ± sd)."""
+    lines = ["| data | ρ | objective | threshold | seeds | recalled | steps per seed | steps to recall "
+             "(recalled seeds) | re-crossings |", "|---" * 9 + "|"]
+    groups: dict[tuple, list[dict]] = {}
+    for name in (*names, "sft"):
+        for r in rows(root / f"{stage}_{name}.sqlite"):
+            groups.setdefault((r["data"], r["ratio"], r["objective"], "–" if name == "sft" else name), []).append(r)
+    for (data, ratio, objective, threshold), found in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        found.sort(key=lambda r: r["seed"])
+        recalled = [r for r in found if r["details"].get("stopped_on_recall")]
+        per_seed = ", ".join(f"{r['steps']}{'' if r in recalled else ' (budget)'}" for r in found)
+        lines.append(f"| {data} | {ratio:g} | {objective} | {threshold} | {len(found)} | {len(recalled)}/{len(found)} | "
+                     f"{per_seed} | {_mean_sd([r['steps'] for r in recalled])} | "
+                     f"{_mean_sd([r['details'].get('recrossings', 0) for r in found])} |")
+    return lines
+
+
 def threshold_figure(found: list[dict], path: Path) -> None:
     regimes = sorted({(r["data"], r["ratio"]) for r in found})
     if not regimes:

@@ -120,20 +120,30 @@ def run_stubborn_case(root: Path) -> None:
                 log=out / "stubborn.log")
 
 
-def run_threshold(root: Path, scale: str) -> None:
-    """Item 4: one database per weighting threshold, and SFT once as the baseline."""
-    base = config_path("threshold", scale).read_text()
+def run_threshold(root: Path, scale: str, stage: str = "threshold") -> None:
+    """Item 4: one database per weighting threshold, and SFT once as the baseline (`stage`: the
+    config and database prefix; "threshold_protocol" is the rerun with clipping and seeds)."""
+    base = config_path(stage, scale).read_text()
+    head, table = base.split("[train]", 1) if "[train]" in base else (base, None)
     names = SUBSET_THRESHOLDS if scale == "subset" else tuple(THRESHOLDS)
+
+    def write(path: Path, text: str) -> Path:
+        path.write_text(text if table is None else text + "\n[train]" + table)  # keys before the table
+        return path
+
     for name in names:
-        config = root / f"threshold_{name}.toml"
-        config.write_text(base + f"\nthreshold = {THRESHOLDS[name]!r}\n")
-        fastmem("sweep", "--db", str(root / f"threshold_{name}.sqlite"), "--config", str(config), "--no-progress",
-                log=root / "threshold.log")
-    sft = root / "threshold_sft.toml"
-    sft.write_text(base.replace('objectives = ["ot", "sw"]', 'objectives = ["sft"]')
-                   .replace('objectives = ["ot"]', 'objectives = ["sft"]'))
-    fastmem("sweep", "--db", str(root / "threshold_sft.sqlite"), "--config", str(sft), "--no-progress",
-            log=root / "threshold.log")
+        config = write(root / f"{stage}_{name}.toml", head + f"\nthreshold = {THRESHOLDS[name]!r}\n")
+        fastmem("sweep", "--db", str(root / f"{stage}_{name}.sqlite"), "--config", str(config), "--no-progress",
+                log=root / f"{stage}.log")
+    sft = write(root / f"{stage}_sft.toml", head.replace('objectives = ["ot", "sw"]', 'objectives = ["sft"]')
+                .replace('objectives = ["ot"]', 'objectives = ["sft"]'))
+    fastmem("sweep", "--db", str(root / f"{stage}_sft.sqlite"), "--config", str(sft), "--no-progress",
+            log=root / f"{stage}.log")
+
+
+def run_threshold_protocol(root: Path, scale: str) -> None:
+    """Issue 22: the threshold study again with the authors' gradient clipping and three seeds."""
+    run_threshold(root, scale, stage="threshold_protocol")
 
 
 # Issue 22's reruns under the authors' protocol (not in the default stages: hours of CPU;

@@ -258,3 +258,29 @@ def test_the_authors_headline_recipe_is_their_protocol_with_the_reference_forwar
     settings = dict(zip(pairs[::2], pairs[1::2]))
     assert settings["--adapter"] == "mlp_block" and settings["--dropout"] == "0.1"
     assert settings["--max-grad-norm"] == "1.0" and settings["--rank"] == settings["--alpha"]
+
+
+def test_threshold_protocol_stage_clips_and_seeds_every_threshold(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(stages, "fastmem", lambda *args, log=None: calls.append(args))
+    stages.run_threshold_protocol(tmp_path, "cpu")
+    dbs = [args[args.index("--db") + 1].rsplit("/", 1)[1] for args in calls]
+    assert dbs == [f"threshold_protocol_{n}.sqlite" for n in (*stages.THRESHOLDS, "sft")]
+    for name in (*stages.THRESHOLDS, "sft"):
+        spec = SweepSpec.from_file(tmp_path / f"threshold_protocol_{name}.toml")
+        assert spec.train["max_grad_norm"] == 1.0 and len(spec.seeds) == 3
+        assert spec.objectives == (["sft"] if name == "sft" else ["ot", "sw"])
+    assert SweepSpec.from_file(tmp_path / "threshold_protocol_0.3.toml").threshold == 0.3
+
+
+def test_threshold_seeds_table_counts_recalled_seeds(tmp_path):
+    spec = SweepSpec(ranks=[8], lengths=[64], ratios=[0.25], objectives=["ot"], seeds=[42, 43, 44])
+    store = ResultsStore(tmp_path / "threshold_protocol_ln2.sqlite")
+    cells = spec.cells()
+    store.add_cells(cells)
+    for cell, (steps, recalled, recrossed) in zip(cells, ((100, True, 3), (140, True, 5), (400, False, 10))):
+        key = store.claim([cell.key], "me")
+        store.complete(key, {"final_loss": 0.1, "token_acc": 1.0, "exact_match": float(recalled), "steps": steps,
+                             "wall_s": 1.0, "stopped_on_recall": recalled, "recrossings": recrossed}, "me")
+    lines = driver.analysis.threshold_seeds_table(tmp_path, ("ln2",))
+    assert lines[2] == "| stress | 0.25 | ot | ln2 | 3 | 2/3 | 100, 140, 400 (budget) | 120 ± 28 | 6 ± 3.6 |"
