@@ -99,6 +99,12 @@ def keep_databases(root: Path, kept: Path) -> None:
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_bytes(path.read_bytes())
         tmp.replace(target)
+    # The commands every stage ran (the `$ fastmem` lines of the logs, which stay in runs/):
+    # accumulated, so the report's command list survives a machine whose logs are gone.
+    known = analysis.commands(kept, REPO) + analysis.commands(root, REPO)
+    lines = list(dict.fromkeys(known))
+    if lines:
+        (kept / COMMANDS_LOG).write_text("".join(line + "\n" for line in lines))
 
 
 # The run files the report reads besides the databases (the stubborn case's evaluation, the
@@ -106,7 +112,9 @@ def keep_databases(root: Path, kept: Path) -> None:
 # that the report can be rebuilt from a clone (`--report-only`).
 KEPT_RUN_FILES = ("stubborn/eval/report.json", "stubborn/eval/*.png", "stubborn/run/metrics.jsonl",
                   "stubborn/run/summary.json", "headline/*.json", "headline/*/metrics.jsonl",
-                  "headline/*/summary.json", "headline/*/capped.json", "headline/*-eval/report.json")
+                  "headline/*/summary.json", "headline/*/capped.json", "headline/*-eval/report.json",
+                  "fit/*/fit.json", "fit/*/*.png", "fit/*/not_fitted.txt")
+COMMANDS_LOG = "commands.log"
 
 
 def _run_files(root: Path) -> list[Path]:
@@ -119,7 +127,9 @@ def restore_databases(kept: Path, root: Path) -> None:
     for db in sorted(kept.glob("*.sqlite")) if kept.exists() else []:
         if not (root / db.name).exists():
             (root / db.name).write_bytes(db.read_bytes())
-    for path in _run_files(kept) if kept.exists() else []:
+    for path in [*_run_files(kept), kept / COMMANDS_LOG] if kept.exists() else []:
+        if not path.exists():
+            continue
         target = root / path.relative_to(kept)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
