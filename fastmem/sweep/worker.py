@@ -87,7 +87,7 @@ def train_cell(cell: Cell, spec: SweepSpec, model, tokenizer) -> dict:
     summary = result.summary
     return {**{k: summary.get(k) for k in ("base_loss", "final_loss", "delta_loss", "token_acc", "exact_match",
                                            "stubborn_tokens", "steps", "wall_s", "peak_mem_bytes", "min_p",
-                                           "stopped_on_recall")},
+                                           "stopped_on_recall", "stopped_on_plateau")},
             **check, "layers": summary.get("layers"), "config": config.to_dict(), "versions": versions()}
 
 

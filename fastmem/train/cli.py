@@ -127,6 +127,10 @@ def register(subparsers) -> None:
                                    "logit beats the runner-up by >= --em-margin)")):
         parser.add_argument(flag, choices=choices, help=text)
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    parser.add_argument("--plateau-patience", type=int,
+                        help="stop once none of the last N steps beat the best loss before them by more than "
+                             "--plateau-tol (0: off, the default)")
+    parser.add_argument("--plateau-tol", type=float, help="the plateau rule's tolerance, nats per token (default 1e-3)")
     parser.add_argument("--reference-forward", action="store_true",
                         help="--engine hf: one more forward per step without the adapter, its loss logged "
                              "(the authors' loop; changes no weight, costs its time)")

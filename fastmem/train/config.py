@@ -53,7 +53,7 @@ RESUME_MUST_MATCH = ("model", "objective", "rank", "alpha", "dropout", "modules"
                      "eps", "sw_kappa", "sw_tau", "sw_window", "sw_floor", "curriculum",
                      "curriculum_ratios", "curriculum_boundaries", "stop_on_recall", "seed", "engine",
                      "context", "adapter", "lr_schedule", "warmup_steps", "curriculum_loader", "stop_on",
-                     "em_margin")
+                     "em_margin", "plateau_patience", "plateau_tol")
 # The step budget: a run may be resumed or continued (after it used its whole budget) with a
 # larger one; the learning rate then decays over the new budget from where the run is.
 BUDGET_SETTINGS = ("epochs", "max_steps")
@@ -130,6 +130,11 @@ class TrainConfig:
     # answer loss logged as `reference_loss` (the authors' loop runs it every step and only logs it,
     # MemFTModelTrainer.py:479-490): it changes no weight, it costs what their recipe pays.
     reference_forward: bool = False
+    # Stop once the training loss has stopped falling (train/plateau.py): no step in the last
+    # `plateau_patience` beat the best loss before them by more than `plateau_tol` nats per token.
+    # 0: off. The memory law's cells are trained to this plateau, not to a fixed step count.
+    plateau_patience: int = 0
+    plateau_tol: float = 1e-3
 
     def validate(self) -> None:
         """Raise UsageError (a ValueError) naming the setting for anything that cannot train:
@@ -184,6 +189,11 @@ class TrainConfig:
             raise UsageError(f"checkpoint_minutes must be >= 0 (0: no timed checkpoints), got {self.checkpoint_minutes}")
         if self.context is not None and (not _is_int(self.context) or self.context < 2):
             raise UsageError(f"context must be a number of positions >= 2, got {self.context!r}")
+        if isinstance(self.plateau_patience, bool) or not isinstance(self.plateau_patience, int) \
+                or self.plateau_patience < 0:
+            raise UsageError(f"plateau_patience must be an int >= 0 (0: off), got {self.plateau_patience!r}")
+        if not self.plateau_tol >= 0:
+            raise UsageError(f"plateau_tol must be >= 0 (nats per token), got {self.plateau_tol}")
         if self.reference_forward and self.engine != "hf":
             raise UsageError("reference_forward runs on engine 'hf' (the authors' loop it reproduces); "
                              f"got engine {self.engine!r}")

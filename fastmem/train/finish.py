@@ -64,7 +64,8 @@ def run_summary(run: TrainingRun) -> dict:
     """The summary fields every run has, finished or not."""
     answer_tokens = sum(s.answer_len for s in run.samples)
     config = run.config
-    return {"steps": run.step, "total_steps": run.total_steps, "stopped_on_recall": run.stopped,
+    return {"steps": run.step, "total_steps": run.total_steps,
+            "stopped_on_recall": run.stopped and not run.plateaued, "stopped_on_plateau": run.plateaued,
             "halted": run.halted, "interrupted": run.interrupted, "signal": run.stop_signal or None,
             "base_loss": sum(run.base_loss_sums) / answer_tokens, "answer_tokens": answer_tokens,
             "num_samples": len(run.samples),

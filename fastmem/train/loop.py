@@ -117,17 +117,19 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
         _require_finite(run, "adapter weight", _all_finite(run.params))
     run.scheduler.step()
     run.step += 1
-    run.stopped = decision.stop
+    loss_value = float(loss.detach())
+    run.plateaued = not decision.stop and run.plateau.update(loss_value)
+    run.stopped = decision.stop or run.plateaued
 
     # 4. bookkeeping (the hf engine's reference forward, when asked for, counts in the step's time)
     extra = run.engine.step_metrics(indices)
     run.sw_state.update(list(scheduled.global_batch), gather_first_errors(stats.first_error, info))
     step_s = time.perf_counter() - t0
     row = {"step": run.step, "epoch": scheduled.epoch, "samples": list(scheduled.global_batch),
-           "loss": float(loss.detach()), **stats_summary(stats),
+           "loss": loss_value, **stats_summary(stats),
            "stubborn_tokens_global": signal.stubborn_tokens, "active_tokens": signal.active_tokens,
            "recrossed": run.recrossings.count(indices, stats), "lr": lr, "update": decision.update,
-           "decision": decision.reason, "confirmation": confirmation, "confirm_s": confirm_s, "step_s": step_s,
+           "decision": "plateau" if run.plateaued else decision.reason, "confirmation": confirmation, "confirm_s": confirm_s, "step_s": step_s,
            "tokens_per_s": run.engine.sequence_tokens(indices) / max(step_s, 1e-9), **extra}
     if config.objective == "sw":
         row["sw_window_mean"] = float(window.mean())

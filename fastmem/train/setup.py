@@ -37,6 +37,7 @@ from fastmem.train.lr_schedule import lr_factor
 from fastmem.train.prefix_cache import PrefixCache
 from fastmem.train.run_log import MetricsLog, Recrossings, RunFigures
 from fastmem.train.schedule import build_schedule
+from fastmem.train.plateau import PlateauRule
 from fastmem.train.stop_rule import StopRule
 from fastmem.train.sw_window import SWWindowState
 
@@ -89,6 +90,7 @@ class TrainingRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sw_state: SWWindowState
     stop_rule: StopRule
+    plateau: PlateauRule
     recrossings: Recrossings
     curriculum: object | None
     out: Path | None
@@ -99,6 +101,7 @@ class TrainingRun:
     step: int = 0
     start_step: int = 0
     stopped: bool = False
+    plateaued: bool = False  # stopped by the plateau rule (not by recall)
     halted: bool = False
     interrupted: bool = False
     stop_signal: int = 0  # the signal (SIGINT, SIGTERM) that interrupted the run
@@ -121,6 +124,7 @@ class TrainingRun:
         """Everything but the adapter that a resumed run needs to continue bit for bit."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "sw_window": self.sw_state.state_dict(), "stop_rule": self.stop_rule.state_dict(),
+                "plateau": self.plateau.state_dict(),
                 "recrossings": self.recrossings.last, "total_steps": self.total_steps,
                 "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
                 "config": self.config.to_dict(), "data_fingerprint": self.fingerprint}
@@ -168,6 +172,7 @@ class TrainingRun:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sw_state.load_state_dict(state["sw_window"])
         self.stop_rule.load_state_dict(state["stop_rule"])
+        self.plateau.load_state_dict(state.get("plateau"))  # checkpoints from before the rule have none
         self.recrossings.last = state["recrossings"]
         if self.curriculum is not None:  # the saved order wins; the plan follows from it
             self.curriculum.load_state_dict(state["curriculum"])
@@ -288,6 +293,7 @@ def _build_run(config: TrainConfig, samples: list[MemorySample], model, info: Di
                       optimizer=optimizer, scheduler=scheduler,
                       sw_state=SWWindowState(len(samples), config.sw_window),
                       stop_rule=StopRule(len(samples), config.objective, config.stop_on_recall, config.stop_on),
+                      plateau=PlateauRule(config.plateau_patience, config.plateau_tol),
                       recrossings=Recrossings(), curriculum=curriculum, out=out,
                       confirm_stop=_has_dropout(peft_model), wall_start=wall_start,
                       last_checkpoint_time=time.monotonic())
