@@ -18,7 +18,8 @@ STAGES = {"law": stages.run_law, "memft": stages.run_memft, "threshold": stages.
           "headline": stages.run_headline}
 # Run only when named in --stages (issue 22's reruns under the authors' protocol: hours of
 # CPU); the report shows whatever of them has landed (section 3b).
-OPTIONAL_STAGES = {"protocol": stages.run_protocol, "threshold_protocol": stages.run_threshold_protocol}
+OPTIONAL_STAGES = {"protocol": stages.run_protocol, "threshold_protocol": stages.run_threshold_protocol,
+                   "law_plateau": stages.run_law_plateau}
 
 
 def main(argv=None) -> int:
@@ -113,7 +114,8 @@ def keep_databases(root: Path, kept: Path) -> None:
 KEPT_RUN_FILES = ("stubborn/eval/report.json", "stubborn/eval/*.png", "stubborn/run/metrics.jsonl",
                   "stubborn/run/summary.json", "headline/*.json", "headline/*/metrics.jsonl",
                   "headline/*/summary.json", "headline/*/capped.json", "headline/*-eval/report.json",
-                  "fit/*/fit.json", "fit/*/*.png", "fit/*/not_fitted.txt")
+                  "fit/*/fit.json", "fit/*/*.png", "fit/*/not_fitted.txt", "fit_plateau/*/fit.json",
+                  "fit_plateau/*/*.png", "fit_plateau/*/not_fitted.txt")
 COMMANDS_LOG = "commands.log"
 
 
@@ -183,6 +185,18 @@ def write_report(root: Path, scale: str, timings: dict) -> Path:
             if (figures / f"law_{name}_{plot}").exists():
                 lines.append(f"![{name} {plot}]({rel(figures / f'law_{name}_{plot}')})")
     lines.append("")
+
+    plateau_rows = analysis.rows(root / "law_plateau.sqlite")
+    if plateau_rows:
+        converged = sum(bool(r["details"].get("stopped_on_plateau")) for r in plateau_rows)
+        lines += ["### 1b. One family trained to a plateau", "",
+                  f"{len(plateau_rows)} finished cells of `benchmarks/reproduce/law_plateau_cpu.toml` (random tokens, "
+                  "ranks 1–16 × ℓ 256–1024, constant lr; the rule: none of the last 25 steps beat the best loss "
+                  f"before them by more than 0.01 nats, cap 800 steps): {converged} stopped on the plateau, "
+                  f"{len(plateau_rows) - converged} at the cap. Fitted as section 1 (`--stages law_plateau`).", ""]
+        lines += analysis.law_table(root, stages.LAW_PLATEAU_FAMILIES, figures, fit_dir="fit_plateau",
+                                    prefix="law_plateau") + [""]
+        lines += analysis.plateau_cells_table(plateau_rows) + [""]
 
     recall_lines, recall = analysis.recall_table(law_rows)
     facts = recall["facts"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from fastmem.law.fit import EXCLUDE_FINAL_LOSS_BELOW
 from fastmem.plotting import save_figure
 from fastmem.sweep.store import ResultsStore
 
@@ -30,7 +31,7 @@ def _fmt(value, spec=".3g") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def law_table(root: Path, families: dict, figures: Path) -> list[str]:
+def law_table(root: Path, families: dict, figures: Path, fit_dir: str = "fit", prefix: str = "law") -> list[str]:
     """One row per family's fit.json: the law's parameters and in-sample R² / MAPE (bootstrap 95%
     intervals in brackets), its leave-one-out R² / MAPE, and the plane baseline's in-sample and
     leave-one-out ones (fastmem/law/validation.py; every figure on ΔL)."""
@@ -38,7 +39,7 @@ def law_table(root: Path, families: dict, figures: Path) -> list[str]:
     lines = ["| family | runs used (dropped) | C | α | β | b | R² | MAPE % | LOO R² | LOO MAPE % "
              "| plane R² (LOO) | plane MAPE % (LOO) |", "|---" * 12 + "|"]
     for name in families:
-        fit_file, refused = root / "fit" / name / "fit.json", root / "fit" / name / "not_fitted.txt"
+        fit_file, refused = root / fit_dir / name / "fit.json", root / fit_dir / name / "not_fitted.txt"
         if refused.exists():
             lines.append(f"| {name} | not fitted: {refused.read_text().strip()}{empty}")
             continue
@@ -57,7 +58,19 @@ def law_table(root: Path, families: dict, figures: Path) -> list[str]:
                      f"{_fmt(plane.get('mape'))} ({_fmt(plane.get('mape_loo'))}) |")
         for plot in ("fit_surface.png", "fit_residuals.png"):
             if (fit_file.parent / plot).exists():
-                shutil.copy(fit_file.parent / plot, figures / f"law_{name}_{plot}")
+                shutil.copy(fit_file.parent / plot, figures / f"{prefix}_{name}_{plot}")
+    return lines
+
+
+def plateau_cells_table(found: list[dict]) -> list[str]:
+    """Every plateau cell: steps, how it ended, base and final loss, ΔL, and whether the fit
+    keeps it (final loss >= 0.69: the paper's exclusion rule drops the saturated ones)."""
+    lines = ["| ℓ | rank | steps | ended | base loss | final loss | ΔL | in the fit |", "|---" * 8 + "|"]
+    for r in sorted(found, key=lambda r: (r["length"], r["rank"])):
+        ended = "plateau" if r["details"].get("stopped_on_plateau") else "cap"
+        kept = "yes" if (r["final_loss"] or 0.0) >= EXCLUDE_FINAL_LOSS_BELOW else "no (saturated)"
+        lines.append(f"| {r['length']} | {r['rank']} | {r['steps']} | {ended} | {_fmt(r['base_loss'], '.3g')} | "
+                     f"{_fmt(r['final_loss'], '.3g')} | {_fmt(r['delta_loss'], '.3g')} | {kept} |")
     return lines
 
 

@@ -44,6 +44,18 @@ def run_law(root: Path, scale: str) -> None:
         fit_family(db, root / "fit" / name, where, log=root / "law.log")
 
 
+def run_law_plateau(root: Path, scale: str) -> None:
+    """Issue 22, item 3: one family's cells trained to a plateau (law_plateau_cpu.toml), then fitted."""
+    db = root / "law_plateau.sqlite"
+    fastmem("sweep", "--db", str(db), "--config", str(HERE / "law_plateau_cpu.toml"), "--no-progress",
+            log=root / "law_plateau.log")
+    for name, where in LAW_PLATEAU_FAMILIES.items():
+        fit_family(db, root / "fit_plateau" / name, where, log=root / "law_plateau.log")
+
+
+LAW_PLATEAU_FAMILIES = {"stress_rho1": ["--where", "data=stress", "--where", "ratio=1.0"]}
+
+
 def fit_family(db: Path, out: Path, where: list[str], log: Path) -> None:
     """`fastmem fit` of one family. A family it refuses (exit 2: e.g. fewer than 5 cells left
     once the saturated ones are dropped) gets OUT/not_fitted.txt with the reason, for the report."""

@@ -284,3 +284,24 @@ def test_threshold_seeds_table_counts_recalled_seeds(tmp_path):
                              "wall_s": 1.0, "stopped_on_recall": recalled, "recrossings": recrossed}, "me")
     lines = driver.analysis.threshold_seeds_table(tmp_path, ("ln2",))
     assert lines[2] == "| stress | 0.25 | ot | ln2 | 3 | 2/3 | 100, 140, 400 (budget) | 120 ± 28 | 6 ± 3.6 |"
+
+
+def test_law_plateau_stage_sweeps_then_fits_one_family(tmp_path, monkeypatch):
+    calls, fits = [], []
+    monkeypatch.setattr(stages, "fastmem", lambda *args, log=None: calls.append(args))
+    monkeypatch.setattr(stages, "fit_family", lambda db, out, where, log: fits.append((db.name, out.name, where)))
+    stages.run_law_plateau(tmp_path, "cpu")
+    spec = SweepSpec.from_file(stages.HERE / "law_plateau_cpu.toml")
+    assert calls[0][calls[0].index("--db") + 1].endswith("law_plateau.sqlite") and len(spec.cells()) >= 12
+    assert spec.train["plateau_patience"] > 0 and spec.train["lr_schedule"] == "constant"
+    assert fits == [("law_plateau.sqlite", "stress_rho1", ["--where", "data=stress", "--where", "ratio=1.0"])]
+
+
+def test_plateau_cells_table_says_how_each_cell_ended_and_whether_the_fit_keeps_it():
+    cell = {"base_loss": 11.0, "details": {}}
+    lines = driver.analysis.plateau_cells_table([
+        {**cell, "length": 256, "rank": 1, "steps": 120, "final_loss": 5.0, "delta_loss": 6.0,
+         "details": {"stopped_on_plateau": True}},
+        {**cell, "length": 256, "rank": 16, "steps": 800, "final_loss": 0.2, "delta_loss": 10.8}])
+    assert lines[2] == "| 256 | 1 | 120 | plateau | 11 | 5 | 6 | yes |"
+    assert lines[3] == "| 256 | 16 | 800 | cap | 11 | 0.2 | 10.8 | no (saturated) |"
