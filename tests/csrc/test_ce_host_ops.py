@@ -76,7 +76,7 @@ def chunks_on_host_kernels(host_ops):
     host ops (the CUDA path minus the device), counting the chunks."""
     calls = []
 
-    def process_chunk(logits, labels, weigh, want_grad, options):
+    def process_chunk(logits, labels, weigh, want_grad, options, raw_rows=None):
         calls.append(logits.shape)
         return cross_entropy_cuda.run_chunk_kernels(host_ops.ce_row_stats, host_ops.ce_softmax_grad_, logits,
                                                     labels, weigh, want_grad, options)
