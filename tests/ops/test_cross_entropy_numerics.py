@@ -126,17 +126,26 @@ def test_every_column_but_the_target_minus_inf(backend, monkeypatch):
     assert float(loss) == 0.0 and bool(stats.correct.all()) and float(h.grad.abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_targets_far_below_the_max_keep_lse(backend):
-    """fp32 p_y underflows (z_y 120 and 300 below the max, and a bias of -inf on the target):
-    lse still equals float64's, and the finite rows' losses and gradients too."""
+def far_below_case(masked_target: bool):
+    """float64 rows whose targets sit 120 and 300 below the max (fp32 p_y underflows), the
+    target of row 2 masked by a bias of -inf when `masked_target`, the rest ordinary."""
     gen = torch.Generator().manual_seed(4)
     vocab = 97
     hidden = torch.randn(6, 12, generator=gen, dtype=torch.float64)
     weight = torch.randn(vocab, 12, generator=gen, dtype=torch.float64)
     labels = torch.tensor([3, 10, 50, 96, 0, 7])
     bias = torch.zeros(vocab, dtype=torch.float64)
-    bias[3], bias[10], bias[50] = -120.0, -300.0, float("-inf")
+    bias[3], bias[10] = -120.0, -300.0
+    if masked_target:
+        bias[50] = float("-inf")
+    return hidden, weight, labels, bias
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_targets_far_below_the_max_keep_lse(backend):
+    """fp32 p_y underflows (z_y 120 and 300 below the max, and a bias of -inf on the target):
+    lse still equals float64's, and the finite rows' losses and gradients too."""
+    hidden, weight, labels, bias = far_below_case(masked_target=True)
     logits = hidden @ weight.t() + bias
     ours, ref = run_both(hidden.float().reshape(2, 3, 12), weight.float(), labels.reshape(2, 3), bias.float(),
                          backend=backend, objective="sft", reduction="none")
@@ -151,14 +160,8 @@ def test_targets_far_below_the_max_keep_lse(backend):
 
 
 def _far_below_case():
-    """Rows with targets 120 and 300 below the max (fp32 p_y underflows), the rest ordinary."""
-    gen = torch.Generator().manual_seed(4)
-    vocab = 97
-    hidden = torch.randn(6, 12, generator=gen, dtype=torch.float64)
-    weight = torch.randn(vocab, 12, generator=gen, dtype=torch.float64)
-    labels = torch.tensor([3, 10, 50, 96, 0, 7])
-    bias = torch.zeros(vocab, dtype=torch.float64)
-    bias[3], bias[10] = -120.0, -300.0
+    """far_below_case in fp32, as samples: the target of row 2 keeps its finite logit."""
+    hidden, weight, labels, bias = far_below_case(masked_target=False)
     return hidden.float().reshape(2, 3, 12), weight.float(), labels.reshape(2, 3), bias.float()
 
 
