@@ -285,7 +285,8 @@ def threshold_seeds_table(root: Path, names, stage: str = "threshold_protocol") 
         found.sort(key=lambda r: r["seed"])
         recalled = [r for r in found if r["details"].get("stopped_on_recall")]
         per_seed = ", ".join(f"{r['steps']}{'' if r in recalled else ' (budget)'}" for r in found)
-        lines.append(f"| {data} | {ratio:g} | {objective} | {threshold} | {len(found)} | {len(recalled)}/{len(found)} | "
+        lines.append(f"| {data} | {ratio:g} | {objective} | {threshold} | {len(found)} | "
+                     f"{len(recalled)}/{len(found)} | "
                      f"{per_seed} | {_mean_sd([r['steps'] for r in recalled])} | "
                      f"{_mean_sd([r['details'].get('recrossings', 0) for r in found])} |")
     return lines

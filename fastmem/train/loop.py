@@ -129,7 +129,8 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
            "loss": loss_value, **stats_summary(stats),
            "stubborn_tokens_global": signal.stubborn_tokens, "active_tokens": signal.active_tokens,
            "recrossed": run.recrossings.count(indices, stats), "lr": lr, "update": decision.update,
-           "decision": "plateau" if run.plateaued else decision.reason, "confirmation": confirmation, "confirm_s": confirm_s, "step_s": step_s,
+           "decision": "plateau" if run.plateaued else decision.reason, "confirmation": confirmation,
+           "confirm_s": confirm_s, "step_s": step_s,
            "tokens_per_s": run.engine.sequence_tokens(indices) / max(step_s, 1e-9), **extra}
     if config.objective == "sw":
         row["sw_window_mean"] = float(window.mean())

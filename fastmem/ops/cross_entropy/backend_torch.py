@@ -46,7 +46,7 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
         options: softcap, label smoothing, z-loss; `greedy_stats` / `entropy` off skip
             the passes only TokenStats reads.
         raw_rows: `(local row indices) -> [k, V]` the GEMM's logits of those rows again. With
-            it, a chunk that needs no greedy stats skips the row-max pass (see `_rows_without_max`).
+            it, a chunk that needs no greedy stats skips the row-max pass (see `_nll_without_max`).
 
     Returns:
         ChunkStats (fp64 for fp64 logits, else fp32).
@@ -65,7 +65,8 @@ def process_chunk(logits: torch.Tensor, labels: torch.Tensor, weigh: Weigh, want
                 and (raw_rows is not None or work is not logits))
     if skip_max:
         # Nobody reads correct / margin (linear_cross_entropy without return_stats, not SW).
-        row_max, best_other, correct = None, torch.full_like(target, float("nan")), torch.zeros_like(target, dtype=torch.bool)
+        row_max, best_other = None, torch.full_like(target, float("nan"))
+        correct = torch.zeros_like(target, dtype=torch.bool)
     else:
         # Greedy correctness with ties counting as wrong: the target must beat every other
         # logit strictly, so take the max with the target column masked out (amax: no indices,
@@ -133,7 +134,7 @@ def _nll_without_max(p: torch.Tensor, col: torch.Tensor, p_y: torch.Tensor, targ
     ~87) has lost z_y - max to the softmax: its logits are taken again (`raw`, the untouched
     GEMM output, or `raw_rows`) and its nll is logsumexp(z) - z_y.
     """
-    if bool((p_y > 0.5).any()):
+    if _confident_rows_exist(p_y):
         others = _others(p, col)
         nll = torch.where(p_y > 0.5, torch.log1p(others / p_y), -torch.log(p_y))
     else:
