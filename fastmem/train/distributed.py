@@ -87,6 +87,15 @@ def reduce_signal(signal: BatchSignal, info: DistInfo) -> BatchSignal:
     return BatchSignal(int(values[0]), int(values[1]), float(values[2]), int(values[3]))
 
 
+def mean_over_ranks(value: float, info: DistInfo) -> float:
+    """The mean of a per-rank number over ranks (every rank gets the same value back)."""
+    if not info.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor)
+    return float(tensor.cpu()) / info.world_size
+
+
 def gather_first_errors(first_error: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """`[B]` per rank -> `[world * B]` in rank order (the global batch's order)."""
     first_error = first_error.reshape(-1).to(torch.int64)

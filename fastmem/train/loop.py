@@ -23,7 +23,7 @@ from fastmem.data.sample import MemorySample
 from fastmem.errors import RunFailed
 from fastmem.eval.teacher_forcing import teacher_forced_scores
 from fastmem.train.config import TrainConfig
-from fastmem.train.distributed import any_rank, gather_first_errors, reduce_signal, unsharded
+from fastmem.train.distributed import any_rank, gather_first_errors, mean_over_ranks, reduce_signal, unsharded
 from fastmem.train.engine_fast import stats_summary
 from fastmem.train.finish import TrainResult, finish
 from fastmem.train.interrupt import stop_requested
@@ -118,7 +118,8 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
     run.scheduler.step()
     run.step += 1
     loss_value = float(loss.detach())
-    run.plateaued = not decision.stop and run.plateau.update(loss_value)
+    if config.plateau_patience:  # every rank decides from the same (mean) loss
+        run.plateaued = not decision.stop and run.plateau.update(mean_over_ranks(loss_value, info))
     run.stopped = decision.stop or run.plateaued
 
     # 4. bookkeeping (the hf engine's reference forward, when asked for, counts in the step's time)

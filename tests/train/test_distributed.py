@@ -53,6 +53,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
         skipping = train(tiny_config(distributed=mode, max_steps=4), make_samples(2), model=tiny_model())
         stop_rule.StopRule.decide = original
         torch.save(full_adapter_state(skipping.model), f"{out_dir}/skip_rank{rank}.pt")
+        # The plateau stop: each rank sees its own sample's loss, both decide from the mean.
+        flat = train(tiny_config(distributed=mode, max_steps=20, lr=1e-9, plateau_patience=2), make_samples(2),
+                     model=tiny_model())
+        torch.save(flat.summary["steps"], f"{out_dir}/plateau_steps_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -62,7 +66,8 @@ def _spawn(tmp_path, mode: str):
                        start_method="spawn")
     return {name: torch.load(tmp_path / f"{name}.pt") for name in
             ("sharded_rank0", "one_rank0", "one_rank1", "two_rank0", "two_rank1",
-             "two_metrics_rank0", "two_metrics_rank1", "skip_rank0", "skip_rank1")}
+             "two_metrics_rank0", "two_metrics_rank1", "skip_rank0", "skip_rank1", "plateau_steps_rank0",
+             "plateau_steps_rank1")}
 
 
 def _assert_same(a: dict, b: dict, exact: bool = True):
@@ -85,6 +90,7 @@ def test_two_processes_on_gloo_match_one_process(tmp_path, mode):
     assert any(t.abs().sum() > 0 for n, t in got["one_rank0"].items() if "lora_B" in n)
     _assert_same(got["two_rank0"], got["two_rank1"])
     _assert_same(got["skip_rank0"], got["skip_rank1"])
+    assert got["plateau_steps_rank0"] == got["plateau_steps_rank1"] == 3
     decisions = [[row["decision"] for row in got[f"two_metrics_rank{r}"]] for r in (0, 1)]
     assert decisions[0] == decisions[1]
     summary = (tmp_path / "two" / "summary.json").read_text()
