@@ -31,3 +31,9 @@ class MissingInput(UsageError, FileNotFoundError):
 class WrongInputType(UsageError, TypeError):
     """A value of the wrong type from the user: a `UsageError` that callers catching
     `TypeError` still see."""
+
+
+class Unsupported(UsageError, NotImplementedError):
+    """A model, adapter or setting fastmem's integrations do not handle (e.g. a MoE router loss
+    it cannot find, DoRA on the lm_head): refused before anything is changed. A `UsageError`
+    (one line, exit 2) that callers catching `NotImplementedError` still see."""

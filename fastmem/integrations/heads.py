@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastmem.errors import UsageError
+from fastmem.errors import Unsupported, UsageError
 
 # Config attributes that make a model's logits something other than `hidden @ W.T (+ b)`.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -80,11 +80,11 @@ def _lora_head_tensors(head, model) -> tuple[torch.Tensor, torch.Tensor | None]:
         if name not in head.lora_A:
             continue
         if name in getattr(head, "lora_variant", {}):
-            raise NotImplementedError(f"fastmem: the lm_head adapter {name!r} is a LoRA variant (e.g. DoRA); "
+            raise Unsupported(f"fastmem: the lm_head adapter {name!r} is a LoRA variant (e.g. DoRA); "
                                       "only plain LoRA on the head can be folded into the fused loss")
         dropout = head.lora_dropout[name]
         if head.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0.0) > 0:
-            raise NotImplementedError(f"fastmem: lora_dropout={dropout.p} on the lm_head adapter {name!r}; "
+            raise Unsupported(f"fastmem: lora_dropout={dropout.p} on the lm_head adapter {name!r}; "
                                       "set lora_dropout=0 (or leave lm_head out of target_modules)")
         weight = weight + head.get_delta_weight(name).to(weight.dtype)
     return weight, bias

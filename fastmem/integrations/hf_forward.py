@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
+from fastmem.errors import Unsupported
 from fastmem.integrations import families
 from fastmem.integrations.heads import head_weight_and_bias  # noqa: F401 (re-exported)
 from fastmem.ops.cross_entropy import LossSpec, linear_cross_entropy
@@ -99,7 +100,7 @@ def check_softcap_supported(model) -> None:
     family = families.family_of(model)
     name = type(model).__name__
     if family is None or family.softcap is None:
-        raise NotImplementedError(
+        raise Unsupported(
             f"fastmem: {name} has final_logit_softcapping={cap} but is not a family whose capped head "
             f"apply_fastmem knows ({sorted(k for k, f in families.FAMILIES.items() if f.softcap)}); "
             "leave the model unpatched")
@@ -227,7 +228,7 @@ def router_load_balancing_loss(model, outputs, attention_mask) -> torch.Tensor:
         if function is not None:
             break
     else:
-        raise NotImplementedError(f"fastmem: no load_balancing_loss_func beside {type(model).__name__}")
+        raise Unsupported(f"fastmem: no load_balancing_loss_func beside {type(model).__name__}")
     return function(outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
@@ -266,7 +267,7 @@ def make_fused_forward(original):
             arguments["output_router_logits"] = families.router_logits_requested(
                 self, arguments.get("output_router_logits"))
         elif families.router_logits_requested(self, arguments.get("output_router_logits")):
-            raise NotImplementedError(unknown_router_loss_message(self))
+            raise Unsupported(unknown_router_loss_message(self))
         # As in the original, every remaining kwarg (num_items_in_batch too) reaches the decoder.
         outputs = decoder(**arguments, **extra)
         last_hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]

@@ -24,6 +24,7 @@ import types
 import torch
 from torch import nn
 
+from fastmem.errors import Unsupported
 from fastmem.integrations import families
 from fastmem.integrations.families import ALIASES, FAMILIES
 from fastmem.integrations.heads import causal_lm_of
@@ -77,20 +78,20 @@ def _check_family(model) -> None:
     name = type(model).__name__
     expected = FAMILY_CLASSES.get(model_type)
     if expected is not None and name != expected:
-        raise NotImplementedError(f"fastmem: {name} (model_type={model_type!r}) is not a causal LM head; "
+        raise Unsupported(f"fastmem: {name} (model_type={model_type!r}) is not a causal LM head; "
                                   f"apply_fastmem supports {expected} for this family")
     if expected is None and not name.endswith(("ForCausalLM", "LMHeadModel")):
-        raise NotImplementedError(f"fastmem: {name} (model_type={model_type!r}) is not a causal LM; apply_fastmem "
+        raise Unsupported(f"fastmem: {name} (model_type={model_type!r}) is not a causal LM; apply_fastmem "
                                   f"supports {sorted(FAMILY_CLASSES)} and *ForCausalLM models whose forward is "
                                   "decoder -> hidden states -> lm_head")
     if model.loss_function is not ForCausalLMLoss:
-        raise NotImplementedError(f"fastmem: {name} computes its loss with {model.loss_function!r}, not "
+        raise Unsupported(f"fastmem: {name} computes its loss with {model.loss_function!r}, not "
                                   "transformers' ForCausalLMLoss; the fused loss would replace it")
     check_softcap_supported(model)
     head_weight_and_bias(model)  # raises for a head the fused op cannot read
     if expected is None:
         if families.router_logits_requested(model, None):
-            raise NotImplementedError(unknown_router_loss_message(model))
+            raise Unsupported(unknown_router_loss_message(model))
         _probe_generic_forward(model, model_type)
 
 
@@ -103,7 +104,7 @@ def _probe_generic_forward(model, model_type) -> None:
     name = type(model).__name__
     decoder = getattr(model, model.base_model_prefix, None)
     if not isinstance(decoder, nn.Module) or decoder is model:
-        raise NotImplementedError(f"fastmem: {name} (model_type={model_type!r}) has no decoder at "
+        raise Unsupported(f"fastmem: {name} (model_type={model_type!r}) has no decoder at "
                                   f"model.{model.base_model_prefix}; unsupported architecture")
     device = model.get_output_embeddings().weight.device
     input_ids = torch.arange(1, 4, device=device).clamp(max=model.config.vocab_size - 1)[None]
@@ -113,7 +114,7 @@ def _probe_generic_forward(model, model_type) -> None:
         rebuilt = model.get_output_embeddings()(hidden)
     if reference.shape != rebuilt.shape or not torch.allclose(reference.float(), rebuilt.float(),
                                                               rtol=1e-5, atol=1e-6):
-        raise NotImplementedError(f"fastmem: the forward of {name} (model_type={model_type!r}) is not "
+        raise Unsupported(f"fastmem: the forward of {name} (model_type={model_type!r}) is not "
                                   "decoder -> hidden states -> lm_head (its logits differ from lm_head(hidden)); "
                                   "unsupported architecture")
 
@@ -187,7 +188,7 @@ def _family_class(family: str):
 
     model_type = FAMILY_ALIASES.get(family, family)
     if model_type not in FAMILY_CLASSES:
-        raise NotImplementedError(f"apply_fastmem_to: unknown family {family!r}; supported: "
+        raise Unsupported(f"apply_fastmem_to: unknown family {family!r}; supported: "
                                   f"{sorted(set(FAMILY_CLASSES) | set(FAMILY_ALIASES))} "
                                   "(other *ForCausalLM models: apply_fastmem(model) on the instance)")
     return getattr(transformers, FAMILY_CLASSES[model_type])
