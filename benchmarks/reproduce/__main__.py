@@ -104,8 +104,9 @@ def keep_databases(root: Path, kept: Path) -> None:
     # accumulated, so the report's command list survives a machine whose logs are gone.
     known = analysis.commands(kept, REPO) + analysis.commands(root, REPO)
     lines = list(dict.fromkeys(known))
-    if lines:
-        (kept / COMMANDS_LOG).write_text("".join(line + "\n" for line in lines))
+    if lines:  # the same list in both places: the report reads it first, in this order
+        for target in (kept / COMMANDS_LOG, root / COMMANDS_LOG):
+            target.write_text("".join(line + "\n" for line in lines))
 
 
 # The run files the report reads besides the databases (the stubborn case's evaluation, the
@@ -145,13 +146,16 @@ def _load_timings(root: Path) -> dict:
     return json.loads(file.read_text()) if file.exists() else {}
 
 
-def write_report(root: Path, scale: str, timings: dict) -> Path:
-    """The Markdown report and its figures: docs/reproduction.md (cpu) or ROOT/reproduction.md (subset)."""
+def write_report(root: Path, scale: str, timings: dict, out: Path | None = None) -> Path:
+    """The Markdown report and its figures: docs/reproduction.md (cpu) or ROOT/reproduction.md
+    (subset); `out`: that file elsewhere (its figures beside it, in `reproduction/`)."""
     import torch
 
     from fastmem.sweep import SweepSpec
 
-    if scale == "cpu":
+    if out is not None:
+        report, figures = out, out.parent / "reproduction"
+    elif scale == "cpu":
         report, figures = REPO / "docs" / "reproduction.md", REPO / "docs" / "reproduction"
     else:
         report, figures = root / "reproduction.md", root / "figures"

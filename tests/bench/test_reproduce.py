@@ -305,3 +305,15 @@ def test_plateau_cells_table_says_how_each_cell_ended_and_whether_the_fit_keeps_
         {**cell, "length": 256, "rank": 16, "steps": 800, "final_loss": 0.2, "delta_loss": 10.8}])
     assert lines[2] == "| 256 | 1 | 120 | plateau | 11 | 5 | 6 | yes |"
     assert lines[3] == "| 256 | 16 | 800 | cap | 11 | 0.2 | 10.8 | no (saturated) |"
+
+
+def test_the_committed_report_is_what_the_committed_files_rebuild(tmp_path):
+    """docs/reproduction.md below its header (date, machine, progress) is exactly what
+    `--report-only` writes from benchmarks/results/reproduce/cpu on a fresh machine."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    driver.restore_databases(driver.KEPT / "cpu", root)
+    rebuilt = driver.write_report(root, "cpu", driver._load_timings(root), out=tmp_path / "reproduction.md")
+    body = lambda text: text[text.index("## 1. The memory law"):]  # noqa: E731
+    committed = (driver.REPO / "docs" / "reproduction.md").read_text()
+    assert body(rebuilt.read_text()) == body(committed), "rerun `python -m benchmarks.reproduce --scale cpu --report-only`"
