@@ -15,11 +15,25 @@ SUBSET_THRESHOLDS = ("ln2", "0.3")
 
 
 def fastmem(*args: str, log: Path | None = None) -> None:
-    """`python -m fastmem ARGS`, output appended to `log`; a failure stops the reproduction."""
+    """`python -m fastmem ARGS`, output appended to `log`; a failure stops the reproduction.
+
+    `fastmem sweep` exits 1 while any cell is not done, including cells another driver is still
+    training: with two drivers on one database the first to run out of cells would stop its
+    stage. Its database decides instead: only a failed or pending cell is a failure."""
     command = [sys.executable, "-m", "fastmem", *args]
     announce(args, log)
     with open(log, "a") if log else open(os.devnull, "w") as out:
-        subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode and not (args[0] == "sweep" and done.returncode == 1 and _only_others_running(args)):
+        raise subprocess.CalledProcessError(done.returncode, command)
+
+
+def _only_others_running(args: tuple[str, ...]) -> bool:
+    """The sweep's database holds no failed or pending cell (the rest: done, or running elsewhere)."""
+    from fastmem.sweep.store import ResultsStore
+
+    counts = ResultsStore(Path(args[args.index("--db") + 1])).status_counts()
+    return not counts.get("failed") and not counts.get("pending")
 
 
 def announce(args, log: Path | None, note: str = "") -> None:

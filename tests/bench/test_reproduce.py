@@ -317,3 +317,22 @@ def test_the_committed_report_is_what_the_committed_files_rebuild(tmp_path):
     body = lambda text: text[text.index("## 1. The memory law"):]  # noqa: E731
     committed = (driver.REPO / "docs" / "reproduction.md").read_text()
     assert body(rebuilt.read_text()) == body(committed), "rerun `python -m benchmarks.reproduce --scale cpu --report-only`"
+
+
+def test_a_sweep_that_leaves_cells_to_another_driver_does_not_stop_the_stage(tmp_path, monkeypatch):
+    spec = SweepSpec(ranks=[1, 2], lengths=[64], ratios=[1.0])
+    db = tmp_path / "grid.sqlite"
+    store = ResultsStore(db)
+    cells = spec.cells()
+    store.add_cells(cells)
+    store.claim([cells[0].key], "other-driver")  # still training elsewhere
+    key = store.claim([cells[1].key], "me")
+    store.complete(key, {"final_loss": 1.0, "steps": 1, "wall_s": 1.0}, "me")
+    exit_one = lambda *a, **k: subprocess.CompletedProcess(a, 1)  # noqa: E731  (what fastmem sweep returns then)
+    monkeypatch.setattr(stages.subprocess, "run", exit_one)
+    stages.fastmem("sweep", "--db", str(db), log=tmp_path / "log")  # no raise
+    store.add_cells(SweepSpec(ranks=[4], lengths=[64], ratios=[1.0]).cells())  # a pending cell: a failure
+    with pytest.raises(subprocess.CalledProcessError):
+        stages.fastmem("sweep", "--db", str(db), log=tmp_path / "log")
+    with pytest.raises(subprocess.CalledProcessError):
+        stages.fastmem("train", "--data", "x", log=tmp_path / "log")
