@@ -193,10 +193,13 @@ def write_report(root: Path, scale: str, timings: dict, out: Path | None = None)
     plateau_rows = analysis.rows(root / "law_plateau.sqlite")
     if plateau_rows:
         converged = sum(bool(r["details"].get("stopped_on_plateau")) for r in plateau_rows)
+        plateau = SweepSpec.from_file(stages.HERE / "law_plateau_cpu.toml")
         lines += ["### 1b. One family trained to a plateau", "",
                   f"{len(plateau_rows)} finished cells of `benchmarks/reproduce/law_plateau_cpu.toml` (random tokens, "
-                  "ranks 1–16 × ℓ 256–1024, constant lr; the rule: none of the last 25 steps beat the best loss "
-                  f"before them by more than 0.01 nats, cap 800 steps): {converged} stopped on the plateau, "
+                  f"ranks {min(plateau.ranks)}–{max(plateau.ranks)} × ℓ {min(plateau.lengths)}–{max(plateau.lengths)}, "
+                  f"{plateau.train['lr_schedule']} lr; the rule: none of the last {plateau.train['plateau_patience']} "
+                  f"steps beat the best loss before them by more than {plateau.train['plateau_tol']:g} nats, cap "
+                  f"{plateau.max_steps} steps): {converged} stopped on the plateau, "
                   f"{len(plateau_rows) - converged} at the cap. Fitted as section 1 (`--stages law_plateau`).", ""]
         lines += analysis.law_table(root, stages.LAW_PLATEAU_FAMILIES, figures, fit_dir="fit_plateau",
                                     prefix="law_plateau") + [""]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -181,13 +182,18 @@ def memft_table(chosen: list[dict]) -> list[str]:
 
 
 def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.3g}"
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.3g} ± {sd:.2g}"
+    """Mean ± sample standard deviation (the mean alone for one value, – for none)."""
+    if len(values) < 2:
+        return f"{values[0]:.3g}" if values else "–"
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def _seed_groups(found: list[dict], key) -> dict[tuple, list[dict]]:
+    """Cells grouped by `key(cell)`, each group in seed order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in sorted(found, key=lambda r: r["seed"]):
+        groups.setdefault(key(r), []).append(r)
+    return groups
 
 
 def _decoded_em(row: dict) -> float | None:
@@ -203,14 +209,11 @@ def protocol_table(groups: dict[str, list[dict]]) -> list[str]:
     token right / every token at p > 0.5, per seed (– : never within the budget)."""
     lines = ["| data | rank | recipe | seeds | decoded EM per seed | EM all seeds | token acc | final loss "
              "| first all-correct step per seed | first all p > 0.5 step per seed |", "|---" * 10 + "|"]
-    keyed: dict[tuple, list[dict]] = {}
-    for recipe, found in groups.items():
-        for r in found:
-            name = "SFT" if r["objective"] == "sft" else recipe
-            keyed.setdefault((r["data"], r["ratio"], r["rank"], name), []).append(r)
+    cells = [{**r, "recipe": "SFT" if r["objective"] == "sft" else recipe}
+             for recipe, found in groups.items() for r in found]
+    keyed = _seed_groups(cells, lambda r: (r["data"], r["ratio"], r["rank"], r["recipe"]))
     order = {name: i for i, name in enumerate(["SFT", *groups])}
     for (data, ratio, rank, name), found in sorted(keyed.items(), key=lambda kv: (*kv[0][:3], order[kv[0][3]])):
-        found.sort(key=lambda r: r["seed"])
         ems = [_decoded_em(r) for r in found]
         em_text = ", ".join(f"{r['seed']}: {_fmt(e, '.0%')}" for r, e in zip(found, ems))
         every = sum(e == 1.0 for e in ems if e is not None)
@@ -256,11 +259,15 @@ def memft_figure(rows_: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def _threshold_cells(root: Path, names, stage: str) -> list[dict]:
+    """The finished cells of a threshold stage's databases (`<stage>_<name>.sqlite`, and SFT's),
+    each with its "threshold" ("–" for SFT)."""
+    return [{**r, "threshold": "–" if name == "sft" else name}
+            for name in (*names, "sft") for r in rows(root / f"{stage}_{name}.sqlite")]
+
+
 def threshold_table(root: Path, names) -> tuple[list[str], list[dict]]:
-    found = []
-    for name in (*names, "sft"):
-        for r in rows(root / f"threshold_{name}.sqlite"):
-            found.append({**r, "threshold": "–" if name == "sft" else name})
+    found = _threshold_cells(root, names, "threshold")
     lines = ["| data | ρ | objective | threshold | EM | steps | stopped on recall | re-crossings | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(found, key=lambda r: (r["data"], r["ratio"], r["objective"], str(r["threshold"]))):
@@ -277,12 +284,9 @@ def threshold_seeds_table(root: Path, names, stage: str = "threshold_protocol") 
     budget for the rest is listed per seed), and re-crossings (mean ± sd)."""
     lines = ["| data | ρ | objective | threshold | seeds | recalled | steps per seed | steps to recall "
              "(recalled seeds) | re-crossings |", "|---" * 9 + "|"]
-    groups: dict[tuple, list[dict]] = {}
-    for name in (*names, "sft"):
-        for r in rows(root / f"{stage}_{name}.sqlite"):
-            groups.setdefault((r["data"], r["ratio"], r["objective"], "–" if name == "sft" else name), []).append(r)
+    groups = _seed_groups(_threshold_cells(root, names, stage),
+                          lambda r: (r["data"], r["ratio"], r["objective"], r["threshold"]))
     for (data, ratio, objective, threshold), found in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        found.sort(key=lambda r: r["seed"])
         recalled = [r for r in found if r["details"].get("stopped_on_recall")]
         per_seed = ", ".join(f"{r['steps']}{'' if r in recalled else ' (budget)'}" for r in found)
         lines.append(f"| {data} | {ratio:g} | {objective} | {threshold} | {len(found)} | "

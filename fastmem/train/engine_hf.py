@@ -55,24 +55,15 @@ class HFEngine:
         total, count = 0.0, 0
         with torch.no_grad(), self.model.disable_adapter():
             for i in indices:
-                sample = self.samples[i]
-                input_ids = torch.tensor([sample.input_ids], dtype=torch.long, device=self.device)
-                logits = self.model(input_ids=input_ids, use_cache=False).logits
-                answer = logits[0, answer_slice(len(sample.prompt_ids), sample.answer_len)].float()
-                labels = torch.tensor(sample.answer_ids, device=self.device)
-                total += float(F.cross_entropy(answer, labels, reduction="sum"))
+                labels = torch.tensor(self.samples[i].answer_ids, device=self.device)
+                total += float(F.cross_entropy(self._answer_logits(i), labels, reduction="sum"))
                 count += labels.numel()
         return {"reference_loss": total / max(count, 1), "reference_s": time.perf_counter() - start}
 
     def forward(self, indices: list[int], window: torch.Tensor | None = None,
                 objective: str | None = None):
         cfg = self.config
-        rows = []
-        for i in indices:
-            sample = self.samples[i]
-            input_ids = torch.tensor([sample.input_ids], dtype=torch.long, device=self.device)
-            logits = self.model(input_ids=input_ids, use_cache=False).logits
-            rows.append(logits[0, answer_slice(len(sample.prompt_ids), sample.answer_len)].float())
+        rows = [self._answer_logits(i) for i in indices]
         logits = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, A_max, V] fp32
         labels = padded_labels([torch.tensor(self.samples[i].answer_ids, device=self.device) for i in indices])
         batch, seq = labels.shape
@@ -103,6 +94,13 @@ class HFEngine:
                            weight=weight.reshape(batch, seq), valid=valid.reshape(batch, seq),
                            first_error=weigher.first_error(), margin=margin.reshape(batch, seq))
         return loss, stats
+
+    def _answer_logits(self, i: int) -> torch.Tensor:
+        """Sample i's prompt + answer through the model: the logits that predict its answer, fp32."""
+        sample = self.samples[i]
+        input_ids = torch.tensor([sample.input_ids], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        return logits[0, answer_slice(len(sample.prompt_ids), sample.answer_len)].float()
 
     def sequence_tokens(self, indices: list[int]) -> int:
         return sum(len(self.samples[i].input_ids) for i in indices)

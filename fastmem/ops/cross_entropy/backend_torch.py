@@ -130,15 +130,12 @@ def _nll_without_max(p: torch.Tensor, col: torch.Tensor, p_y: torch.Tensor, targ
                      raw: torch.Tensor | None, raw_rows: RawRows | None, cap: float) -> torch.Tensor:
     """nll per row from the softmax `p` without the row max (CPU: host syncs are free).
 
-    p_y > 1/2: log1p(others / p_y); else -log p_y. A row whose p_y underflowed (nll above
-    ~87) has lost z_y - max to the softmax: its logits are taken again (`raw`, the untouched
-    GEMM output, or `raw_rows`) and its nll is logsumexp(z) - z_y.
+    `_log_sum_normal` with the target's logit as the reference point (log_sum = nll): p_y > 1/2 gives
+    log1p(others / p_y), other rows -log p_y. A row whose p_y underflowed (nll above ~87) has
+    lost z_y - max to the softmax: its logits are taken again (`raw`, the untouched GEMM output,
+    or `raw_rows`) and its nll is logsumexp(z) - z_y.
     """
-    if _confident_rows_exist(p_y):
-        others = _others(p, col)
-        nll = torch.where(p_y > 0.5, torch.log1p(others / p_y), -torch.log(p_y))
-    else:
-        nll = -torch.log(p_y)
+    nll = _log_sum_normal(p, col, p_y, target, row_max=target)
     underflow = (p_y < torch.finfo(p.dtype).tiny).squeeze(1)
     if bool(underflow.any()):
         rows = underflow.nonzero().squeeze(1)
@@ -148,6 +145,16 @@ def _nll_without_max(p: torch.Tensor, col: torch.Tensor, p_y: torch.Tensor, targ
             z = z.div(cap).tanh_().mul_(cap)
         nll[rows] = torch.logsumexp(z, dim=1, keepdim=True) - target.index_select(0, rows)
     return nll
+
+
+def _log_sum_normal(p: torch.Tensor, col: torch.Tensor, p_y: torch.Tensor, target: torch.Tensor,
+                    row_max: torch.Tensor) -> torch.Tensor:
+    """`_log_sum` for rows whose p_y is a normal float (the underflowed ones are the caller's)."""
+    plain = (target - row_max) - torch.log(p_y)
+    if not _confident_rows_exist(p_y):
+        return plain
+    confident = (target >= row_max) & (p_y > 0.5)
+    return torch.where(confident, torch.log1p(_others(p, col) / p_y), plain)
 
 
 def _log_sum(p: torch.Tensor, col: torch.Tensor, p_y: torch.Tensor, target: torch.Tensor,
@@ -162,12 +169,7 @@ def _log_sum(p: torch.Tensor, col: torch.Tensor, p_y: torch.Tensor, target: torc
     their largest p = 1 / S instead (an extra pass, on those rows only on CPU, where the test
     costs no device sync).
     """
-    plain = (target - row_max) - torch.log(p_y)
-    if _confident_rows_exist(p_y):
-        confident = (target >= row_max) & (p_y > 0.5)
-        log_sum = torch.where(confident, torch.log1p(_others(p, col) / p_y), plain)
-    else:
-        log_sum = plain
+    log_sum = _log_sum_normal(p, col, p_y, target, row_max)
     tiny = torch.finfo(p.dtype).tiny
     underflow = (target < row_max) & (p_y < tiny)
     if not _host_sync_is_free(p):
