@@ -4,13 +4,13 @@ A training step of the fast engine on CPU is ~half GEMMs of frozen weights (the 
 span's q/k/v/o/gate/up/down forward, and their input gradients in backward); oneDNN runs
 them ~1.8x faster than torch's MKL sgemm on the AVX-512 CI machine, in IEEE fp32.
 `use_onednn_linears(module)` reroutes every frozen fp32 CPU nn.Linear inside `module`
-(PEFT's LoRA base layers included; trainable A / B stay as they are). A layer whose weight
-requires grad when called, a tensor off the CPU, another dtype, a GEMM of fewer than
-ONEDNN_MIN_ROWS rows (a decode step: memory-bound, nothing to gain), or a call under CPU
-autocast takes F.linear. Under autocast F.linear runs in the autocast dtype (bf16: the GEMM
-the user asked for), which an fp32 oneDNN product would silently undo, so the reroute steps
-aside there. The input gradient is the one derivative given: a double backward (e.g.
-`create_graph=True` and a gradient of the gradient) is refused (once_differentiable).
+(PEFT's LoRA base layers included; LoRA A / B, trainable or loaded, stay as they are). A
+layer whose weight requires grad when called, a tensor off the CPU, another dtype, a GEMM of
+fewer than ONEDNN_MIN_ROWS rows (a decode step: memory-bound, nothing to gain), or a call
+under CPU autocast takes F.linear. Under autocast F.linear runs in the autocast dtype (bf16:
+the GEMM the user asked for), which an fp32 oneDNN product would silently undo, so the
+reroute steps aside there. The input gradient is the one derivative given: a double backward
+(e.g. `create_graph=True` and a gradient of the gradient) is refused (once_differentiable).
 """
 
 from __future__ import annotations
@@ -66,12 +66,23 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return onednn_linear(x, self.weight, self.bias)
 
 
+def _adapter_linears(module: nn.Module) -> set[int]:
+    """ids of the LoRA A / B layers in `module`: frozen once an adapter is loaded for
+    inference, yet left on F.linear so that an adapter computes as it did in training (the
+    same logits, bit for bit, and they are too small for oneDNN to gain anything)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {id(linear) for layer in module.modules() if isinstance(layer, LoraLayer)
+            for table in (layer.lora_A, layer.lora_B) for linear in table.values()}
+
+
 def use_onednn_linears(module: nn.Module) -> int:
-    """Reroute the frozen fp32 CPU nn.Linear layers of `module`; returns how many. A no-op
-    (0) where oneDNN does not serve fp32 on this torch / device."""
+    """Reroute the frozen fp32 CPU nn.Linear layers of `module` but its LoRA A / B; returns how
+    many. A no-op (0) where oneDNN does not serve fp32 on this torch / device."""
     count = 0
+    adapters = _adapter_linears(module)
     for sub in module.modules():
-        if (type(sub) is nn.Linear and not sub.weight.requires_grad
+        if (type(sub) is nn.Linear and not sub.weight.requires_grad and id(sub) not in adapters
                 and onednn_serves(sub.weight.dtype, sub.weight.device)):
             sub.forward = types.MethodType(_forward, sub)
             count += 1

@@ -96,14 +96,19 @@ def _cache_file() -> Path:
     return Path(root) / "fastmem" / "cpu_gemm_route.json"
 
 
-def _machine_key() -> str:
+def cpu_model() -> str:
+    """This machine's CPU model name (/proc/cpuinfo), or what `platform` knows."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"{model} | torch {torch.__version__} | {torch.get_num_threads()} threads | {CALIBRATION_SHAPE}"
+    return model
+
+
+def _machine_key() -> str:
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {CALIBRATION_SHAPE}"
 
 
 def _measured_with_cache() -> dict:

@@ -28,8 +28,14 @@ def versions() -> dict:
     import transformers
 
     import fastmem
-    return {"fastmem": fastmem.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
+    from fastmem.ops.cpu_gemm import cpu_model
+
+    # The machine too: two cells' wall times compare only on the same one.
+    found = {"fastmem": fastmem.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+             "peft": peft.__version__, "python": platform.python_version(), "cpu": cpu_model()}
+    if torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name()
+    return found
 
 
 def cell_samples(cell: Cell, tokenizer):

@@ -7,10 +7,20 @@ import torch
 from torch import nn
 
 from fastmem.nn.cpu_linear import ONEDNN_MIN_ROWS, onednn_linear, use_onednn_linears
-from fastmem.ops.cpu_gemm import onednn_serves
+from fastmem.ops import cpu_gemm
 
-pytestmark = pytest.mark.skipif(not onednn_serves(torch.float32, torch.device("cpu")),
-                                reason="this torch has no oneDNN linear for fp32 CPU")
+pytestmark = pytest.mark.skipif(cpu_gemm._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear op")
+
+
+@pytest.fixture(autouse=True)
+def onednn_route(monkeypatch):
+    """The oneDNN route on every machine: where `auto` measures MKL faster, these tests would
+    otherwise check nothing."""
+    monkeypatch.setenv(cpu_gemm.ENV_VAR, "onednn")
+    cpu_gemm.cpu_gemm_route.cache_clear()
+    yield
+    monkeypatch.undo()
+    cpu_gemm.cpu_gemm_route.cache_clear()
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -34,6 +44,18 @@ def test_trainable_or_other_dtype_layers_are_left_alone():
                           nn.Linear(8, 8, dtype=torch.float64).requires_grad_(False))
     assert use_onednn_linears(model) == 1
     assert "forward" not in vars(model[0]) and "forward" in vars(model[1]) and "forward" not in vars(model[2])
+
+
+def test_a_loaded_adapters_lora_layers_keep_f_linear():
+    """Frozen after loading, LoRA A / B still compute as in training (the base layer is rerouted)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]))
+    model.requires_grad_(False)  # as a loaded adapter for inference
+    lora = model.base_model.model[0]
+    assert use_onednn_linears(model) == 1
+    assert "forward" in vars(lora.base_layer)
+    assert "forward" not in vars(lora.lora_A["default"]) and "forward" not in vars(lora.lora_B["default"])
 
 
 def test_a_weight_unfrozen_later_still_gets_its_gradient():

@@ -117,7 +117,7 @@ def test_worker_trains_every_cell_and_a_rerun_skips_them(tmp_path, spec, tiny_mo
     for row in rows:
         assert row["steps"] == 2 and row["base_loss"] > 0 and row["final_loss"] > 0
         assert row["delta_loss"] == pytest.approx(row["base_loss"] - row["final_loss"])
-        assert row["layers"] == "[2, 3]" and '"torch"' in row["versions"]
+        assert row["layers"] == "[2, 3]" and '"torch"' in row["versions"] and '"cpu"' in row["versions"]
         details = json.loads(row["details"])  # the recall data of each sample, decoded on request only
         assert len(details["min_p_per_sample"]) == len(details["teacher_forced_em_per_sample"]) == 1
         assert 0.0 <= details["min_p_per_sample"][0] <= 1.0 and details["decoded_em_per_sample"] in ([None], [False])
