@@ -19,7 +19,7 @@ STAGES = {"law": stages.run_law, "memft": stages.run_memft, "threshold": stages.
 # Run only when named in --stages (issue 22's reruns under the authors' protocol: hours of
 # CPU); the report shows whatever of them has landed (section 3b).
 OPTIONAL_STAGES = {"protocol": stages.run_protocol, "threshold_protocol": stages.run_threshold_protocol,
-                   "law_plateau": stages.run_law_plateau}
+                   "law_plateau": stages.run_law_plateau, "headline_parts": stages.run_headline_parts}
 
 
 def main(argv=None) -> int:
@@ -115,6 +115,7 @@ def keep_databases(root: Path, kept: Path) -> None:
 KEPT_RUN_FILES = ("stubborn/eval/report.json", "stubborn/eval/*.png", "stubborn/run/metrics.jsonl",
                   "stubborn/run/summary.json", "headline/*.json", "headline/*/metrics.jsonl",
                   "headline/*/summary.json", "headline/*/capped.json", "headline/*-eval/report.json",
+                  "headline_parts/*/metrics.jsonl", "headline_parts/*/summary.json",
                   "fit/*/fit.json", "fit/*/*.png", "fit/*/not_fitted.txt", "fit_plateau/*/fit.json",
                   "fit_plateau/*/*.png", "fit_plateau/*/not_fitted.txt")
 COMMANDS_LOG = "commands.log"
@@ -235,14 +236,17 @@ def write_report(root: Path, scale: str, timings: dict, out: Path | None = None)
     protocol = {"OT at ln 2": analysis.rows(root / "protocol_ln2.sqlite"),
                 "authors' PhoneBook recipe (OT at ln 2 + their curriculum)":
                     analysis.rows(root / "protocol_curriculum.sqlite"),
-                "OT at 0.1": analysis.rows(root / "protocol_0.1.sqlite")}
+                "OT at 0.1": analysis.rows(root / "protocol_0.1.sqlite"),
+                "SFT on batches of 5, 1020 steps (the recipe's control)": analysis.rows(root / "protocol_batch5.sqlite")}
     if any(protocol.values()):
         lines += ["### 3b. MemFT against SFT under the authors' protocol, three seeds", "",
                   "Configs `benchmarks/reproduce/protocol_cpu.toml` and `protocol_curriculum_cpu.toml` (each "
                   "setting cites the authors' code in `authors.toml`): one MLP-block adapter at layer 20 (out = "
                   "mlp(x) + B·A·drop(x), scale 1), LoRA dropout 0.1, gradient norm clipped at 1.0, linear decay "
-                  "without warm-up, AdamW lr 1e-2, budget runs with no stop rule (300 steps; the curriculum "
-                  "recipe 1020 steps, their 300 epochs over its growing prefix). A seed changes the book or the "
+                  "without warm-up, AdamW lr 1e-2, budget runs with no stop rule (300 steps on the whole 20-entry book; the "
+                  "curriculum recipe 1020 steps on batches of 5, their 300 epochs over its growing prefix, and "
+                  "its control `protocol_batch5_cpu.toml`: SFT on batches of 5 for the same 1020 steps and "
+                  "5,100 sample passes). A seed changes the book or the "
                   "random tokens and the adapter's init. EM: every sample greedy-decoded after the last step. "
                   "The first-step columns read the training forward, which runs with dropout on: a noisy "
                   "signal. Cells land as the stage runs; a group with fewer than three seeds is still running "
@@ -286,6 +290,17 @@ def write_report(root: Path, scale: str, timings: dict, out: Path | None = None)
                   "headline` reruns it and keeps every run's metrics, summary and evaluation in "
                   "`benchmarks/results/reproduce/cpu/headline/`.", ""]
     lines += _figure(analysis.headline_figure, cells, figures / "headline_wall.png", "wall time to EM", rel)
+    parts = analysis.parts_table(root, stages.headline_lengths(scale), stages.HEADLINE_PARTS)
+    if len(parts) > 2:
+        lines += ["### 5b. Where a step's time goes", "",
+                  f"`--stages headline_parts` (`HEADLINE_PARTS` in stages.py): on each headline answer, short runs "
+                  f"({stages.PARTS_STEPS} steps, the first a warm-up left out) of the authors' adapter and objective "
+                  "(OT at ln 2, clipping, dropout 0.1), each rung changing one thing from the rung above, then "
+                  "fastmem's recipe. CPU s: the process's CPU seconds a step (one torch thread; the work done, "
+                  "which other jobs on the machine inflate less than the wall). These are a run's first steps, "
+                  "where nearly every token still trains: the fast engine skipping recalled rows later in a run "
+                  "is not in them. The steps a recipe needs are section 5's.", ""]
+        lines += parts + [""]
     discussion = stages.HERE / f"discussion_{scale}.md"
     if discussion.exists():
         lines += [discussion.read_text().rstrip(), ""]

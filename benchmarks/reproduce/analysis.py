@@ -209,7 +209,8 @@ def protocol_table(groups: dict[str, list[dict]]) -> list[str]:
     token right / every token at p > 0.5, per seed (– : never within the budget)."""
     lines = ["| data | rank | recipe | seeds | decoded EM per seed | EM all seeds | token acc | final loss "
              "| first all-correct step per seed | first all p > 0.5 step per seed |", "|---" * 10 + "|"]
-    cells = [{**r, "recipe": "SFT" if r["objective"] == "sft" else recipe}
+    # A group named for SFT (a control) keeps its name; SFT cells of the others are one "SFT".
+    cells = [{**r, "recipe": "SFT" if r["objective"] == "sft" and not recipe.startswith("SFT") else recipe}
              for recipe, found in groups.items() for r in found]
     keyed = _seed_groups(cells, lambda r: (r["data"], r["ratio"], r["rank"], r["recipe"]))
     order = {name: i for i, name in enumerate(["SFT", *groups])}
@@ -364,6 +365,35 @@ def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]
                          f"{_fmt(cell['peak_gib'], '.2f')} | {ratio} |")
             found.append(cell)
     return lines, found
+
+
+def parts_table(root: Path, lengths, parts) -> list[str]:
+    """The per-step cost ladder (stages.HEADLINE_PARTS): per rung the mean step after the first
+    (the warm-up), in process CPU seconds (the work, robust to other jobs on the machine; 1
+    torch thread) and wall seconds, each rung against the one above and against the first.
+    A rung not run yet is left out; its neighbours are then compared across the gap."""
+    lines = ["| ℓ | rung | CPU s / step | wall s / step | × the rung above (CPU) | × the authors' loop (CPU) "
+             "| GEMM route | peak memory GiB |", "|---|---|---|---|---|---|---|---|"]
+    for length in lengths:
+        first = above = None
+        for slug, what, *_ in parts:
+            run = root / "headline_parts" / f"{length}-{slug}"
+            summary_file = run / "summary.json"
+            if not summary_file.exists():
+                continue
+            summary = json.loads(summary_file.read_text())
+            timed = [row for step, row in sorted(metrics_by_step(run / "metrics.jsonl").items()) if step > 1]
+            if not timed or "step_cpu_s" not in timed[0]:
+                continue
+            cpu = statistics.mean(row["step_cpu_s"] for row in timed)
+            wall = statistics.mean(row["step_s"] for row in timed)
+            first = first or cpu
+            lines.append(f"| {length} | {what} | {cpu:.2f} | {wall:.2f} | "
+                         f"{'–' if above is None else f'{cpu / above:.2f}×'} | {cpu / first:.2f}× | "
+                         f"{summary.get('cpu_gemm', 'torch F.linear')} | "
+                         f"{_fmt(summary.get('peak_mem_bytes') and summary['peak_mem_bytes'] / 2**30, '.2f')} |")
+            above = cpu
+    return lines
 
 
 def metrics_by_step(metrics: Path) -> dict[int, dict]:

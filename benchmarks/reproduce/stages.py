@@ -14,8 +14,9 @@ THRESHOLDS = {"ln2": math.log(2.0), "0.5": 0.5, "0.3": 0.3, "0.1": 0.1}
 SUBSET_THRESHOLDS = ("ln2", "0.3")
 
 
-def fastmem(*args: str, log: Path | None = None) -> None:
-    """`python -m fastmem ARGS`, output appended to `log`; a failure stops the reproduction.
+def fastmem(*args: str, log: Path | None = None, env: dict | None = None) -> None:
+    """`python -m fastmem ARGS`, output appended to `log` (`env`: variables set for it); a
+    failure stops the reproduction.
 
     `fastmem sweep` exits 1 while any cell is not done, including cells another driver is still
     training: with two drivers on one database the first to run out of cells would stop its
@@ -23,7 +24,8 @@ def fastmem(*args: str, log: Path | None = None) -> None:
     command = [sys.executable, "-m", "fastmem", *args]
     announce(args, log)
     with open(log, "a") if log else open(os.devnull, "w") as out:
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, **env} if env else None)
     if done.returncode and not (args[0] == "sweep" and done.returncode == 1 and _only_others_running(args)):
         raise subprocess.CalledProcessError(done.returncode, command)
 
@@ -180,8 +182,9 @@ PROTOCOL_THRESHOLDS = ("ln2", "0.1")
 def run_protocol(root: Path, scale: str) -> None:
     """MemFT vs SFT with the authors' adapter, dropout, clipping and schedule, three seeds: OT at
     the paper's ln 2 beside SFT, then the authors' PhoneBook recipe (OT at ln 2 + their curriculum
-    loader), then OT at fastmem's default threshold (one database each). SFT has no threshold:
-    it runs once, in the ln 2 database, and the report compares both OT copies with it."""
+    loader), then OT at fastmem's default threshold, then SFT on the recipe's batches of 5 for
+    its 1020 steps (one database each). SFT has no threshold: it runs once in the ln 2
+    database, and the report compares both OT copies with it."""
     base = (HERE / "protocol_cpu.toml").read_text()
     head, table = base.split("[train]", 1)  # top-level keys must come before the [train] table
 
@@ -199,6 +202,9 @@ def run_protocol(root: Path, scale: str) -> None:
             str(HERE / "protocol_curriculum_cpu.toml"), "--no-progress", log=root / "protocol.log")
     for name in PROTOCOL_THRESHOLDS[1:]:
         sweep(name)
+    # The curriculum recipe's control: SFT with its batches and its number of updates.
+    fastmem("sweep", "--db", str(root / "protocol_batch5.sqlite"), "--config",
+            str(HERE / "protocol_batch5_cpu.toml"), "--no-progress", log=root / "protocol.log")
 
 
 # The headline's recipes: (name, engine, objective, threshold (None: the trainer's default),
@@ -262,6 +268,54 @@ def run_headline(root: Path, scale: str) -> None:
             if (run / "summary.json").exists() and not (out / f"{length}-{name}-eval" / "report.json").exists():
                 fastmem("eval", "--data", str(data), "--adapter", str(run / "adapter"), "--out",
                         str(out / f"{length}-{name}-eval"), "--grids", "1", "--no-progress", log=out / "headline.log")
+
+
+# Issue 22, item 4: where the authors' per-step cost goes against fastmem's. On each headline
+# answer a ladder of short runs: the authors' adapter and objective (OT at ln 2, clipping,
+# dropout 0.1) on every rung but the last, each rung changing one thing from the rung above it:
+# their loop as run; without its reference forward; fastmem's fast engine (fused loss over the
+# answer rows, autograd only from the adapted layer on) with the prefix rerun every step and
+# the hf engine's GEMM library (MKL); + the prefix cache; + the GEMM route fastmem measures per
+# machine (oneDNN or MKL for the fused loss and the frozen linears: summary.json's `cpu_gemm`
+# says which; where it is MKL this rung changes nothing); then fastmem's recipe (its adapter,
+# SFT). PARTS_STEPS steps a rung, the first a warm-up left out (allocator, oneDNN's primitive
+# cache). These are a run's first steps, where OT at ln 2 still trains nearly every token: the
+# fast engine skipping recalled rows later in a run is not in them.
+# (slug, what the rung changes, flags, environment)
+PARTS_STEPS = 4
+AUTHORS_OBJECTIVE = ("--objective", "ot", "--threshold", repr(math.log(2.0)))
+AUTHORS_NO_REFERENCE = tuple(flag for flag in AUTHORS_RECIPE if flag != "--reference-forward")
+MKL = {"FASTMEM_CPU_GEMM": "mkl"}
+MEASURED = {"FASTMEM_CPU_GEMM": "auto"}
+HEADLINE_PARTS = (
+    ("authors", "the authors' loop as run (`--engine hf`, reference forward)",
+     ("--engine", "hf", *AUTHORS_OBJECTIVE, *AUTHORS_RECIPE), {}),
+    ("no-reference", "without the reference forward", ("--engine", "hf", *AUTHORS_OBJECTIVE, *AUTHORS_NO_REFERENCE),
+     {}),
+    ("fast-no-cache-mkl", "fast engine: fused loss, autograd from the adapted layer on (prefix rerun every "
+     "step, MKL GEMMs)", ("--engine", "fast", "--no-prefix-cache", *AUTHORS_OBJECTIVE, *AUTHORS_NO_REFERENCE), MKL),
+    ("fast-mkl", "+ prefix cache", ("--engine", "fast", *AUTHORS_OBJECTIVE, *AUTHORS_NO_REFERENCE), MKL),
+    ("fast", "+ the measured GEMM route (fastmem's engine, all its parts)",
+     ("--engine", "fast", *AUTHORS_OBJECTIVE, *AUTHORS_NO_REFERENCE), MEASURED),
+    ("fastmem", "fastmem's recipe: its adapter (`HEADLINE_LORA`), SFT",
+     ("--engine", "fast", "--objective", "sft", *HEADLINE_LORA), MEASURED),
+)
+
+
+def run_headline_parts(root: Path, scale: str) -> None:
+    """The ladder of HEADLINE_PARTS on each headline answer (its runs: ROOT/headline_parts/)."""
+    out = root / "headline_parts"
+    out.mkdir(parents=True, exist_ok=True)
+    for length in headline_lengths(scale):
+        data = root / "headline" / f"stress_{length}_rho0.25.jsonl"  # the headline's own answer
+        if not data.exists():
+            data.parent.mkdir(parents=True, exist_ok=True)
+            write_stress_data(data, length, 0.25)
+        for slug, _, flags, env in HEADLINE_PARTS:
+            run = out / f"{length}-{slug}"
+            if not (run / "summary.json").exists():
+                fastmem("train", "--data", str(data), "--out", str(run), *flags,
+                        "--max-steps", str(PARTS_STEPS), "--no-progress", log=out / "headline_parts.log", env=env)
 
 
 def fastmem_capped(args: list[str], metrics: Path, cap_s: float | None, per_step_s: float, log: Path) -> bool:

@@ -18,6 +18,7 @@ import torch
 
 from fastmem.eval.evaluator import EvalReport, evaluate
 from fastmem.files import write_json_atomic
+from fastmem.ops.cpu_gemm import cpu_gemm_route
 from fastmem.train.adapters import adapter_targets
 from fastmem.train.checkpoint import save_adapter_atomic
 from fastmem.train.distributed import barrier, full_adapter_state, unsharded
@@ -71,7 +72,17 @@ def run_summary(run: TrainingRun) -> dict:
             "num_samples": len(run.samples),
             "base_loss_per_sample": [b / s.answer_len for b, s in zip(run.base_loss_sums, run.samples)],
             "objective": config.objective, "engine": config.engine, "rank": config.rank,
-            "layers": run.layer_ids, "modules": adapter_targets(config), "world_size": run.info.world_size}
+            "layers": run.layer_ids, "modules": adapter_targets(config), "world_size": run.info.world_size,
+            **_cpu_gemm(run)}
+
+
+def _cpu_gemm(run: TrainingRun) -> dict:
+    """The fp32 GEMM route the fast engine took on CPU (fastmem.ops.cpu_gemm: measured per
+    machine, or FASTMEM_CPU_GEMM): two machines' step times differ by it."""
+    if run.config.engine != "fast" or run.info.device.type != "cpu":
+        return {}
+    route, why = cpu_gemm_route()
+    return {"cpu_gemm": route, "cpu_gemm_why": why}
 
 
 def finish(run: TrainingRun, decode: str | None = None) -> TrainResult:

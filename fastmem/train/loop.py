@@ -91,7 +91,7 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
     """One step of the plan: forward, decide, update, bookkeeping."""
     config, info = run.config, run.info
     indices = rank_slice(scheduled, info.rank, config.batch_size)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
 
     # 1. forward: cached prefix -> adapted span -> fused loss on the answer rows
     window = run.sw_state.window(indices)
@@ -126,12 +126,15 @@ def train_step(run: TrainingRun, scheduled: ScheduledStep, bar) -> None:
     extra = run.engine.step_metrics(indices)
     run.sw_state.update(list(scheduled.global_batch), gather_first_errors(stats.first_error, info))
     step_s = time.perf_counter() - t0
+    # the process's CPU seconds (all its threads): on a shared machine the work the step did,
+    # where step_s also counts the time other jobs held the cores
+    step_cpu_s = time.process_time() - cpu0
     row = {"step": run.step, "epoch": scheduled.epoch, "samples": list(scheduled.global_batch),
            "loss": loss_value, **stats_summary(stats),
            "stubborn_tokens_global": signal.stubborn_tokens, "active_tokens": signal.active_tokens,
            "recrossed": run.recrossings.count(indices, stats), "lr": lr, "update": decision.update,
            "decision": "plateau" if run.plateaued else decision.reason, "confirmation": confirmation,
-           "confirm_s": confirm_s, "step_s": step_s,
+           "confirm_s": confirm_s, "step_s": step_s, "step_cpu_s": step_cpu_s,
            "tokens_per_s": run.engine.sequence_tokens(indices) / max(step_s, 1e-9), **extra}
     if config.objective == "sw":
         row["sw_window_mean"] = float(window.mean())

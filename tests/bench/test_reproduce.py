@@ -228,7 +228,11 @@ def test_protocol_stage_runs_sft_once_then_the_curriculum_then_ot_at_0_1(tmp_pat
     monkeypatch.setattr(stages, "fastmem", lambda *args, log=None: calls.append(args))
     stages.run_protocol(tmp_path, "cpu")
     dbs = [args[args.index("--db") + 1].rsplit("/", 1)[1] for args in calls]
-    assert dbs == ["protocol_ln2.sqlite", "protocol_curriculum.sqlite", "protocol_0.1.sqlite"]
+    assert dbs == ["protocol_ln2.sqlite", "protocol_curriculum.sqlite", "protocol_0.1.sqlite", "protocol_batch5.sqlite"]
+    control, recipe = (SweepSpec.from_file(stages.HERE / f"protocol_{n}_cpu.toml") for n in ("batch5", "curriculum"))
+    # the control trains plain SFT with the recipe's batches and number of updates
+    assert control.objectives == ["sft"] and not control.curriculum
+    assert (control.batch_size, control.max_steps, control.layers) == (recipe.batch_size, recipe.max_steps, recipe.layers)
     ln2, ot01 = (SweepSpec.from_file(tmp_path / f"protocol_{n}.toml") for n in ("ln2", "0.1"))
     assert ln2.objectives == ["sft", "ot"] and ot01.objectives == ["ot"]
     assert ln2.threshold == pytest.approx(math.log(2)) and ot01.threshold == pytest.approx(0.1)
@@ -243,11 +247,12 @@ def test_protocol_table_pools_seeds_and_names_sft_once():
                     "decoded_em_per_sample": decoded, "first_em_step": first, "first_recall_step": None}}
     lines = driver.analysis.protocol_table({
         "OT at ln 2": [cell("sft", 1, 1, 0.9, None), cell("sft", 2, 2, 1.0, 40), cell("ot", 1, 2, 1.0, 30)],
-        "OT at 0.1": [cell("ot", 1, 2, 1.0, 20)]})
+        "OT at 0.1": [cell("ot", 1, 2, 1.0, 20)], "SFT, a control": [cell("sft", 1, 0, 0.5, None)]})
     assert lines[2] == ("| phonebook | 1 | SFT | 2 | 1: 50%, 2: 100% | 1/2 | 0.95 ± 0.071 | 0.15 ± 0.071 "
                         "| –, 40 | –, – |")
     assert lines[3].startswith("| phonebook | 1 | OT at ln 2 | 1 | 1: 100% | 1/1 |")
-    assert lines[4].startswith("| phonebook | 1 | OT at 0.1 | 1 |") and len(lines) == 5
+    assert lines[4].startswith("| phonebook | 1 | OT at 0.1 | 1 |")
+    assert lines[5].startswith("| phonebook | 1 | SFT, a control | 1 | 1: 0% |") and len(lines) == 6
 
 
 def test_the_authors_headline_recipe_is_their_protocol_with_the_reference_forward_in_the_loop():
@@ -336,3 +341,71 @@ def test_a_sweep_that_leaves_cells_to_another_driver_does_not_stop_the_stage(tmp
         stages.fastmem("sweep", "--db", str(db), log=tmp_path / "log")
     with pytest.raises(subprocess.CalledProcessError):
         stages.fastmem("train", "--data", "x", log=tmp_path / "log")
+
+
+def test_headline_parts_stage_runs_each_rung_with_its_environment(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(stages, "fastmem", lambda *args, log=None, env=None: calls.append((args, env)))
+    monkeypatch.setattr(stages, "write_stress_data", lambda path, length, ratio: path.write_text("{}\n"))
+    stages.run_headline_parts(tmp_path, "cpu")
+    runs = {args[args.index("--out") + 1].rsplit("/", 1)[1]: (args, env) for args, env in calls}
+    assert list(runs) == [f"{n}-{slug}" for n in (1024, 4096) for slug, *_ in stages.HEADLINE_PARTS]
+    assert "--reference-forward" in runs["1024-authors"][0]
+    assert "--reference-forward" not in runs["1024-no-reference"][0]
+    assert "--no-prefix-cache" in runs["1024-fast-no-cache-mkl"][0]
+    assert "--no-prefix-cache" not in runs["1024-fast-mkl"][0]
+    assert runs["1024-fast-mkl"][1] == {"FASTMEM_CPU_GEMM": "mkl"}
+    assert runs["1024-fast"][1] == {"FASTMEM_CPU_GEMM": "auto"}
+    for name, (args, _) in runs.items():  # every rung trains the headline's answer for the same few steps
+        length = name.split("-")[0]
+        assert args[args.index("--data") + 1].endswith(f"headline/stress_{length}_rho0.25.jsonl")
+        assert args[args.index("--max-steps") + 1] == str(stages.PARTS_STEPS)
+    (tmp_path / "headline_parts" / "1024-authors").mkdir(parents=True)
+    (tmp_path / "headline_parts" / "1024-authors" / "summary.json").write_text("{}")
+    calls.clear()
+    stages.run_headline_parts(tmp_path, "cpu")  # a finished rung is not rerun
+    assert len(calls) == 2 * len(stages.HEADLINE_PARTS) - 1
+
+
+def test_every_headline_rung_trains_on_a_tiny_checkpoint(tmp_path, monkeypatch, request):
+    """Each rung's flags, with its layers moved onto a 4-layer model, run end to end (the
+    combinations no other test makes: e.g. the MLP-block adapter on the fast engine without
+    the prefix cache) and leave what the parts table reads."""
+    from fastmem.cli import main
+    from fastmem.ops import cpu_gemm
+    from tests.train.tiny_cli_model import save_tiny_checkpoint
+
+    request.addfinalizer(cpu_gemm.cpu_gemm_route.cache_clear)  # leave no rung's route to later tests
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "what is the code of alice", "answer": "red blue seven two"}) + "\n")
+    root = tmp_path / "root"
+    for slug, _, flags, env in stages.HEADLINE_PARTS:
+        flags = list(flags)
+        flags[flags.index("--layers") + 1] = "2" if "mlp_block" in flags else "2,3"
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        cpu_gemm.cpu_gemm_route.cache_clear()  # a process decides its route once; each rung is a process
+        code = main(["train", "--data", str(data), "--model", str(checkpoint), *flags, "--max-steps", "3",
+                     "--out", str(root / "headline_parts" / f"64-{slug}"), "--no-progress"])
+        assert code == 0, slug
+    lines = driver.analysis.parts_table(root, (64,), stages.HEADLINE_PARTS)
+    assert len(lines) == 2 + len(stages.HEADLINE_PARTS)
+    assert lines[2].split(" | ")[4:6] == ["–", "1.00×"]  # the first rung: nothing above, itself
+    assert "| mkl |" in lines[4] and "| torch F.linear |" in lines[2]
+
+
+def test_parts_table_leaves_out_the_warm_up_step(tmp_path):
+    for slug, cpu in (("authors", 10.0), ("no-reference", 6.0), ("fast", 1.5)):
+        run = tmp_path / "headline_parts" / f"1024-{slug}"
+        run.mkdir(parents=True)
+        rows = [{"step": 1, "step_s": 99.0, "step_cpu_s": 99.0}] + [
+            {"step": i, "step_s": 2 * cpu, "step_cpu_s": cpu} for i in (2, 3, 4)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        route = {"cpu_gemm": "mkl"} if slug == "fast" else {}
+        (run / "summary.json").write_text(json.dumps({"peak_mem_bytes": 2**30, **route}))
+    lines = driver.analysis.parts_table(tmp_path, (1024,), stages.HEADLINE_PARTS)
+    assert lines[2].startswith("| 1024 | the authors' loop as run") and lines[2].endswith(
+        "| 10.00 | 20.00 | – | 1.00× | torch F.linear | 1.00 |")
+    assert lines[3].endswith("| 6.00 | 12.00 | 0.60× | 0.60× | torch F.linear | 1.00 |")
+    assert lines[4].endswith("| 1.50 | 3.00 | 0.25× | 0.15× | mkl | 1.00 |") and len(lines) == 5

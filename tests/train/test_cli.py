@@ -39,13 +39,14 @@ def test_cli_writes_adapter_metrics_and_summary(tmp_path, checkpoint, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert len(rows) == summary["steps"] and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
-    for key in ("loss", "token_acc", "min_p", "stubborn_tokens", "tokens_per_s"):
+    for key in ("loss", "token_acc", "min_p", "stubborn_tokens", "tokens_per_s", "step_s", "step_cpu_s"):
         assert key in rows[0], key
     for key in ("steps", "base_loss", "final_loss", "delta_loss", "token_acc", "exact_match",
                 "stubborn_tokens", "wall_s", "peak_mem_bytes"):
         assert summary[key] is not None, key
     assert summary["layers"] == [2, 3] and summary["num_samples"] == 2
     assert summary["peak_mem_bytes"] > 0 and summary["base_loss"] > 0
+    assert 0 < rows[-1]["step_cpu_s"] and summary["cpu_gemm"] in ("onednn", "mkl") and summary["cpu_gemm_why"]
 
 
 @pytest.mark.parametrize("records, extra, message", [
