@@ -249,7 +249,8 @@ def write_report(root: Path, scale: str, timings: dict, out: Path | None = None)
                   "5,100 sample passes). A seed changes the book or the "
                   "random tokens and the adapter's init. EM: every sample greedy-decoded after the last step. "
                   "The first-step columns read the training forward, which runs with dropout on: a noisy "
-                  "signal. Cells land as the stage runs; a group with fewer than three seeds is still running "
+                  "signal; in the runs on batches of 5 it is the step's 5 entries, not the whole book, so "
+                  "a first all-correct step there can come before the book is recalled, or without it. Cells land as the stage runs; a group with fewer than three seeds is still running "
                   "(`python -m benchmarks.reproduce --scale cpu --stages protocol` resumes it).", ""]
         lines += analysis.protocol_table(protocol) + [""]
 
