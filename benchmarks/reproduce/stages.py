@@ -252,6 +252,7 @@ def run_headline(root: Path, scale: str) -> None:
             run = out / f"{length}-{name}"
             cap_file = run / "capped.json"
             if not (run / "summary.json").exists() and not cap_file.exists():
+                drop_restored_copy(run, log=out / "headline.log")
                 extra = [] if threshold is None else ["--threshold", repr(threshold)]
                 args = ["train", "--data", str(data), "--out", str(run), "--engine", engine, "--objective", objective,
                         *extra, *recipe_flags, "--max-steps", str(400 if length <= 1024 else 300),
@@ -268,6 +269,18 @@ def run_headline(root: Path, scale: str) -> None:
             if (run / "summary.json").exists() and not (out / f"{length}-{name}-eval" / "report.json").exists():
                 fastmem("eval", "--data", str(data), "--adapter", str(run / "adapter"), "--out",
                         str(out / f"{length}-{name}-eval"), "--grids", "1", "--no-progress", log=out / "headline.log")
+
+
+def drop_restored_copy(run: Path, log: Path) -> None:
+    """An unfinished run that a fresh clone restored from git (`restore_databases`) is only its
+    metrics.jsonl: no run.json, no checkpoint, so the trainer cannot resume it and refuses the
+    directory. The copy stays in git; the run starts over here and its new metrics replace it."""
+    if run.is_dir() and not (run / "run.json").exists() and {p.name for p in run.iterdir()} == {"metrics.jsonl"}:
+        note = f"# {run}: unfinished elsewhere, its checkpoints are not in git: starting it over"
+        print(note, flush=True)
+        with open(log, "a") as out:
+            out.write(note + "\n")
+        (run / "metrics.jsonl").unlink()
 
 
 # Issue 22, item 4: where the authors' per-step cost goes against fastmem's. On each headline

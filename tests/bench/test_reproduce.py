@@ -409,3 +409,24 @@ def test_parts_table_leaves_out_the_warm_up_step(tmp_path):
         "| 10.00 | 20.00 | – | 1.00× | torch F.linear | 1.00 |")
     assert lines[3].endswith("| 6.00 | 12.00 | 0.60× | 0.60× | torch F.linear | 1.00 |")
     assert lines[4].endswith("| 1.50 | 3.00 | 0.25× | 0.15× | mkl | 1.00 |") and len(lines) == 5
+
+
+def test_a_headline_run_restored_unfinished_from_git_starts_over(tmp_path, monkeypatch):
+    """A clone gets an unfinished run's metrics.jsonl from git but not its checkpoints: the
+    trainer would refuse that directory, so the stage starts the run over; a run this machine
+    trained (run.json there) is left for the trainer to resume."""
+    calls = []
+    monkeypatch.setattr(stages, "fastmem_capped", lambda args, *a, **k: calls.append(args) or True)
+    monkeypatch.setattr(stages, "fastmem", lambda *args, log=None, env=None: None)
+    monkeypatch.setattr(stages, "write_stress_data", lambda path, length, ratio: path.write_text("{}\n"))
+    monkeypatch.setattr(stages, "RECIPES", stages.RECIPES[:1])
+    restored, resumable = tmp_path / "headline" / "1024-fastmem", tmp_path / "headline" / "4096-fastmem"
+    for run in (restored, resumable):
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text('{"step": 1, "step_s": 1.0}\n')
+    (resumable / "run.json").write_text("{}")
+    stages.run_headline(tmp_path, "cpu")
+    assert [args[args.index("--out") + 1] for args in calls] == [str(restored), str(resumable)]
+    assert not (restored / "metrics.jsonl").exists()
+    assert (resumable / "metrics.jsonl").exists()
+    assert "starting it over" in (tmp_path / "headline" / "headline.log").read_text()
