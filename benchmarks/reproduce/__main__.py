@@ -280,7 +280,10 @@ def write_report(root: Path, scale: str, timings: dict, out: Path | None = None)
               "0.1, gradient norm clipped at 1.0, linear decay, OT at ln 2, full logits (`--engine hf`) and their "
               "per-step forward without the adapter executed in the loop (`--reference-forward`, inside each "
               "step's time). Wall = the steps' own time (Σ step_s of metrics.jsonl; model loading, prefix cache "
-              "and the base / final passes left out for every recipe). A baseline whose wall passes "
+              "and the base / final passes left out for every recipe); CPU s = the same steps' process CPU seconds "
+              "(Σ step_cpu_s; one torch thread: the work, which another job on the machine inflates less than the "
+              "wall). The recipes run one after another, each beside whatever else the machine runs: compare "
+              "walls within one length, and prefer the CPU column where they disagree. A baseline whose wall passes "
               "`HEADLINE_CAP` × fastmem's best is stopped there (checkpointed, resumable): its ratio is a "
               "measured lower bound (≥). Every finished run is then checked by `fastmem eval`.", ""]
     lines += headline_lines + [""]

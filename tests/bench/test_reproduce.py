@@ -74,19 +74,21 @@ def test_headline_reads_finished_runs(tmp_path):
         # times (metrics.jsonl) are what counts, a step redone after the resume once
         (run / "summary.json").write_text(json.dumps({"steps": steps, "wall_s": 1.0, "stopped_on_recall": True}))
         ref = {"reference_s": 2.0} if name == "authors" else {}  # inside step_s (--reference-forward)
-        rows = [{"step": i, "step_s": step_s, **ref} for i in (*range(1, 11), *range(10, steps + 1))]
+        rows = [{"step": i, "step_s": step_s, "step_cpu_s": step_s - 1.0, **ref}
+                for i in (*range(1, 11), *range(10, steps + 1))]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines, cells = driver.analysis.headline_table(tmp_path, (256,), stages.RECIPES)
     authors = next(c for c in cells if c["recipe"] == "authors")
     assert authors["wall"] == pytest.approx(800.0) and authors["ref_s"] == 2.0
-    assert "8.00×" in "\n".join(lines)  # vs fastmem's best
+    assert authors["cpu"] == pytest.approx(720.0)
+    assert "| 800 | 720 |" in "\n".join(lines) and "| 8.00× | 14.40× |" in "\n".join(lines)  # vs fastmem's best
     # a baseline interrupted before recall (no summary.json yet) counts as a lower bound
     (out / "256-hf-sft").mkdir()
     (out / "256-hf-sft" / "metrics.jsonl").write_text("".join(
         json.dumps({"step": i, "step_s": 5.0, "stubborn_tokens": 7}) + "\n" for i in range(1, 41)))
     lines, cells = driver.analysis.headline_table(tmp_path, (256,), stages.RECIPES)
     assert "| 256 | hf-sft | 40 (unfinished (interrupted, resumable), 7 tokens still at p ≤ 0.5) |" in "\n".join(lines)
-    assert "> 200 |" in lines[-1] and lines[-1].endswith("≥ 2.00× |")
+    assert "> 200 | – |" in lines[-1] and lines[-1].endswith("≥ 2.00× | – |")  # no CPU seconds logged
 
 
 def test_databases_are_kept_and_restored(tmp_path):
