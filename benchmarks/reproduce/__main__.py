@@ -19,7 +19,8 @@ STAGES = {"law": stages.run_law, "memft": stages.run_memft, "threshold": stages.
 # Run only when named in --stages (issue 22's reruns under the authors' protocol: hours of
 # CPU); the report shows whatever of them has landed (section 3b).
 OPTIONAL_STAGES = {"protocol": stages.run_protocol, "threshold_protocol": stages.run_threshold_protocol,
-                   "law_plateau": stages.run_law_plateau, "headline_parts": stages.run_headline_parts}
+                   "law_plateau": stages.run_law_plateau, "headline_parts": stages.run_headline_parts,
+                   "headline_steps": stages.run_headline_steps}
 
 
 def main(argv=None) -> int:
@@ -116,6 +117,7 @@ KEPT_RUN_FILES = ("stubborn/eval/report.json", "stubborn/eval/*.png", "stubborn/
                   "stubborn/run/summary.json", "headline/*.json", "headline/*/metrics.jsonl",
                   "headline/*/summary.json", "headline/*/capped.json", "headline/*-eval/report.json",
                   "headline_parts/*/metrics.jsonl", "headline_parts/*/summary.json",
+                  "headline_steps/*/metrics.jsonl", "headline_steps/*/summary.json",
                   "fit/*/fit.json", "fit/*/*.png", "fit/*/not_fitted.txt", "fit_plateau/*/fit.json",
                   "fit_plateau/*/*.png", "fit_plateau/*/not_fitted.txt")
 COMMANDS_LOG = "commands.log"
@@ -305,6 +307,19 @@ def write_report(root: Path, scale: str, timings: dict, out: Path | None = None)
                   "where nearly every token still trains: the fast engine skipping recalled rows later in a run "
                   "is not in them. The steps a recipe needs are section 5's.", ""]
         lines += parts + [""]
+    steps = analysis.steps_table(root, stages.headline_lengths(scale), stages.HEADLINE_STEPS, stages.RECIPES)
+    if any(f"| {what} |" in line for line in steps for _, what, _ in stages.HEADLINE_STEPS):
+        lines += ["### 5c. Where the steps go", "",
+                  "`--stages headline_steps` (`HEADLINE_STEPS` in stages.py): the authors' adapter and optimizer "
+                  "(MLP block at layer 20, rank 8, dropout 0.1, clipping, linear decay over the headline's budget) "
+                  "on fastmem's engine, each trained to 100% recall (every answer token at p > 0.5) on the "
+                  "headline's answer, under OT at ln 2 (their objective), OT at 0.1 and SFT; beside them the "
+                  "headline's runs of the authors' recipe as run and of fastmem's recipe. Between the first two "
+                  "rows only the engine and the reference forward differ, not the arithmetic of a step, so their "
+                  "steps differ only by rounding and dropout's draws; down the rest one thing changes a row: the "
+                  "threshold (ln 2 → 0.1), the objective (OT → SFT), the adapter (theirs → fastmem's "
+                  "`HEADLINE_LORA`). A run stopped before recall gives a lower bound (≥).", ""]
+        lines += steps + [""]
     discussion = stages.HERE / f"discussion_{scale}.md"
     if discussion.exists():
         lines += [discussion.read_text().rstrip(), ""]

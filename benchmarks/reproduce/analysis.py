@@ -315,36 +315,42 @@ def threshold_figure(found: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def run_cell(run: Path, eval_report: Path | None = None) -> dict | None:
+    """What a training run directory measured — finished, stopped at a wall-time cap
+    (capped.json), or unfinished (killed or still running: its steps so far); None before its
+    first step. Times are the steps' own (metrics.jsonl), whole across a kill and resume."""
+    summary_file, cap_file = run / "summary.json", run / "capped.json"
+    by_step = metrics_by_step(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else {}
+    if not by_step:
+        return None
+    seconds, last = sum(row["step_s"] for row in by_step.values()), by_step[max(by_step)]
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    report = json.loads(eval_report.read_text()) if eval_report and eval_report.exists() else {}
+    steps = len(by_step)
+    # the reference forward runs inside the step (`--reference-forward`): step_s holds it
+    ref = [row["reference_s"] for row in by_step.values() if "reference_s" in row]
+    # process CPU seconds (1 torch thread): the work, which another job on the machine inflates
+    # less than the wall; rows of runs from before the trainer logged it have none
+    cpu = sum(row["step_cpu_s"] for row in by_step.values()) if all(
+        "step_cpu_s" in row for row in by_step.values()) else None
+    return {"steps": steps, "step_s": seconds / steps, "cpu": cpu,
+            "ref_s": sum(ref) / len(ref) if ref else None, "wall": seconds,
+            "em": report.get("totals", {}).get("exact_match"),
+            "recalled": bool(summary.get("stopped_on_recall")), "capped": cap_file.exists(),
+            "unfinished": not summary_file.exists() and not cap_file.exists(),
+            "stubborn_left": last.get("stubborn_tokens"),
+            "peak_gib": summary["peak_mem_bytes"] / 2**30 if summary.get("peak_mem_bytes") else None}
+
+
 def headline_cells(root: Path, length: int, recipes) -> tuple[dict, float | None]:
-    """Each recipe's run at `length` — finished, stopped at its wall-time cap, or unfinished (killed
-    or still running: what it measured so far) — and fastmem's best wall to 100% EM (None while no
-    fastmem recipe has recalled the answer)."""
+    """Each recipe's run at `length` (`run_cell`) and fastmem's best wall to 100% EM (None while
+    no fastmem recipe has recalled the answer)."""
     out = root / "headline"
     cells = {}
     for name, *_ in recipes:
-        run = out / f"{length}-{name}"
-        summary_file, cap_file = run / "summary.json", run / "capped.json"
-        by_step = metrics_by_step(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else {}
-        if not by_step:
-            continue
-        seconds, last = sum(row["step_s"] for row in by_step.values()), by_step[max(by_step)]
-        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-        report_file = out / f"{length}-{name}-eval" / "report.json"
-        report = json.loads(report_file.read_text()) if report_file.exists() else {}
-        steps = len(by_step)
-        # the reference forward runs inside the step (`--reference-forward`): step_s holds it
-        ref = [row["reference_s"] for row in by_step.values() if "reference_s" in row]
-        # process CPU seconds (1 torch thread): the work, which another job on the machine inflates
-        # less than the wall; rows of runs from before the trainer logged it have none
-        cpu = sum(row["step_cpu_s"] for row in by_step.values()) if all(
-            "step_cpu_s" in row for row in by_step.values()) else None
-        cells[name] = {"length": length, "recipe": name, "steps": steps, "step_s": seconds / steps, "cpu": cpu,
-                       "ref_s": sum(ref) / len(ref) if ref else None, "wall": seconds,
-                       "em": report.get("totals", {}).get("exact_match"),
-                       "recalled": bool(summary.get("stopped_on_recall")), "capped": cap_file.exists(),
-                       "unfinished": not summary_file.exists() and not cap_file.exists(),
-                       "stubborn_left": last.get("stubborn_tokens"),
-                       "peak_gib": summary["peak_mem_bytes"] / 2**30 if summary.get("peak_mem_bytes") else None}
+        cell = run_cell(out / f"{length}-{name}", out / f"{length}-{name}-eval" / "report.json")
+        if cell is not None:
+            cells[name] = {"length": length, "recipe": name, **cell}
     ours = [c["wall"] for name, c in cells.items() if name.startswith("fastmem") and c["recalled"]]
     return cells, (min(ours) if ours else None)
 
@@ -363,17 +369,45 @@ def headline_table(root: Path, lengths, recipes) -> tuple[list[str], list[dict]]
             ratio = f"{'≥ ' if bound else ''}{cell['wall'] / base:.2f}×" if base else "–"
             ratio_cpu = f"{'≥ ' if bound else ''}{cell['cpu'] / base_cpu:.2f}×" if base_cpu and cell["cpu"] else "–"
             cpu = "–" if cell["cpu"] is None else f"{'> ' if bound else ''}{cell['cpu']:.0f}"
-            if bound:
-                how = "stopped at the cap" if cell["capped"] else "unfinished (interrupted, resumable)"
-                steps = f"{cell['steps']} ({how}, {cell['stubborn_left']} tokens still at p ≤ 0.5)"
-            else:
-                steps = f"{cell['steps']}{'' if cell['recalled'] else ' (budget)'}"
-            lines.append(f"| {length} | {cell['recipe']} | {steps} | {cell['step_s']:.2f} | "
+            lines.append(f"| {length} | {cell['recipe']} | {_steps_text(cell)} | {cell['step_s']:.2f} | "
                          f"{_fmt(cell['ref_s'], '.2f')} | "
                          f"{'> ' if bound else ''}{cell['wall']:.0f} | {cpu} | {_fmt(cell['em'], '.0%')} | "
                          f"{_fmt(cell['peak_gib'], '.2f')} | {ratio} | {ratio_cpu} |")
             found.append(cell)
     return lines, found
+
+
+def _steps_text(cell: dict) -> str:
+    if cell["capped"] or cell["unfinished"]:
+        how = "stopped at the cap" if cell["capped"] else "unfinished (interrupted, resumable)"
+        return f"{cell['steps']} ({how}, {cell['stubborn_left']} tokens still at p ≤ 0.5)"
+    return f"{cell['steps']}{'' if cell['recalled'] else ' (budget spent, not recalled)'}"
+
+
+def steps_table(root: Path, lengths, steps_runs, recipes) -> list[str]:
+    """The steps half of the headline's attribution (stages.HEADLINE_STEPS): per length the
+    authors' recipe as run, the same adapter on fastmem's engine under OT at ln 2, OT at 0.1 and
+    SFT, then fastmem's recipe; steps against those of OT at ln 2 on the same engine and adapter.
+    A run not started yet is left out."""
+    lines = ["| ℓ | run | steps to 100% recall | CPU s / step | CPU s to 100% recall "
+             "| × the steps of OT at ln 2 (authors' adapter, fastmem's engine) |", "|---|---|---|---|---|---|"]
+    for length in lengths:
+        headline, _ = headline_cells(root, length, recipes)
+        found = [("the authors' recipe as run (`--engine hf`, reference forward)", headline.get("authors"))]
+        found += [(what, run_cell(root / "headline_steps" / f"{length}-{slug}")) for slug, what, _ in steps_runs]
+        found += [("fastmem's recipe (its adapter, SFT)", headline.get("fastmem"))]
+        base = found[1][1]
+        base_steps = base["steps"] if base and base["recalled"] else None
+        for what, cell in found:
+            if cell is None:
+                continue
+            bound = cell["capped"] or cell["unfinished"] or not cell["recalled"]
+            cpu, at_least = cell["cpu"], "≥ " if bound else ""
+            ratio = f"{at_least}{cell['steps'] / base_steps:.2f}×" if base_steps else "–"
+            per_step = None if cpu is None else cpu / cell["steps"]
+            total = "–" if cpu is None else f"{'> ' if bound else ''}{cpu:.0f}"
+            lines.append(f"| {length} | {what} | {_steps_text(cell)} | {_fmt(per_step, '.2f')} | {total} | {ratio} |")
+    return lines
 
 
 def parts_table(root: Path, lengths, parts) -> list[str]:

@@ -230,6 +230,12 @@ def headline_lengths(scale: str) -> tuple[int, ...]:
     return (256,) if scale == "subset" else (1024, 4096)
 
 
+def headline_max_steps(length: int) -> int:
+    """A headline run's step budget: the length of its linear learning-rate decay too, so runs
+    compared step for step share it."""
+    return 400 if length <= 1024 else 300
+
+
 # The baselines' wall-time cap, as a multiple of fastmem's best wall at that length. On 2 CPU
 # cores the authors' recipe costs ~10 s a step at 1024 tokens (6 s of training, 4 s of its
 # reference forward) and ~45 s at 4096, hundreds of steps: hours. A baseline is stopped like a
@@ -255,7 +261,7 @@ def run_headline(root: Path, scale: str) -> None:
                 drop_restored_copy(run, log=out / "headline.log")
                 extra = [] if threshold is None else ["--threshold", repr(threshold)]
                 args = ["train", "--data", str(data), "--out", str(run), "--engine", engine, "--objective", objective,
-                        *extra, *recipe_flags, "--max-steps", str(400 if length <= 1024 else 300),
+                        *extra, *recipe_flags, "--max-steps", str(headline_max_steps(length)),
                         "--checkpoint-every", "10", "--no-progress"]
                 cap = None
                 if not name.startswith("fastmem") and HEADLINE_CAP.get(length):
@@ -329,6 +335,40 @@ def run_headline_parts(root: Path, scale: str) -> None:
             if not (run / "summary.json").exists():
                 fastmem("train", "--data", str(data), "--out", str(run), *flags,
                         "--max-steps", str(PARTS_STEPS), "--no-progress", log=out / "headline_parts.log", env=env)
+
+
+# Issue 22, item 4, the steps half: how many steps the authors' recipe needs, and how much of
+# that its objective and threshold decide. Their adapter and optimizer (AUTHORS_NO_REFERENCE) on
+# fastmem's engine, trained to 100% recall on the headline's answer with the headline's budget,
+# under OT at ln 2 (their recipe's steps at the fast engine's step cost; it should take the
+# steps of the `--engine hf` run up to rounding and dropout draws), OT at fastmem's default
+# threshold 0.1, and SFT. Against the headline's fastmem run (its adapter, SFT) the last rung is
+# the adapter's share. (slug, what it is, flags)
+HEADLINE_STEPS = (
+    ("ot-ln2", "their adapter, OT at ln 2, fastmem's engine (no reference forward)",
+     (*AUTHORS_OBJECTIVE, *AUTHORS_NO_REFERENCE)),
+    ("ot-0.1", "their adapter, OT at 0.1 (fastmem's default threshold)",
+     ("--objective", "ot", "--threshold", "0.1", *AUTHORS_NO_REFERENCE)),
+    ("sft", "their adapter, SFT", ("--objective", "sft", *AUTHORS_NO_REFERENCE)),
+)
+
+
+def run_headline_steps(root: Path, scale: str) -> None:
+    """HEADLINE_STEPS on each headline answer, each to recall or its budget (ROOT/headline_steps/)."""
+    out = root / "headline_steps"
+    out.mkdir(parents=True, exist_ok=True)
+    for length in headline_lengths(scale):
+        data = root / "headline" / f"stress_{length}_rho0.25.jsonl"  # the headline's own answer
+        if not data.exists():
+            data.parent.mkdir(parents=True, exist_ok=True)
+            write_stress_data(data, length, 0.25)
+        for slug, _, flags in HEADLINE_STEPS:
+            run = out / f"{length}-{slug}"
+            if not (run / "summary.json").exists():
+                drop_restored_copy(run, log=out / "headline_steps.log")
+                fastmem("train", "--data", str(data), "--out", str(run), "--engine", "fast", *flags,
+                        "--max-steps", str(headline_max_steps(length)), "--checkpoint-every", "10",
+                        "--no-progress", log=out / "headline_steps.log")
 
 
 def fastmem_capped(args: list[str], metrics: Path, cap_s: float | None, per_step_s: float, log: Path) -> bool:
