@@ -230,6 +230,16 @@ def headline_lengths(scale: str) -> tuple[int, ...]:
     return (256,) if scale == "subset" else (1024, 4096)
 
 
+def headline_answer(root: Path, length: int) -> Path:
+    """The headline's stress answer of `length` tokens (25% random), written on first use; the
+    ladders of headline_parts and headline_steps train on the same file."""
+    data = root / "headline" / f"stress_{length}_rho0.25.jsonl"
+    if not data.exists():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        write_stress_data(data, length, 0.25)
+    return data
+
+
 def headline_max_steps(length: int) -> int:
     """A headline run's step budget: the length of its linear learning-rate decay too, so runs
     compared step for step share it."""
@@ -251,9 +261,7 @@ def run_headline(root: Path, scale: str) -> None:
     out = root / "headline"
     out.mkdir(parents=True, exist_ok=True)
     for length in headline_lengths(scale):
-        data = out / f"stress_{length}_rho0.25.jsonl"
-        if not data.exists():
-            write_stress_data(data, length, 0.25)
+        data = headline_answer(root, length)
         for name, engine, objective, threshold, recipe_flags in RECIPES:
             run = out / f"{length}-{name}"
             cap_file = run / "capped.json"
@@ -326,10 +334,7 @@ def run_headline_parts(root: Path, scale: str) -> None:
     out = root / "headline_parts"
     out.mkdir(parents=True, exist_ok=True)
     for length in headline_lengths(scale):
-        data = root / "headline" / f"stress_{length}_rho0.25.jsonl"  # the headline's own answer
-        if not data.exists():
-            data.parent.mkdir(parents=True, exist_ok=True)
-            write_stress_data(data, length, 0.25)
+        data = headline_answer(root, length)
         for slug, _, flags, env in HEADLINE_PARTS:
             run = out / f"{length}-{slug}"
             if not (run / "summary.json").exists():
@@ -358,10 +363,7 @@ def run_headline_steps(root: Path, scale: str) -> None:
     out = root / "headline_steps"
     out.mkdir(parents=True, exist_ok=True)
     for length in headline_lengths(scale):
-        data = root / "headline" / f"stress_{length}_rho0.25.jsonl"  # the headline's own answer
-        if not data.exists():
-            data.parent.mkdir(parents=True, exist_ok=True)
-            write_stress_data(data, length, 0.25)
+        data = headline_answer(root, length)
         for slug, _, flags in HEADLINE_STEPS:
             run = out / f"{length}-{slug}"
             if not (run / "summary.json").exists():
