@@ -320,6 +320,8 @@ def write_report(root: Path, scale: str, timings: dict, out: Path | None = None)
                   "threshold (ln 2 → 0.1), the objective (OT → SFT), the adapter (theirs → fastmem's "
                   "`HEADLINE_LORA`). A run stopped before recall gives a lower bound (≥).", ""]
         lines += steps + [""]
+        agreement = analysis.steps_agreement(root, stages.headline_lengths(scale))
+        lines += [" ".join(agreement), ""] if agreement else []
     discussion = stages.HERE / f"discussion_{scale}.md"
     if discussion.exists():
         lines += [discussion.read_text().rstrip(), ""]

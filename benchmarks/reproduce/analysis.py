@@ -410,6 +410,27 @@ def steps_table(root: Path, lengths, steps_runs, recipes) -> list[str]:
     return lines
 
 
+def steps_agreement(root: Path, lengths) -> list[str]:
+    """Per length, how closely the authors' recipe as run (`--engine hf`) and the same recipe on
+    fastmem's engine (headline_steps' ot-ln2) trained, step for step: one sentence each."""
+    found = []
+    for length in lengths:
+        files = (root / "headline" / f"{length}-authors" / "metrics.jsonl",
+                 root / "headline_steps" / f"{length}-ot-ln2" / "metrics.jsonl")
+        if not all(f.exists() for f in files):
+            continue
+        hf, fast = (metrics_by_step(f) for f in files)
+        common = sorted(set(hf) & set(fast))
+        if not common:
+            continue
+        loss = max(abs(hf[s]["loss"] - fast[s]["loss"]) for s in common)
+        tokens = max(abs(hf[s]["stubborn_tokens"] - fast[s]["stubborn_tokens"]) for s in common)
+        found.append(f"At {length} tokens the two engines ran the authors' recipe step for step: over their "
+                     f"{len(common)} common steps the training losses differ by at most {loss:.2g} nats a token "
+                     f"and the counts of tokens at p ≤ 0.5 by at most {tokens}.")
+    return found
+
+
 def parts_table(root: Path, lengths, parts) -> list[str]:
     """The per-step cost ladder (stages.HEADLINE_PARTS): per rung the mean step after the first
     (the warm-up), in process CPU seconds (the work, robust to other jobs on the machine; 1

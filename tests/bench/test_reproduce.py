@@ -452,15 +452,15 @@ def test_headline_steps_stage_trains_each_objective_on_the_authors_adapter(tmp_p
 
 
 def test_steps_table_sets_each_run_against_ot_at_ln2_on_the_same_adapter(tmp_path):
-    def run(path, steps, recalled, cpu_s=1.0, tokens_left=0):
+    def run(path, steps, recalled, cpu_s=1.0, tokens_left=0, loss=1.0):
         path.mkdir(parents=True)
-        rows = [{"step": i, "step_s": cpu_s, "step_cpu_s": cpu_s, "stubborn_tokens": tokens_left}
+        rows = [{"step": i, "step_s": cpu_s, "step_cpu_s": cpu_s, "stubborn_tokens": tokens_left, "loss": loss}
                 for i in range(1, steps + 1)]
         (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         if recalled is not None:
             (path / "summary.json").write_text(json.dumps({"stopped_on_recall": recalled}))
 
-    run(tmp_path / "headline" / "1024-authors", 50, None, cpu_s=10.0, tokens_left=9)  # still running
+    run(tmp_path / "headline" / "1024-authors", 50, None, cpu_s=10.0, tokens_left=9, loss=1.25)  # still running
     run(tmp_path / "headline" / "1024-fastmem", 30, True, cpu_s=3.0)
     run(tmp_path / "headline_steps" / "1024-ot-ln2", 200, True, cpu_s=4.0)
     run(tmp_path / "headline_steps" / "1024-sft", 400, False, cpu_s=4.0, tokens_left=3)  # budget spent
@@ -471,3 +471,6 @@ def test_steps_table_sets_each_run_against_ot_at_ln2_on_the_same_adapter(tmp_pat
     assert "| 200 | 4.00 | 800 | 1.00× |" in text
     assert "| 400 (budget spent, not recalled) | 4.00 | > 1600 | ≥ 2.00× |" in text
     assert lines[-1].endswith("| 30 | 3.00 | 90 | 0.15× |")
+    assert driver.analysis.steps_agreement(tmp_path, (1024,)) == [
+        "At 1024 tokens the two engines ran the authors' recipe step for step: over their 50 common steps the "
+        "training losses differ by at most 0.25 nats a token and the counts of tokens at p ≤ 0.5 by at most 9."]
