@@ -246,9 +246,9 @@ def headline_max_steps(length: int) -> int:
     return 400 if length <= 1024 else 300
 
 
-# The baselines' wall-time cap, as a multiple of fastmem's best wall at that length. On 2 CPU
-# cores the authors' recipe costs ~10 s a step at 1024 tokens (6 s of training, 4 s of its
-# reference forward) and ~45 s at 4096, hundreds of steps: hours. A baseline is stopped like a
+# The baselines' wall-time cap, as a multiple of fastmem's best wall at that length. On one CPU
+# thread the authors' recipe costs ~14 s a step at 1024 tokens (5 s of it their reference
+# forward) and ~72 s at 4096 (report section 5b), hundreds of steps: hours. A baseline is stopped like a
 # Ctrl-C (checkpointed: a longer session resumes it) once its wall passes the cap, which proves
 # "≥ cap×" by measurement; the report says how far it got, never a guess at the rest.
 HEADLINE_CAP = {1024: 20.0, 4096: 5.0}
