@@ -73,6 +73,8 @@ def run_summary(run: TrainingRun) -> dict:
             "base_loss_per_sample": [b / s.answer_len for b, s in zip(run.base_loss_sums, run.samples)],
             "objective": config.objective, "engine": config.engine, "rank": config.rank,
             "layers": run.layer_ids, "modules": adapter_targets(config), "world_size": run.info.world_size,
+            # the adapter's size: two recipes' steps compare only beside their capacities
+            "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
             **_cpu_gemm(run)}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from fastmem.cli import main
@@ -79,6 +80,8 @@ def test_train_save_load_gives_identical_logits(tmp_path):
     assert saved["target_modules"] == [PARALLEL_NAME] and saved["layers_to_transform"] == [2]
     assert (adapter / "adapter_model.safetensors").is_file()
     assert result.summary["modules"] == ["mlp_block"] and result.summary["layers"] == [2]
+    saved_tensors = safetensors.torch.load_file(adapter / "adapter_model.safetensors")
+    assert result.summary["trainable_params"] == sum(t.numel() for t in saved_tensors.values()) > 0
     trained = _logits(result.model)
     assert not torch.equal(trained, _logits(tiny_model()))  # the adapter moved
     loaded = load_adapter(tiny_model(), adapter).eval()
