@@ -313,7 +313,7 @@ def write_report(root: Path, scale: str, timings: dict, out: Path | None = None)
                   "`--stages headline_steps` (`HEADLINE_STEPS` in stages.py): the authors' adapter and optimizer "
                   "(MLP block at layer 20, rank 8, dropout 0.1, clipping, linear decay over the headline's budget) "
                   "on fastmem's engine, each trained to 100% recall (every answer token at p > 0.5) on the "
-                  "headline's answer, under OT at ln 2 (their objective), OT at 0.1 and SFT; beside them the "
+                  "headline's first answer (why not the 4,096-token one: `HEADLINE_STEPS`), under OT at ln 2 (their objective), OT at 0.1 and SFT; beside them the "
                   "headline's runs of the authors' recipe as run and of fastmem's recipe. Between the first two "
                   "rows only the engine and the reference forward differ, not the arithmetic of a step, so their "
                   "steps differ only by rounding and dropout's draws; down the rest one thing changes a row: the "

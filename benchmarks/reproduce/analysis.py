@@ -338,7 +338,7 @@ def run_cell(run: Path, eval_report: Path | None = None) -> dict | None:
             "em": report.get("totals", {}).get("exact_match"),
             "recalled": bool(summary.get("stopped_on_recall")), "capped": cap_file.exists(),
             "unfinished": not summary_file.exists() and not cap_file.exists(),
-            "stubborn_left": last.get("stubborn_tokens"),
+            "stubborn_left": last.get("stubborn_tokens"), "stubborn_final": summary.get("stubborn_tokens"),
             "peak_gib": summary["peak_mem_bytes"] / 2**30 if summary.get("peak_mem_bytes") else None}
 
 
@@ -381,7 +381,10 @@ def _steps_text(cell: dict) -> str:
     if cell["capped"] or cell["unfinished"]:
         how = "stopped at the cap" if cell["capped"] else "unfinished (interrupted, resumable)"
         return f"{cell['steps']} ({how}, {cell['stubborn_left']} tokens still at p ≤ 0.5)"
-    return f"{cell['steps']}{'' if cell['recalled'] else ' (budget spent, not recalled)'}"
+    if cell["recalled"]:
+        return str(cell["steps"])
+    left = cell["stubborn_final"]
+    return f"{cell['steps']} (budget spent, {'not recalled' if left is None else f'{left} tokens at p ≤ 0.5 after it'})"
 
 
 def steps_table(root: Path, lengths, steps_runs, recipes) -> list[str]:
