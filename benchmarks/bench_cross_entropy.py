@@ -218,10 +218,13 @@ def ot_threshold_for_active_fraction(hidden, weight, labels, fraction):
 
 def versions():
     found = {"python": platform.python_version(), "torch": torch.__version__, "fastmem": fastmem.__version__}
-    for name in ("triton", "liger_kernel", "cut_cross_entropy"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    # by distribution: liger_kernel has no __version__
+    for name, dist in (("triton", "triton"), ("liger_kernel", "liger-kernel"), ("cut_cross_entropy", "cut-cross-entropy")):
         try:
-            found[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
+            found[name] = version(dist)
+        except PackageNotFoundError:
             pass
     return found
 

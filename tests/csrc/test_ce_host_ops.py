@@ -21,12 +21,21 @@ from tests.csrc.ce_host_kernels import CeHostKernels
 from tests.csrc.cuda_toolchain import register_host_ops
 from tests.ops import test_cross_entropy_numerics as numerics_suite
 from tests.ops import test_cross_entropy_options as options_suite
+from tests.ops import test_cross_entropy_table as table_suite
 from tests.ops import test_linear_cross_entropy as op_suite
 from tests.ops.cross_entropy_cases import cases_for
 from tests.ops.test_cross_entropy_table import _check_against_oracle, run_case
 
 HOST_NAMESPACE = "fastmem_cuda_host"
 lce_op = importlib.import_module("fastmem.ops.cross_entropy.forward")
+
+
+@pytest.fixture(autouse=True)
+def inputs_on_the_host(monkeypatch):
+    """The host kernels read host memory: the op suites' inputs stay on the CPU here, also on a
+    machine with a GPU (where the suites move them to it; found on an H200)."""
+    for suite in (op_suite, table_suite):
+        monkeypatch.setattr(suite, "DEVICE", torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -199,10 +199,17 @@ def test_return_stats_needs_greedy_stats():
         fastmem.linear_cross_entropy(hidden, weight, labels, return_stats=True, greedy_stats=False)
 
 
+@pytest.mark.parametrize("sync_free", [False, True], ids=["device-path", "sync-free-path"])
 @pytest.mark.parametrize("objective", ["sft", "ot", "sw"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_or_inf_hidden_gives_a_nan_loss(backend, bad, objective):
+def test_nan_or_inf_hidden_gives_a_nan_loss(backend, bad, objective, sync_free, monkeypatch):
+    """Also on the GPU's sync-free path (forced here on the CPU), where ignored rows run through
+    the chunk loop: found on an H200, SW's weight of an ignored NaN row made the loss NaN."""
+    if sync_free:
+        from fastmem.ops.cross_entropy import syncs
+
+        monkeypatch.setattr(syncs, "SYNC_FREE_DEVICES", ())
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 6, 8, generator=gen)
     weight = torch.randn(13, 8, generator=gen)

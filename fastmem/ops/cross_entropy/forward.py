@@ -90,7 +90,9 @@ def forward_pass(hidden, weight, bias, labels, token_weights, window, spec: Loss
         if valid_c is not None:  # ignored rows: no error for SW's anchor, weight 0
             correct = correct | ~valid_c
         weight_c = weigher(rows_c, nll, correct, chunk_tw)
-        return weight_c if valid_c is None else weight_c * valid_c
+        # where, not a product: an ignored row's hidden state is never checked, and SW's
+        # sigmoid of its NaN loss would survive * 0 into the normaliser.
+        return weight_c if valid_c is None else torch.where(valid_c, weight_c, torch.zeros_like(weight_c))
 
     n_run = plan.n_rows if plan.rows is None else plan.rows.numel()
     loop = LoopPlan(plan.rows, _chunk_rows(hidden, weight, spec, backend, n_run), wants,
