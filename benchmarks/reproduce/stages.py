@@ -64,7 +64,7 @@ def run_law_plateau(root: Path, scale: str) -> None:
     """Issue 22, item 3: one family's cells trained to a plateau (law_plateau_cpu.toml), then fitted."""
     db = root / "law_plateau.sqlite"
     fastmem("sweep", "--db", str(db), "--config", str(HERE / "law_plateau_cpu.toml"), "--no-progress",
-            log=root / "law_plateau.log")
+            "--adapters", str(root / "law_plateau_cells"), log=root / "law_plateau.log")
     for name, where in LAW_PLATEAU_FAMILIES.items():
         fit_family(db, root / "fit_plateau" / name, where, log=root / "law_plateau.log")
 

@@ -1,6 +1,7 @@
 """Sweeps: exclusive claims, crash-safe results, resume after a kill, several workers."""
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from fastmem.cli import main
 from fastmem.sweep import ResultsStore, SweepSpec
@@ -229,3 +231,36 @@ def test_train_table_passes_trainer_settings_to_every_cell(tmp_path):
         SweepSpec(train={"rank": 4}).cells()
     with pytest.raises(ValueError, match="not allowed"):
         SweepSpec(train={"no_such_setting": 1}).cells()
+
+
+def test_a_checkpointed_cell_resumes_where_it_was_killed(tmp_path, tiny_model_dir, caplog):
+    """With --adapters and [train] checkpoint_every, a cell taken up again (its worker killed)
+    continues from its newest checkpoint and ends as the cell run in one go."""
+    from safetensors.torch import load_file
+
+    from fastmem.models import load_model
+    from fastmem.sweep.worker import cell_config, cell_samples, train_cell
+    from fastmem.train import train
+
+    def spec_in(name):
+        return SweepSpec(model=str(tiny_model_dir), ranks=[2], lengths=[8], max_steps=6, ratios=[0.25],
+                         adapters=str(tmp_path / name), train={"checkpoint_every": 2})
+
+    whole, killed = spec_in("whole"), spec_in("killed")
+    cell = whole.cells()[0]
+    expected = train_cell(cell, whole, *load_model(str(tiny_model_dir)))
+    # the killed worker: 3 steps, then gone without a final checkpoint (the last one is step 2's)
+    model, tokenizer = load_model(str(tiny_model_dir))
+    samples = cell_samples(cell, tokenizer)
+    assert train(cell_config(cell, killed, len(samples)), samples, model=model, overwrite=True,
+                 halt_after_steps=3).summary["halted"]
+    assert any((tmp_path / "killed" / cell.slug / "checkpoints").iterdir())
+    with caplog.at_level(logging.INFO, logger="fastmem"):
+        resumed = train_cell(cell, killed, *load_model(str(tiny_model_dir)))
+    assert "at step 2 of 6" in caplog.text  # continued, not started over (which would end the same)
+
+    assert resumed["steps"] == expected["steps"] == 6
+    assert resumed["final_loss"] == pytest.approx(expected["final_loss"], rel=1e-6, abs=1e-7)
+    got, want = (load_file(tmp_path / name / cell.slug / "adapter" / "adapter_model.safetensors")
+                 for name in ("killed", "whole"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
