@@ -71,14 +71,18 @@ def native_loss(hidden, weight, labels, **_):
 CPU_CHUNK_SWEEP = (64, 512)
 
 
-def contenders(device, compile_too):
+def contenders(device, compile_too, chunk_sizes=()):
+    """`chunk_sizes`: fastmem again at these rows per chunk (on a GPU, its fused backends), the
+    evidence for or against the default chunking; on the CPU the torch backend at CPU_CHUNK_SWEEP."""
+    backends = available_backends(device)
     found = {f"fastmem[{b}]": (lambda b: lambda h, w, y, **kw: fastmem.linear_cross_entropy(h, w, y, backend=b, **kw))(b)
-             for b in available_backends(device)}
-    if device.type == "cpu":
-        for rows in CPU_CHUNK_SWEEP:
-            found[f"fastmem[torch] chunk={rows}"] = (
-                lambda rows: lambda h, w, y, **kw: fastmem.linear_cross_entropy(h, w, y, backend="torch",
-                                                                                chunk_size=rows, **kw))(rows)
+             for b in backends}
+    swept = [(b, rows) for b in backends if b != "torch" for rows in chunk_sizes] if device.type != "cpu" \
+        else [("torch", rows) for rows in CPU_CHUNK_SWEEP]
+    for backend, rows in swept:
+        found[f"fastmem[{backend}] chunk={rows}"] = (
+            lambda b, rows: lambda h, w, y, **kw: fastmem.linear_cross_entropy(h, w, y, backend=b, chunk_size=rows,
+                                                                               **kw))(backend, rows)
     found["torch eager"] = eager_loss
     if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
         found["torch native chunked"] = native_loss
@@ -283,7 +287,7 @@ def run(args):
     for case, n_rows, hidden_size, vocab in cases:
         hidden, weight, labels = make_inputs(n_rows, hidden_size, vocab, dtype, device)
         eager_ms = None
-        found = contenders(device, compile_too)
+        found = contenders(device, compile_too, args.chunk_sizes)
         if device.type != "cpu":
             cpu_times = {}
         elif args.own_process:
@@ -430,6 +434,8 @@ def main(argv=None):
     parser.add_argument("--own-process", action="store_true",
                         help="CPU: time each contender in a fresh process of its own (3 rounds of processes, "
                              "interleaved) instead of all in this one")
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[],
+                        help="GPU: fastmem's fused backends again at these rows per chunk (e.g. 1024 2048 4096)")
     parser.add_argument("--smoke", action="store_true", help="a tiny CPU run for CI")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--tag", default="", help="suffix of the result file's name (e.g. avx2 for a run under "
