@@ -46,7 +46,7 @@ timeout 60 "$PY" -m pytest -q --tb=short -p no:cacheprovider -p no:xdist \
   "tests/ops/test_cross_entropy_options.py::test_softcap_and_zloss_definitions[triton]" \
   "tests/ops/test_lora_linear.py::test_matches_float64_oracle[fp32-r16-trainable-bias-triton-dropout]" \
   2>&1 | tail -80 | tee "$OUT/open_failures.log"
-wait $BUILD
+wait $BUILD; tail -5 "$OUT/cuda_build.log"
 timeout 30 "$PY" -X faulthandler -m pytest -q --tb=short -p no:cacheprovider \
   tests/ops/test_cross_entropy_cuda.py::test_binding_rejects_bad_tensors_clearly 2>&1 | tail -30 | tee -a "$OUT/open_failures.log"
 
@@ -55,9 +55,6 @@ timeout 240 "$PY" -m pytest -q -rfE -p no:cacheprovider -n 14 --timeout 120 --du
   --ignore tests/ops/test_cross_entropy_cuda.py --ignore tests/ops/test_lora_linear_cuda.py --ignore tests/ops/test_cross_entropy_table.py \
   2>&1 | tail -60 | tee "$OUT/tests_triton.log"
 echo "rc=${PIPESTATUS[0]}" | tee -a "$OUT/tests_triton.log"
-
-step "waiting for the CUDA build"
-wait $BUILD; cat "$OUT/cuda_build.log" | tail -5
 
 step "CUDA backend tests"
 timeout 120 "$PY" -m pytest -q -rfE -p no:cacheprovider -n 4 --timeout 60 tests/csrc tests/ops/test_cross_entropy_cuda.py \
